@@ -1,0 +1,1 @@
+"""Data: real-layout adapters, phantom cohorts, preparation, the slice cache, batch scheduling."""
