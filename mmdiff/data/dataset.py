@@ -1,0 +1,147 @@
+"""A torch ``Dataset`` over a prepared slice cache (see :mod:`mmdiff.data.prepare`)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..modalities import mask_key
+
+SPLITS = ("train", "val", "test")
+
+
+class CacheError(ValueError):
+    """A cache that is missing, unfinished or lacks what the caller asked for."""
+
+
+class SliceDataset(Dataset):
+    """Axial slices of a prepared cache, one sample per slice.
+
+    Each item is a dict: ``images`` float32 ``[M, H, W]`` in [0, 1] (zeros where a modality is
+    missing), ``available`` bool ``[M]``, ``dataset_id`` (position in ``cache.json``'s dataset list),
+    ``brain_mask`` bool ``[H, W]``, ``seg`` uint8 ``[H, W]``, ``case_id`` and ``slice``. With
+    ``crop`` set, each item is a random ``crop x crop`` window (a different one per call).
+
+    ``modalities`` reorders or narrows the modality axis (a model trained on fewer sequences);
+    ``datasets`` keeps only the named datasets; ``split`` is one of train/val/test or a list of them.
+    Arrays are memory-mapped and opened lazily in each DataLoader worker.
+    """
+
+    def __init__(
+        self,
+        cache: str | os.PathLike,
+        split: str | Sequence[str] | None = "train",
+        datasets: Sequence[str] | None = None,
+        modalities: Sequence[str] | None = None,
+        crop: int | None = None,
+        cases: Sequence[str] | None = None,
+    ):
+        self.cache = Path(cache)
+        index_path = self.cache / "index.json"
+        if not index_path.exists():
+            raise CacheError(f"{self.cache} is not a prepared cache (no index.json): run `mmdiff prepare` first")
+        index = json.loads(index_path.read_text())
+        self.dataset_names: list[str] = index["datasets"]
+        cache_modalities: list[str] = index["modalities"]
+        self.modalities = list(modalities) if modalities is not None else cache_modalities
+        unknown = [m for m in self.modalities if m not in cache_modalities]
+        if unknown:
+            raise CacheError(f"modalities {unknown} are not in this cache (it has {cache_modalities})")
+        if datasets is not None:
+            missing = [d for d in datasets if d not in self.dataset_names]
+            if missing:
+                raise CacheError(f"datasets {missing} are not in this cache (it has {self.dataset_names})")
+        splits = [split] if isinstance(split, str) else (list(split) if split is not None else list(SPLITS))
+        bad = [s for s in splits if s not in SPLITS]
+        if bad:
+            raise CacheError(f"unknown split(s) {bad}: use {', '.join(SPLITS)}")
+        self.size = int(index["size"])
+        if crop is not None and not 0 < crop <= self.size:
+            raise CacheError(f"crop {crop} must be in 1..{self.size}")
+        self.crop = crop
+        self.cases = [
+            c for c in index["cases"]
+            if c["split"] in splits
+            and (datasets is None or c["dataset"] in datasets)
+            and (cases is None or c["case_id"] in cases)
+        ]
+        self._rows = []  # per case: (positions of its stored modalities in self.modalities, availability)
+        for case in self.cases:
+            available = np.array([m in case["modalities"] for m in self.modalities], dtype=bool)
+            stored = [case["modalities"].index(m) if m in case["modalities"] else -1 for m in self.modalities]
+            self._rows.append((np.array(stored), available))
+        counts = np.array([c["slices"] for c in self.cases], dtype=np.int64)
+        self._case_of = np.repeat(np.arange(len(self.cases)), counts)
+        self._slice_of = np.concatenate([np.arange(n) for n in counts]) if len(counts) else np.zeros(0, np.int64)
+        self._arrays: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self._case_of)
+
+    @property
+    def available(self) -> np.ndarray:
+        """Availability ``[N, M]`` of every sample."""
+        return np.stack([self._rows[c][1] for c in self._case_of]) if len(self) else np.zeros((0, len(self.modalities)), bool)
+
+    @property
+    def dataset_ids(self) -> np.ndarray:
+        ids = np.array([self.dataset_names.index(c["dataset"]) for c in self.cases], dtype=np.int64)
+        return ids[self._case_of]
+
+    @property
+    def groups(self) -> list[tuple[int, str]]:
+        """Each sample's (dataset id, availability) key, for :class:`ModalityConsistentBatchSampler`."""
+        keys = [(self.dataset_names.index(c["dataset"]), mask_key(row[1])) for c, row in zip(self.cases, self._rows)]
+        return [keys[c] for c in self._case_of]
+
+    def _open(self, case_idx: int):
+        arrays = self._arrays.get(case_idx)
+        if arrays is None:
+            folder = self.cache / self.cases[case_idx]["path"]
+            arrays = tuple(np.load(folder / f"{name}.npy", mmap_mode="r") for name in ("images", "brain_mask", "seg"))
+            self._arrays[case_idx] = arrays
+        return arrays
+
+    def __getitem__(self, i: int) -> dict:
+        case_idx, k = int(self._case_of[i]), int(self._slice_of[i])
+        images, brain, seg = self._open(case_idx)
+        stored, available = self._rows[case_idx]
+        window = self._window()
+        out = np.zeros((len(self.modalities),) + self._shape(), dtype=np.float32)
+        for j, s in enumerate(stored):
+            if s >= 0:
+                out[j] = images[k, s][window]
+        case = self.cases[case_idx]
+        return {
+            "images": torch.from_numpy(out),
+            "available": torch.from_numpy(available.copy()),
+            "dataset_id": self.dataset_names.index(case["dataset"]),
+            "brain_mask": torch.from_numpy(np.array(brain[k][window], dtype=bool)),
+            "seg": torch.from_numpy(np.array(seg[k][window], dtype=np.uint8)),
+            "case_id": case["case_id"],
+            "slice": k,
+        }
+
+    def _shape(self) -> tuple[int, int]:
+        return (self.crop, self.crop) if self.crop else (self.size, self.size)
+
+    def _window(self) -> tuple[slice, slice]:
+        if not self.crop or self.crop == self.size:
+            return (slice(None), slice(None))
+        # torch's RNG: DataLoader seeds it per worker, and torch.manual_seed makes crops reproducible
+        y, x = torch.randint(0, self.size - self.crop + 1, (2,)).tolist()
+        return (slice(int(y), int(y) + self.crop), slice(int(x), int(x) + self.crop))
+
+    def case_slices(self, case_id: str, dataset: str | None = None) -> list[int]:
+        """Sample indices of one case's slices, in slice order."""
+        found = [n for n, c in enumerate(self.cases)
+                 if c["case_id"] == case_id and (dataset is None or c["dataset"] == dataset)]
+        if not found:
+            raise KeyError(f"case {case_id!r} is not in this dataset")
+        return np.flatnonzero(self._case_of == found[0]).tolist()

@@ -1,0 +1,424 @@
+"""Preparation: cases from any source become a slice cache (nnU-Net's "preprocess" step).
+
+Per case: every file is read in canonical orientation and resampled by its affine onto one grid
+(the reference file's field of view at the configured spacing; the lesion mask's grid where there
+is one, else DWI's, else the first modality's), a brain mask is taken from the case or derived, the
+brain is centred and cropped/padded in-plane to ``size x size``, axial slices without brain are
+dropped, and each modality is clipped at a high percentile inside the brain and scaled to [0, 1]
+(background 0). A case-level train/val/test split is kept in ``splits.json``: cases keep their split
+when others are added, and no case is ever in two splits.
+
+Cache layout::
+
+    CACHE/cache.json                  the preparation config and the dataset names (ids = positions)
+    CACHE/splits.json                 {"<dataset>/<case_id>": "train" | "val" | "test"}
+    CACHE/index.json                  every prepared case with its modalities, slices and split
+    CACHE/summary.json                what the last run read, skipped and why
+    CACHE/cases/<dataset>/<case_id>/  images.npy float16 [S, A, H, W] (A = available modalities),
+                                      brain_mask.npy uint8 [S, H, W], seg.npy uint8 [S, H, W],
+                                      meta.json (written last: a case without it is unfinished)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import traceback
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.processing import resample_from_to, resample_to_output
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..io import VolumeError, load_volume, write_json
+from ..modalities import MODALITIES
+from .manifest import MASK_KINDS, Case
+
+CACHE_FORMAT = 1
+
+
+@dataclass
+class PrepareConfig:
+    """How cases become slices. Stored in ``cache.json``; a cache is only extended with the same one."""
+
+    size: int = 192
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    modalities: tuple[str, ...] = MODALITIES
+    clip_percentile: float = 99.5
+    min_brain_pixels: int = 64
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self):
+        self.spacing = tuple(float(s) for s in (self.spacing if isinstance(self.spacing, Sequence)
+                                                 else (self.spacing,) * 3))
+        self.modalities = tuple(self.modalities)
+        if self.size < 8:
+            raise ValueError(f"size must be at least 8, got {self.size}")
+        if len(self.spacing) != 3 or min(self.spacing) <= 0:
+            raise ValueError(f"spacing must be three positive numbers, got {self.spacing}")
+        if not 50 < self.clip_percentile <= 100:
+            raise ValueError(f"clip_percentile must be in (50, 100], got {self.clip_percentile}")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must be below 1")
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    def geometry(self) -> dict:
+        """The settings that change the arrays (not the split fractions)."""
+        d = self.to_dict()
+        return {k: d[k] for k in ("size", "spacing", "modalities", "clip_percentile", "min_brain_pixels")}
+
+
+@dataclass
+class CaseResult:
+    dataset: str
+    case_id: str
+    status: str  # "prepared" | "cached" | "skipped"
+    reason: str = ""
+    slices: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+def safe_name(name: str) -> str:
+    """A file-system-safe version of a case or dataset name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "case"
+
+
+def _reference_kind(files: dict[str, Path]) -> str:
+    for kind in ("seg", "dwi"):
+        if kind in files:
+            return kind
+    return next(k for k in files if k not in MASK_KINDS)
+
+
+def _on_grid(img: nib.Nifti1Image, spacing) -> bool:
+    zooms = np.sqrt((img.affine[:3, :3] ** 2).sum(axis=0))
+    off_diagonal = img.affine[:3, :3] - np.diag(np.diag(img.affine[:3, :3]))
+    return np.allclose(zooms, spacing, atol=1e-3) and np.allclose(off_diagonal, 0, atol=1e-6)
+
+
+def load_case_on_grid(case: Case, config: PrepareConfig) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
+    """Read a case's files onto one canonical grid at ``config.spacing``. Returns arrays, affine, warnings."""
+    warnings_: list[str] = []
+    images: dict[str, nib.Nifti1Image] = {}
+    for kind, path in case.files.items():
+        if kind not in MASK_KINDS and kind not in config.modalities:
+            warnings_.append(f"{kind} ignored (not in the configured modalities)")
+            continue
+        vol = load_volume(path)
+        if vol.nonfinite:
+            warnings_.append(f"{kind}: {vol.nonfinite} NaN/Inf voxels set to 0")
+        images[kind] = nib.Nifti1Image(vol.data, vol.affine)
+    if not any(k not in MASK_KINDS for k in images):
+        raise VolumeError("no image of a configured modality")
+    ref_kind = _reference_kind(images)
+    ref = images[ref_kind]
+    if not _on_grid(ref, config.spacing):
+        ref = resample_to_output(ref, voxel_sizes=config.spacing, order=0 if ref_kind in MASK_KINDS else 1)
+    target = (ref.shape, ref.affine)
+    out = {}
+    for kind, img in images.items():
+        if kind == ref_kind:
+            img = ref
+        if img.shape == ref.shape and np.allclose(img.affine, ref.affine, atol=1e-4):
+            out[kind] = np.asarray(img.dataobj, dtype=np.float32)
+            continue
+        if not _overlaps(img, ref):
+            raise VolumeError(f"{kind} does not overlap the {ref_kind} grid (check the affines)")
+        order = 0 if kind in MASK_KINDS else 1
+        out[kind] = resample_from_to(img, target, order=order, cval=0.0).get_fdata(dtype=np.float32)
+        if kind not in MASK_KINDS and ref_kind != kind:
+            warnings_.append(f"{kind} resampled onto the {ref_kind} grid")
+    return out, ref.affine, warnings_
+
+
+def _overlaps(img: nib.Nifti1Image, ref: nib.Nifti1Image) -> bool:
+    def box(im):
+        corners = np.array([[i, j, k, 1] for i in (0, im.shape[0] - 1) for j in (0, im.shape[1] - 1)
+                            for k in (0, im.shape[2] - 1)], dtype=float)
+        world = corners @ im.affine.T
+        return world[:, :3].min(0), world[:, :3].max(0)
+
+    (a0, a1), (b0, b1) = box(img), box(ref)
+    return bool(np.all(a0 <= b1) and np.all(b0 <= a1))
+
+
+def derive_brain_mask(images: Iterable[np.ndarray]) -> np.ndarray:
+    """Brain mask of skull-stripped volumes: union of above-noise voxels, cleaned up.
+
+    Each modality is thresholded at 5 % of its 99th percentile (above Rician background noise),
+    the union is opened, its largest component kept and holes filled slice by slice.
+    """
+    union = None
+    for img in images:
+        positive = img[img > 0]
+        if positive.size == 0:
+            continue
+        fg = img > 0.05 * np.percentile(positive, 99)
+        union = fg if union is None else union | fg
+    if union is None:
+        raise VolumeError("every image is empty")
+    mask = ndimage.binary_opening(union, iterations=1)
+    labels, n = ndimage.label(mask)
+    if n > 1:
+        sizes = ndimage.sum(mask, labels, index=range(1, n + 1))
+        mask = labels == (int(np.argmax(sizes)) + 1)
+    mask = ndimage.binary_closing(mask, iterations=2)
+    for k in range(mask.shape[2]):
+        mask[..., k] = ndimage.binary_fill_holes(mask[..., k])
+    return mask
+
+
+def normalise(image: np.ndarray, brain: np.ndarray, percentile: float) -> tuple[np.ndarray, float]:
+    """Clip at ``percentile`` of the brain's voxels, scale to [0, 1]; background to 0."""
+    inside = image[brain]
+    top = float(np.percentile(inside, percentile)) if inside.size else 0.0
+    if top <= 0:
+        return np.zeros_like(image, dtype=np.float32), top
+    out = np.clip(image, 0.0, top) / top
+    out[~brain] = 0.0
+    return out.astype(np.float32), top
+
+
+def crop_or_pad(volume: np.ndarray, centre: Sequence[int], size: int) -> np.ndarray:
+    """In-plane ``size x size`` window of ``volume[X, Y, ...]`` centred on ``centre``, zero-padded."""
+    out = np.zeros((size, size) + volume.shape[2:], dtype=volume.dtype)
+    src, dst = [], []
+    for axis in range(2):
+        start = int(centre[axis]) - size // 2
+        lo, hi = max(start, 0), min(start + size, volume.shape[axis])
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - start, hi - start))
+    out[dst[0], dst[1]] = volume[src[0], src[1]]
+    return out
+
+
+def prepare_case(case: Case, config: PrepareConfig, case_dir: Path) -> CaseResult:
+    """Prepare one case into ``case_dir`` (written to a temporary folder, then renamed)."""
+    arrays, affine, notes = load_case_on_grid(case, config)
+    present = [m for m in config.modalities if m in arrays]
+    if "brainmask" in arrays:
+        brain = arrays["brainmask"] > 0.5
+    else:
+        brain = derive_brain_mask(arrays[m] for m in present)
+    keep = np.flatnonzero(brain.sum(axis=(0, 1)) >= config.min_brain_pixels)
+    if keep.size == 0:
+        raise VolumeError("no axial slice has brain in it")
+    coords = np.argwhere(brain)
+    centre = ((coords[:, 0].min() + coords[:, 0].max()) // 2, (coords[:, 1].min() + coords[:, 1].max()) // 2)
+    extent = coords.max(0) - coords.min(0) + 1
+    if max(extent[:2]) > config.size:
+        notes.append(f"brain ({extent[0]}x{extent[1]} voxels) is larger than {config.size}: edges cropped")
+    scales = {}
+    stack = []
+    for m in present:
+        norm, scales[m] = normalise(arrays[m], brain, config.clip_percentile)
+        if scales[m] <= 0:
+            notes.append(f"{m} is empty inside the brain")
+        stack.append(crop_or_pad(norm[..., keep], centre, config.size))
+    images = np.stack(stack, axis=0).transpose(3, 0, 1, 2)  # [S, A, H, W]
+    brain_c = crop_or_pad(brain[..., keep], centre, config.size).transpose(2, 0, 1)
+    if "seg" in arrays:
+        seg = np.rint(arrays["seg"]).astype(np.int16)
+        seg[seg == 4] = 3  # BraTS 2018-2021 "enhancing" (4) -> BraTS 2023 convention (3)
+        seg = crop_or_pad(np.clip(seg, 0, 255).astype(np.uint8)[..., keep], centre, config.size).transpose(2, 0, 1)
+    else:
+        seg = np.zeros_like(brain_c, dtype=np.uint8)
+    meta = {
+        "case_id": case.case_id,
+        "dataset": case.dataset,
+        "modalities": present,
+        "slices": int(keep.size),
+        "slice_index": keep.tolist(),
+        "grid_affine": affine.tolist(),
+        "crop_centre": [int(c) for c in centre],
+        "clip_values": scales,
+        "has_seg": "seg" in arrays,
+        "sources": {k: str(v) for k, v in case.files.items()},
+        "notes": notes,
+    }
+    case_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{case_dir.name}.", dir=case_dir.parent))
+    try:
+        np.save(tmp / "images.npy", images.astype(np.float16))
+        np.save(tmp / "brain_mask.npy", brain_c.astype(np.uint8))
+        np.save(tmp / "seg.npy", seg)
+        write_json(tmp / "meta.json", meta)
+        if case_dir.exists():
+            shutil.rmtree(case_dir)
+        os.replace(tmp, case_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return CaseResult(case.dataset, case.case_id, "prepared", slices=int(keep.size), warnings=notes)
+
+
+def _prepare_worker(case: Case, config: PrepareConfig, case_dir: Path) -> CaseResult:
+    try:
+        return prepare_case(case, config, case_dir)
+    except (VolumeError, OSError, ValueError, MemoryError) as exc:
+        return CaseResult(case.dataset, case.case_id, "skipped", reason=f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # an unexpected failure is reported with its origin, never fatal for the rest
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        return CaseResult(case.dataset, case.case_id, "skipped",
+                          reason=f"{type(exc).__name__}: {exc} ({Path(where.filename).name}:{where.lineno})")
+
+
+def case_dir_for(cache: Path, dataset: str, case_id: str) -> Path:
+    return cache / "cases" / safe_name(dataset) / safe_name(case_id)
+
+
+def _open_cache(cache: Path, config: PrepareConfig, datasets: list[str]) -> dict:
+    """Create ``cache.json`` or check that an existing cache was made with the same geometry."""
+    path = cache / "cache.json"
+    if path.exists():
+        info = json.loads(path.read_text())
+        if info["config"]["geometry"] != config.geometry():
+            raise ValueError(
+                f"{cache} was prepared with {info['config']['geometry']}; this run asks for "
+                f"{config.geometry()}. Use another --out folder for other settings."
+            )
+    else:
+        info = {"format": CACHE_FORMAT, "mmdiff_version": __version__,
+                "config": {**config.to_dict(), "geometry": config.geometry()}, "datasets": []}
+    for name in datasets:
+        if name not in info["datasets"]:
+            info["datasets"].append(name)  # append only: dataset ids never change
+    write_json(path, info)
+    return info
+
+
+def assign_splits(keys: list[str], existing: dict[str, str], config: PrepareConfig) -> dict[str, str]:
+    """Case-level splits per dataset; existing assignments are kept, new cases fill the fractions.
+
+    Order among new cases is a hash of (seed, key), so the split does not depend on input order.
+    """
+    splits = dict(existing)
+    by_dataset: dict[str, list[str]] = {}
+    for key in keys:
+        by_dataset.setdefault(key.split("/", 1)[0], []).append(key)
+    targets = {"val": config.val_fraction, "test": config.test_fraction}
+    for members in by_dataset.values():
+        new = sorted((k for k in members if k not in splits),
+                     key=lambda k: hashlib.sha256(f"{config.seed}:{k}".encode()).hexdigest())
+        for key in new:
+            n = sum(1 for k in members if k in splits) + 1
+            counts = {s: sum(1 for k in members if splits.get(k) == s) for s in targets}
+            # held-out splits get a case as soon as their share rounds up to one (3+ cases)
+            want = {s: (np.floor(frac * n + 0.5) if n >= 3 else 0) for s, frac in targets.items()}
+            short = [s for s in ("test", "val") if counts[s] < want[s]]
+            splits[key] = short[0] if short else "train"
+    return splits
+
+
+def prepare(
+    cases: list[Case],
+    cache: str | os.PathLike,
+    config: PrepareConfig | None = None,
+    num_workers: int = 1,
+    progress: bool = True,
+) -> dict:
+    """Prepare ``cases`` into the slice cache at ``cache``; finished cases are skipped on a re-run.
+
+    Returns the run summary (also written to ``summary.json``).
+    """
+    config = config or PrepareConfig()
+    cache = Path(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    seen = set()
+    for case in cases:
+        key = (case.dataset, case.case_id)
+        if key in seen:
+            raise ValueError(f"case {case.case_id!r} appears twice in dataset {case.dataset!r}")
+        seen.add(key)
+    _open_cache(cache, config, list(dict.fromkeys(c.dataset for c in cases)))
+    results: list[CaseResult] = []
+    todo = []
+    for case in cases:
+        meta_path = case_dir_for(cache, case.dataset, case.case_id) / "meta.json"
+        if meta_path.exists():
+            meta = json.loads(meta_path.read_text())
+            results.append(CaseResult(case.dataset, case.case_id, "cached", slices=meta["slices"]))
+        else:
+            todo.append(case)
+    bar = tqdm(total=len(todo), desc="prepare", unit="case", disable=not progress)
+    if num_workers > 1 and len(todo) > 1:
+        with ProcessPoolExecutor(max_workers=num_workers) as pool:
+            futures = [pool.submit(_prepare_worker, c, config, case_dir_for(cache, c.dataset, c.case_id))
+                       for c in todo]
+            for fut in as_completed(futures):
+                results.append(fut.result())
+                bar.update()
+    else:
+        for case in todo:
+            results.append(_prepare_worker(case, config, case_dir_for(cache, case.dataset, case.case_id)))
+            bar.update()
+    bar.close()
+    return _finish(cache, config, results)
+
+
+def _finish(cache: Path, config: PrepareConfig, results: list[CaseResult]) -> dict:
+    """Write splits, index and summary from every finished case in the cache."""
+    info = json.loads((cache / "cache.json").read_text())
+    metas = [json.loads(p.read_text()) for p in sorted((cache / "cases").glob("*/*/meta.json"))]
+    splits_path = cache / "splits.json"
+    existing = json.loads(splits_path.read_text()) if splits_path.exists() else {}
+    keys = [f"{m['dataset']}/{m['case_id']}" for m in metas]
+    splits = assign_splits(keys, existing, config)
+    write_json(splits_path, splits)
+    index = []
+    for meta, key in zip(metas, keys):
+        index.append({
+            "dataset": meta["dataset"],
+            "dataset_id": info["datasets"].index(meta["dataset"]),
+            "case_id": meta["case_id"],
+            "path": str(case_dir_for(cache, meta["dataset"], meta["case_id"]).relative_to(cache)),
+            "modalities": meta["modalities"],
+            "slices": meta["slices"],
+            "has_seg": meta["has_seg"],
+            "split": splits[key],
+        })
+    write_json(cache / "index.json", {"datasets": info["datasets"], "modalities": info["config"]["modalities"],
+                                      "size": info["config"]["size"], "cases": index})
+    summary = {
+        "cache": str(cache),
+        "prepared": sum(r.status == "prepared" for r in results),
+        "cached": sum(r.status == "cached" for r in results),
+        "skipped": [{"dataset": r.dataset, "case_id": r.case_id, "reason": r.reason}
+                    for r in results if r.status == "skipped"],
+        "warnings": {f"{r.dataset}/{r.case_id}": r.warnings for r in results if r.warnings},
+        "cases_in_cache": len(index),
+        "slices_in_cache": int(sum(c["slices"] for c in index)),
+        "splits": {s: sum(c["split"] == s for c in index) for s in ("train", "val", "test")},
+    }
+    write_json(cache / "summary.json", summary)
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """The run summary as a few readable lines."""
+    lines = [
+        f"prepared {summary['prepared']} case(s), {summary['cached']} already cached, "
+        f"{len(summary['skipped'])} skipped",
+        f"cache: {summary['cases_in_cache']} cases, {summary['slices_in_cache']} slices "
+        f"(train {summary['splits']['train']}, val {summary['splits']['val']}, test {summary['splits']['test']})",
+    ]
+    for s in summary["skipped"]:
+        lines.append(f"  skipped {s['dataset']}/{s['case_id']}: {s['reason']}")
+    for key, notes in summary["warnings"].items():
+        for note in notes:
+            lines.append(f"  note {key}: {note}")
+    return "\n".join(lines)

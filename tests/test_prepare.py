@@ -1,0 +1,138 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_layout
+from mmdiff.cli import main
+from mmdiff.data.dataset import CacheError, SliceDataset
+from mmdiff.data.layouts import scan
+from mmdiff.data.prepare import PrepareConfig, assign_splits, crop_or_pad, prepare
+
+TINY = PrepareConfig(size=32, spacing=2.0)
+
+
+@pytest.fixture
+def sources(tmp_path):
+    write_layout(tmp_path / "gli", "brats2018", n_cases=3)
+    write_layout(tmp_path / "isles", "bids", n_cases=2)
+    return scan(tmp_path / "gli") + scan(tmp_path / "isles")
+
+
+def test_prepare_writes_a_cache_that_iterates(tmp_path, sources):
+    summary = prepare(sources, tmp_path / "cache", TINY, progress=False)
+    assert summary["prepared"] == 5 and not summary["skipped"]
+    index = json.loads((tmp_path / "cache" / "index.json").read_text())
+    assert index["datasets"] == ["gli", "isles"]
+    ds = SliceDataset(tmp_path / "cache", split=None)
+    assert len(ds) == summary["slices_in_cache"] > 0
+    item = ds[0]
+    assert item["images"].shape == (6, 32, 32) and item["images"].dtype == torch.float32
+    assert 0 <= item["images"].min() and item["images"].max() <= 1
+    assert item["brain_mask"].dtype == torch.bool
+    # missing modalities are zero, present ones carry signal in the brain
+    for i in range(len(ds)):
+        s = ds[i]
+        assert not s["images"][~s["available"]].any()
+        assert not s["images"][:, ~s["brain_mask"]].any()  # background is 0
+    groups = set(ds.groups)
+    assert groups == {(0, "111100"), (1, "000111")}
+
+
+def test_isles_flair_is_resampled_into_dwi_space(tmp_path, sources):
+    prepare(sources[3:4], tmp_path / "cache", PrepareConfig(size=32, spacing=2.0), progress=False)
+    (case_dir,) = (tmp_path / "cache" / "cases" / "isles").iterdir()
+    meta = json.loads((case_dir / "meta.json").read_text())
+    assert meta["modalities"] == ["flair", "dwi", "adc"]
+    assert any("flair resampled onto the seg grid" in n for n in meta["notes"])
+    np.testing.assert_allclose(np.diag(meta["grid_affine"])[:3], [2, 2, 2])
+    images = np.load(case_dir / "images.npy")
+    flair, dwi = images[:, 0] > 0.1, images[:, 1] > 0.1
+    # the same world-space blob, acquired on two grids, lines up after resampling by the affines
+    dice = 2 * (flair & dwi).sum() / (flair.sum() + dwi.sum())
+    assert dice > 0.9
+
+
+def test_rerun_skips_finished_cases_and_bad_files_are_reported(tmp_path, sources):
+    prepare(sources[:2], tmp_path / "cache", TINY, progress=False)
+    bad = sources[2]
+    bad.files["t2"].write_bytes(b"corrupt")
+    summary = prepare(sources, tmp_path / "cache", TINY, progress=False)
+    assert summary["cached"] == 2 and summary["prepared"] == 2
+    assert [s["case_id"] for s in summary["skipped"]] == [bad.case_id]
+    assert "cannot be read" in summary["skipped"][0]["reason"]
+    assert summary["cases_in_cache"] == 4
+
+
+def test_other_geometry_into_same_cache_is_refused(tmp_path, sources):
+    prepare(sources[:1], tmp_path / "cache", TINY, progress=False)
+    with pytest.raises(ValueError, match="was prepared with"):
+        prepare(sources[:1], tmp_path / "cache", PrepareConfig(size=48, spacing=2.0), progress=False)
+
+
+def test_worker_processes_give_the_same_cache(tmp_path, sources):
+    prepare(sources, tmp_path / "a", TINY, num_workers=1, progress=False)
+    prepare(sources, tmp_path / "b", TINY, num_workers=2, progress=False)
+    for case_dir in (tmp_path / "a" / "cases").glob("*/*"):
+        other = tmp_path / "b" / case_dir.relative_to(tmp_path / "a")
+        np.testing.assert_array_equal(np.load(case_dir / "images.npy"), np.load(other / "images.npy"))
+
+
+def test_splits_are_case_level_stable_and_disjoint():
+    config = PrepareConfig(val_fraction=0.2, test_fraction=0.2)
+    keys = [f"d/case{i}" for i in range(10)]
+    splits = assign_splits(keys, {}, config)
+    assert sorted(splits.values()).count("test") == 2 and sorted(splits.values()).count("val") == 2
+    more = assign_splits(keys + [f"d/case{i}" for i in range(10, 15)], splits, config)
+    assert all(more[k] == v for k, v in splits.items())  # existing cases keep their split
+    assert list(more.values()).count("test") == 3
+    assert assign_splits(["e/only"], {}, config) == {"e/only": "train"}
+
+
+def test_crop_or_pad_centres_the_window():
+    vol = np.arange(100, dtype=float).reshape(10, 10, 1)
+    out = crop_or_pad(vol, (5, 5), 4)
+    np.testing.assert_array_equal(out[..., 0], vol[3:7, 3:7, 0])
+    padded = crop_or_pad(vol, (1, 1), 6)
+    assert padded.shape == (6, 6, 1) and padded[0, 0, 0] == 0 and padded[2, 2, 0] == vol[0, 0, 0]
+
+
+def test_dataset_selection_and_errors(tmp_path, sources):
+    prepare(sources, tmp_path / "cache", TINY, progress=False)
+    only = SliceDataset(tmp_path / "cache", split=None, datasets=["isles"], modalities=["dwi", "flair"])
+    assert only[0]["images"].shape == (2, 32, 32) and only.available.all()
+    torch.manual_seed(0)
+    crop = SliceDataset(tmp_path / "cache", split=None, crop=16)
+    assert crop[0]["images"].shape == (6, 16, 16) and crop[0]["brain_mask"].shape == (16, 16)
+    with pytest.raises(CacheError, match="not in this cache"):
+        SliceDataset(tmp_path / "cache", modalities=["t1", "pd"])
+    with pytest.raises(CacheError, match="not in this cache"):
+        SliceDataset(tmp_path / "cache", datasets=["nope"])
+    with pytest.raises(CacheError, match="run `mmdiff prepare` first"):
+        SliceDataset(tmp_path / "empty")
+
+
+def test_prepare_cli(tmp_path, capsys):
+    write_layout(tmp_path / "gli", "brats2023", n_cases=2)
+    code = main(["prepare", f"glioma={tmp_path / 'gli'}", "--out", str(tmp_path / "c"), "--size", "32",
+                 "--spacing", "2", "--workers", "1", "--quiet"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "prepared 2 case(s)" in out and "glioma: 2 cases" in out
+    assert json.loads((tmp_path / "c" / "index.json").read_text())["datasets"] == ["glioma"]
+
+
+@pytest.mark.real_data
+def test_real_brats_case_prepares(brats_sample, tmp_path):
+    cases = scan(brats_sample, dataset="brats")[:1]
+    summary = prepare(cases, tmp_path / "cache", PrepareConfig(size=192), progress=False)
+    assert summary["prepared"] == 1
+    ds = SliceDataset(tmp_path / "cache", split=None)
+    assert 100 < len(ds) <= 155
+    labels = set()
+    for i in range(0, len(ds), 5):
+        labels |= set(np.unique(ds[i]["seg"].numpy()).tolist())
+    assert labels <= {0, 1, 2, 3} and 3 in labels  # BraTS 2018 label 4 is stored as 3
+    brain = ds[len(ds) // 2]["brain_mask"]
+    assert 0.2 < brain.float().mean() < 0.8
