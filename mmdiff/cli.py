@@ -32,7 +32,7 @@ def cmd_phantom(args) -> int:
     if unknown:
         raise SystemExit(f"unknown cohort(s) {unknown}: known cohorts are {', '.join(COHORTS)}")
     cases = write_cohorts(args.out, cases=args.cases, seed=args.seed, cohorts=args.cohorts,
-                          spacing=args.spacing, progress=not args.quiet)
+                          spacing=args.spacing, progress=not args.quiet, overwrite=args.overwrite)
     print(describe(cases))
     print(f"manifest: {Path(args.out) / 'manifest.csv'}")
     return 0
@@ -80,7 +80,8 @@ def cmd_quickstart(args) -> int:
     out = Path(args.out)
     case = simulate_case("glioma", 0, seed=args.seed)
     written = write_case(case, out, overwrite=args.overwrite)
-    montage = case_montage(case.images, out / "montage.png", seg=case.seg, overwrite=args.overwrite)
+    montage = case_montage(case.images, out / "montage.png", seg=case.seg, views=("axial", "coronal"),
+                           title=f"{case.case_id}: simulated {case.dataset} phantom", overwrite=args.overwrite)
     print(f"phantom case {case.case_id} ({', '.join(case.images)}) written under {out}")
     for kind, path in written.files.items():
         print(f"  {kind:6s} {path}")
@@ -104,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", type=int, default=4, help="cases per cohort (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cohorts", nargs="+", help="only these cohorts (glioma immune bratslike stroke)")
-    p.add_argument("--spacing", type=float, default=1.0, help="voxel size scale in mm (default: %(default)s)")
+    p.add_argument("--spacing", type=float, default=1.0,
+                   help="multiplies every cohort's voxel size (default: %(default)s; 3 makes small, fast phantoms)")
+    p.add_argument("--overwrite", action="store_true", help="replace files from an earlier run")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_phantom)
 

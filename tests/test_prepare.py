@@ -45,7 +45,7 @@ def test_isles_flair_is_resampled_into_dwi_space(tmp_path, sources):
     (case_dir,) = (tmp_path / "cache" / "cases" / "isles").iterdir()
     meta = json.loads((case_dir / "meta.json").read_text())
     assert meta["modalities"] == ["flair", "dwi", "adc"]
-    assert any("flair resampled onto the seg grid" in n for n in meta["notes"])
+    assert meta["notes"] == ["flair is on another grid than seg: resampled by the affines"]
     np.testing.assert_allclose(np.diag(meta["grid_affine"])[:3], [2, 2, 2])
     images = np.load(case_dir / "images.npy")
     flair, dwi = images[:, 0] > 0.1, images[:, 1] > 0.1
@@ -88,6 +88,10 @@ def test_splits_are_case_level_stable_and_disjoint():
     assert all(more[k] == v for k, v in splits.items())  # existing cases keep their split
     assert list(more.values()).count("test") == 3
     assert assign_splits(["e/only"], {}, config) == {"e/only": "train"}
+    small = assign_splits([f"s/c{i}" for i in range(3)], {}, PrepareConfig())
+    assert sorted(small.values()) == ["test", "train", "train"]  # 10 % of 3 still holds out one test case
+    four = assign_splits([f"s/c{i}" for i in range(4)], {}, PrepareConfig())
+    assert sorted(four.values()) == ["test", "train", "train", "val"]
 
 
 def test_crop_or_pad_centres_the_window():

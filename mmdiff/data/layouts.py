@@ -5,7 +5,8 @@ Recognised layouts (file names decide, folders are walked recursively):
 - ``brats2018``: BraTS 2018-2021, ``<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz``;
 - ``brats2023``: BraTS 2023+, ``<case>/<case>-{t1n,t1c,t2w,t2f,seg}.nii.gz``;
 - ``bids``: BIDS / ISLES'22, ``rawdata/sub-*/[ses-*/]{anat,dwi}/*_{T1w,T2w,FLAIR,dwi,adc}.nii.gz`` with
-  lesion masks ``derivatives/sub-*/[ses-*/]*_msk.nii.gz`` (``ce-gadolinium`` T1w is T1C);
+  lesion masks ``derivatives/sub-*/[ses-*/]*_msk.nii.gz`` and brain masks ``*_desc-brain_mask.nii.gz``
+  (``ce-gadolinium`` T1w is T1C);
 - ``manifest``: a CSV in mmdiff's manifest format.
 
 Any suffix that is a modality alias (``-dwi``, ``_adc``, ...) is read too, so a site that adds
@@ -62,6 +63,8 @@ def _parse_bids(path: Path) -> tuple[str, str] | None:
     if not entity or not stem.startswith("sub-"):
         return None
     suffix = stem.rsplit("_", 1)[-1].lower()
+    if suffix == "mask" and "_desc-brain" in stem:
+        return "_".join(e for e in entity.groups() if e), "brainmask"
     kind = _BIDS_SUFFIX.get(suffix)
     if kind == "t1" and re.search(r"_ce-[A-Za-z0-9]+", stem):
         kind = "t1c"

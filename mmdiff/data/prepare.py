@@ -126,23 +126,26 @@ def load_case_on_grid(case: Case, config: PrepareConfig) -> tuple[dict[str, np.n
         raise VolumeError("no image of a configured modality")
     ref_kind = _reference_kind(images)
     ref = images[ref_kind]
+    for kind, img in images.items():
+        if kind not in MASK_KINDS and not _same_grid(img, ref):
+            warnings_.append(f"{kind} is on another grid than {ref_kind}: resampled by the affines")
     if not _on_grid(ref, config.spacing):
         ref = resample_to_output(ref, voxel_sizes=config.spacing, order=0 if ref_kind in MASK_KINDS else 1)
     target = (ref.shape, ref.affine)
     out = {}
     for kind, img in images.items():
-        if kind == ref_kind:
-            img = ref
-        if img.shape == ref.shape and np.allclose(img.affine, ref.affine, atol=1e-4):
-            out[kind] = np.asarray(img.dataobj, dtype=np.float32)
+        if kind == ref_kind or _same_grid(img, ref):
+            out[kind] = np.asarray((ref if kind == ref_kind else img).dataobj, dtype=np.float32)
             continue
         if not _overlaps(img, ref):
             raise VolumeError(f"{kind} does not overlap the {ref_kind} grid (check the affines)")
         order = 0 if kind in MASK_KINDS else 1
         out[kind] = resample_from_to(img, target, order=order, cval=0.0).get_fdata(dtype=np.float32)
-        if kind not in MASK_KINDS and ref_kind != kind:
-            warnings_.append(f"{kind} resampled onto the {ref_kind} grid")
     return out, ref.affine, warnings_
+
+
+def _same_grid(a: nib.Nifti1Image, b: nib.Nifti1Image) -> bool:
+    return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=1e-4)
 
 
 def _overlaps(img: nib.Nifti1Image, ref: nib.Nifti1Image) -> bool:
@@ -317,8 +320,9 @@ def assign_splits(keys: list[str], existing: dict[str, str], config: PrepareConf
         for key in new:
             n = sum(1 for k in members if k in splits) + 1
             counts = {s: sum(1 for k in members if splits.get(k) == s) for s in targets}
-            # held-out splits get a case as soon as their share rounds up to one (3+ cases)
-            want = {s: (np.floor(frac * n + 0.5) if n >= 3 else 0) for s, frac in targets.items()}
+            # small datasets still hold out one test case (from 3 cases) and one validation case (from 4)
+            want = {s: max(np.floor(frac * n + 0.5), 1 if n >= minimum else 0)
+                    for (s, frac), minimum in zip(targets.items(), (4, 3))}
             short = [s for s in ("test", "val") if counts[s] < want[s]]
             splits[key] = short[0] if short else "train"
     return splits
