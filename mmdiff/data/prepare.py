@@ -130,7 +130,7 @@ def load_case_on_grid(case: Case, config: PrepareConfig) -> tuple[dict[str, np.n
         if kind not in MASK_KINDS and not _same_grid(img, ref):
             warnings_.append(f"{kind} is on another grid than {ref_kind}: resampled by the affines")
     if not _on_grid(ref, config.spacing):
-        ref = resample_to_output(ref, voxel_sizes=config.spacing, order=0 if ref_kind in MASK_KINDS else 1)
+        ref = resample_to_output(ref, voxel_sizes=config.spacing, order=0 if ref_kind == "seg" else 1)
     target = (ref.shape, ref.affine)
     out = {}
     for kind, img in images.items():
@@ -139,7 +139,8 @@ def load_case_on_grid(case: Case, config: PrepareConfig) -> tuple[dict[str, np.n
             continue
         if not _overlaps(img, ref):
             raise VolumeError(f"{kind} does not overlap the {ref_kind} grid (check the affines)")
-        order = 0 if kind in MASK_KINDS else 1
+        # labels take nearest neighbour; a binary brain mask is interpolated and thresholded (smooth edge)
+        order = 0 if kind == "seg" else 1
         out[kind] = resample_from_to(img, target, order=order, cval=0.0).get_fdata(dtype=np.float32)
     return out, ref.affine, warnings_
 
@@ -214,7 +215,7 @@ def prepare_case(case: Case, config: PrepareConfig, case_dir: Path) -> CaseResul
     arrays, affine, notes = load_case_on_grid(case, config)
     present = [m for m in config.modalities if m in arrays]
     if "brainmask" in arrays:
-        brain = arrays["brainmask"] > 0.5
+        brain = arrays["brainmask"] >= 0.5
     else:
         brain = derive_brain_mask(arrays[m] for m in present)
     keep = np.flatnonzero(brain.sum(axis=(0, 1)) >= config.min_brain_pixels)
