@@ -1,0 +1,143 @@
+"""Losses with selective supervision: terms only count where ground truth exists.
+
+Weights are per (sample, modality), ``[B, M]``: for synthesis ``(1 - sc) * m`` and for reconstruction
+``sc * m`` (:func:`mmdiff.data.conditions.loss_weights`). Entries with weight 0 are never read, so a
+missing modality's placeholder (zeros, NaN, anything) gives exactly zero loss and zero gradient.
+
+GAN terms follow PMM-Synth (eqs 5-9): ``lambda_syn = 100``, ``lambda_rec = 30``, ``lambda_adv = 1``,
+least-squares GAN. The VAE loss is L1 + (1 - SSIM) + KL, with a gated adversarial term.
+Composite losses return dicts of named terms (``"loss"`` is the one to backpropagate).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from monai.losses import PatchAdversarialLoss, SSIMLoss
+
+Logits = torch.Tensor | Mapping[int, torch.Tensor]
+
+_patch_lsgan = PatchAdversarialLoss(criterion="least_squares", reduction="none", no_activation_leastsq=True)
+
+
+def _selective_mean(
+    error: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor,
+) -> torch.Tensor:
+    """``sum_{b,m} w[b,m] * mean(error(pred[b,m], target[b,m])) / sum_{b,m} w[b,m]``, reading only ``w > 0``."""
+    weight = torch.as_tensor(weight, device=pred.device).to(pred.dtype)
+    if weight.shape != pred.shape[:2]:
+        raise ValueError(f"weight {tuple(weight.shape)} does not match pred {tuple(pred.shape)} in [B, M]")
+    selected = weight > 0
+    if not selected.any():
+        return pred.sum() * 0.0
+    per_item = error(pred[selected], target[selected]).flatten(1).mean(1)
+    return (per_item * weight[selected]).sum() / weight[selected].sum()
+
+
+def selective_l1(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error over the (sample, modality) pairs with weight > 0; ``pred``, ``target``: ``[B, M, ...]``."""
+    return _selective_mean(lambda p, t: (p - t).abs(), pred, target, weight)
+
+
+def latent_diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Selective MSE for latents ``[B, M, C, h, w]`` (target: noise, ``v`` or ``x0``, as the scheduler says)."""
+    return _selective_mean(lambda p, t: (p - t).square(), pred, target, weight)
+
+
+def lsgan_loss(logits: Logits, target_is_real: bool, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Least-squares GAN loss ``mean((D - label)^2)``, label 1 for real, 0 for fake.
+
+    ``logits`` is one tensor ``[B, 1, h, w]`` or a mapping modality index -> such a tensor. With
+    ``weight [B, M]`` (mapping only), the mean runs over the (sample, modality) pairs with weight > 0.
+    """
+    if isinstance(logits, torch.Tensor):
+        return _patch_lsgan(logits, target_is_real=target_is_real, for_discriminator=True)[0].mean()
+    if not logits:
+        raise ValueError("no logits given")
+    losses = torch.stack(
+        [_patch_lsgan(x, target_is_real=target_is_real, for_discriminator=True)[0].flatten(1).mean(1)
+         for x in logits.values()],
+        dim=1,
+    )  # [B, len(logits)]
+    if weight is None:
+        return losses.mean()
+    weight = torch.as_tensor(weight, device=losses.device).to(losses.dtype)[:, list(logits)]
+    if not (weight > 0).any():
+        return losses.sum() * 0.0
+    return (losses * weight).sum() / weight.sum()
+
+
+def generator_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    synthesis_weight: torch.Tensor,
+    reconstruction_weight: torch.Tensor,
+    fake_logits: Mapping[int, torch.Tensor] | None = None,
+    lambda_syn: float = 100.0,
+    lambda_rec: float = 30.0,
+    lambda_adv: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """``lambda_syn * L1_syn + lambda_rec * L1_rec + lambda_adv * LSGAN`` on ``[B, M, H, W]`` images.
+
+    ``fake_logits`` maps a target modality index to the discriminator's logits on the synthesized
+    image; the adversarial term covers the synthesized modalities with ground truth.
+    """
+    synthesis = selective_l1(pred, target, synthesis_weight)
+    reconstruction = selective_l1(pred, target, reconstruction_weight)
+    if fake_logits:
+        adversarial = lsgan_loss(fake_logits, target_is_real=True, weight=synthesis_weight)
+    else:
+        adversarial = torch.zeros((), device=pred.device, dtype=pred.dtype)
+    loss = lambda_syn * synthesis + lambda_rec * reconstruction + lambda_adv * adversarial
+    return {"loss": loss, "synthesis_l1": synthesis, "reconstruction_l1": reconstruction, "adversarial": adversarial}
+
+
+def discriminator_loss(
+    real_logits: Logits, fake_logits: Logits, weight: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """LSGAN discriminator loss ``0.5 * (mean((D(real) - 1)^2) + mean(D(fake)^2))``.
+
+    Logits as in :func:`lsgan_loss`; pass the synthesis weight with per-modality mappings so only
+    modalities with ground truth count. Detach the fakes before calling.
+    """
+    real = lsgan_loss(real_logits, target_is_real=True, weight=weight)
+    fake = lsgan_loss(fake_logits, target_is_real=False, weight=weight)
+    return {"loss": 0.5 * (real + fake), "real": real, "fake": fake}
+
+
+def vae_loss(
+    recon: torch.Tensor,
+    target: torch.Tensor,
+    posterior: DiagonalGaussianDistribution,
+    kl_weight: float = 1e-6,
+    ssim_weight: float = 0.5,
+    data_range: float = 2.0,
+) -> dict[str, torch.Tensor]:
+    """``L1 + ssim_weight * (1 - SSIM) + kl_weight * KL`` for images ``[N, 1, H, W]`` in [-1, 1].
+
+    The KL is summed over latent elements and averaged over the batch (the LDM convention).
+    SSIM is MONAI's (Gaussian window 11), so images must be at least 11 pixels a side.
+    """
+    l1 = F.l1_loss(recon, target)
+    ssim = SSIMLoss(spatial_dims=2, data_range=data_range)(recon.float(), target.float())
+    kl = posterior.kl().mean()
+    loss = l1 + ssim_weight * ssim + kl_weight * kl
+    return {"loss": loss, "l1": l1, "ssim": ssim, "kl": kl}
+
+
+def vae_adversarial_loss(
+    fake_logits: torch.Tensor, step: int, start_step: int, weight: float = 0.01
+) -> torch.Tensor:
+    """``weight * LSGAN(fake -> real)`` once ``step >= start_step``, zero before (the warm-up gate).
+
+    The default weight is MONAI's autoencoder tutorial's.
+    """
+    if step < start_step:
+        return fake_logits.new_zeros(())
+    return weight * lsgan_loss(fake_logits, target_is_real=True)

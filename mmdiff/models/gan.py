@@ -1,0 +1,204 @@
+"""The GAN fast path: a multi-modal generator with PFM, and one PatchGAN discriminator per modality.
+
+Generator layout (after PMM-Synth), at every resolution level:
+
+- a modality-specific encoder stream per *source* modality (encoders of absent modalities are not
+  run, so they get no gradient; in a batch whose samples differ in sources, the encoders of a modality
+  run on the whole batch and the samples without it are masked out of the fusion);
+- a common encoder stream over the stacked, masked images plus one mask plane per modality;
+- a fusion: masked mean and masked max over the source streams, concatenated with the common
+  stream, mixed by a 1x1 conv;
+- a modality-specific decoder per output modality, a U-Net decoder over the fused levels, ending in tanh.
+
+Every conv block is conv -> GroupNorm -> PFM (``F * (1 + gamma) + beta`` from the dataset embedding)
+-> SiLU. The network is fully convolutional: train on crops, run on whole slices whose sides are
+divisible by ``2 ** (len(block_out_channels) - 1)``.
+
+No library has this generator, so it is written here; the discriminators are MONAI's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from monai.networks.nets import PatchDiscriminator
+from torch import nn
+
+from ..modalities import MODALITIES
+from .pfm import DatasetEmbedding, FeatureModulation
+
+
+class ModulatedConvBlock(nn.Module):
+    """3x3 conv (stride 1 or 2) -> GroupNorm -> PFM -> SiLU."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, embedding_dim: int, norm_num_groups: int, stride: int = 1
+    ):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)
+        self.norm = nn.GroupNorm(norm_num_groups, out_channels)
+        self.modulation = FeatureModulation(embedding_dim, out_channels)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        return self.act(self.modulation(self.norm(self.conv(x)), embedding))
+
+
+class Encoder(nn.Module):
+    """A stack of levels; level ``k`` has ``layers_per_block`` blocks, the first strided for ``k > 0``.
+
+    Returns the features of every level, finest first.
+    """
+
+    def __init__(self, in_channels: int, block_out_channels: Sequence[int], layers_per_block: int,
+                 embedding_dim: int, norm_num_groups: int):
+        super().__init__()
+        self.levels = nn.ModuleList()
+        for level, channels in enumerate(block_out_channels):
+            stride = 1 if level == 0 else 2
+            blocks = [ModulatedConvBlock(in_channels, channels, embedding_dim, norm_num_groups, stride)]
+            blocks += [
+                ModulatedConvBlock(channels, channels, embedding_dim, norm_num_groups)
+                for _ in range(layers_per_block - 1)
+            ]
+            self.levels.append(nn.ModuleList(blocks))
+            in_channels = channels
+
+    def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> list[torch.Tensor]:
+        features = []
+        for blocks in self.levels:
+            for block in blocks:
+                x = block(x, embedding)
+            features.append(x)
+        return features
+
+
+class Decoder(nn.Module):
+    """U-Net decoder over fused levels (finest first) -> one image channel in [-1, 1]."""
+
+    def __init__(self, block_out_channels: Sequence[int], layers_per_block: int, embedding_dim: int,
+                 norm_num_groups: int):
+        super().__init__()
+        self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
+        self.levels = nn.ModuleList()
+        for level in reversed(range(len(block_out_channels) - 1)):
+            channels = block_out_channels[level]
+            in_channels = block_out_channels[level + 1] + channels  # upsampled coarser level + skip
+            blocks = [ModulatedConvBlock(in_channels, channels, embedding_dim, norm_num_groups)]
+            blocks += [
+                ModulatedConvBlock(channels, channels, embedding_dim, norm_num_groups)
+                for _ in range(layers_per_block - 1)
+            ]
+            self.levels.append(nn.ModuleList(blocks))
+        self.conv_out = nn.Conv2d(block_out_channels[0], 1, 1)
+
+    def forward(self, fused: list[torch.Tensor], embedding: torch.Tensor) -> torch.Tensor:
+        x = fused[-1]
+        for blocks, skip in zip(self.levels, reversed(fused[:-1])):
+            x = torch.cat([self.upsample(x), skip], dim=1)
+            for block in blocks:
+                x = block(x, embedding)
+        return torch.tanh(self.conv_out(x))
+
+
+class MultiModalGenerator(ModelMixin, ConfigMixin):
+    """Any subset of modalities in, every modality out, in one pass.
+
+    Args:
+        modalities: the modality list, in order (its length is ``M``).
+        num_datasets: number of known datasets (id ``-1`` is the null dataset).
+        block_out_channels: widths of the resolution levels, finest first; ``len - 1`` downsamplings.
+        layers_per_block: conv blocks per level, in every encoder and decoder.
+        embedding_dim: size of the PFM dataset embedding.
+        norm_num_groups: GroupNorm groups (must divide every width).
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        modalities: Sequence[str] = MODALITIES,
+        num_datasets: int = 4,
+        block_out_channels: Sequence[int] = (16, 32, 64, 128),
+        layers_per_block: int = 1,
+        embedding_dim: int = 128,
+        norm_num_groups: int = 8,
+    ):
+        super().__init__()
+        num_modalities = len(modalities)
+        levels = dict(block_out_channels=block_out_channels, layers_per_block=layers_per_block,
+                      embedding_dim=embedding_dim, norm_num_groups=norm_num_groups)
+        self.dataset_embedding = DatasetEmbedding(num_datasets, embedding_dim)
+        self.modality_encoders = nn.ModuleList(Encoder(1, **levels) for _ in range(num_modalities))
+        self.common_encoder = Encoder(2 * num_modalities, **levels)
+        self.fusion = nn.ModuleList(nn.Conv2d(3 * channels, channels, 1) for channels in block_out_channels)
+        self.modality_decoders = nn.ModuleList(Decoder(**levels) for _ in range(num_modalities))
+
+    def forward(self, images: torch.Tensor, source_mask: torch.Tensor, dataset_id: torch.Tensor | int) -> torch.Tensor:
+        """Images ``[B, M, H, W]`` in [-1, 1] (non-sources are zeroed here), source mask ``[B, M]``,
+        dataset ids ``[B]`` or an int (``-1``: null) -> every modality ``[B, M, H, W]`` in [-1, 1]."""
+        batch, num_modalities, height, width = images.shape
+        if num_modalities != len(self.config.modalities):
+            raise ValueError(
+                f"images have {num_modalities} modalities, the model expects {len(self.config.modalities)}"
+            )
+        multiple = 2 ** (len(self.config.block_out_channels) - 1)
+        if height % multiple or width % multiple:
+            raise ValueError(f"image size {height}x{width} is not divisible by {multiple}")
+        mask = torch.as_tensor(source_mask, device=images.device).bool().expand(batch, num_modalities)
+        if not mask.any(dim=1).all():
+            raise ValueError("every sample needs at least one source modality")
+        mask_planes = mask.to(images.dtype)[:, :, None, None].expand_as(images)
+        images = images * mask_planes
+        embedding = self.dataset_embedding(torch.as_tensor(dataset_id, device=images.device).long().expand(batch))
+
+        common = self.common_encoder(torch.cat([images, mask_planes], dim=1), embedding)
+        present = [i for i in range(num_modalities) if mask[:, i].any()]
+        streams = [self.modality_encoders[i](images[:, i : i + 1], embedding) for i in present]
+        stream_mask = mask[:, present]  # [B, S]: which samples have each stream
+
+        fused = []
+        for level, fusion in enumerate(self.fusion):
+            features = torch.stack([stream[level] for stream in streams], dim=1)  # [B, S, C, h, w]
+            keep = stream_mask[:, :, None, None, None]
+            mean = (features * keep).sum(1) / keep.sum(1)
+            maximum = features.masked_fill(~keep, torch.finfo(features.dtype).min).amax(1)
+            fused.append(fusion(torch.cat([mean, maximum, common[level]], dim=1)))
+
+        return torch.cat([decoder(fused, embedding) for decoder in self.modality_decoders], dim=1)
+
+
+class ModalityDiscriminators(ModelMixin, ConfigMixin):
+    """One conditional (pix2pix-style) MONAI ``PatchDiscriminator`` per modality.
+
+    The discriminator of modality ``j`` sees the masked sources ``[B, M, H, W]`` and a real or
+    synthetic image of modality ``j`` ``[B, 1, H, W]``, and returns patch logits ``[B, 1, h, w]``.
+
+    Args:
+        modalities: the modality list, in order.
+        channels: filters of the first conv (doubled per layer).
+        num_layers_d: conv layers after the first.
+        norm: MONAI norm name for the inner layers.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        modalities: Sequence[str] = MODALITIES,
+        channels: int = 32,
+        num_layers_d: int = 3,
+        norm: str = "INSTANCE",
+    ):
+        super().__init__()
+        self.discriminators = nn.ModuleList(
+            PatchDiscriminator(
+                spatial_dims=2, channels=channels, in_channels=len(modalities) + 1, out_channels=1,
+                num_layers_d=num_layers_d, norm=norm,
+            )
+            for _ in modalities
+        )
+
+    def forward(self, sources: torch.Tensor, image: torch.Tensor, modality_index: int) -> torch.Tensor:
+        return self.discriminators[modality_index](torch.cat([sources, image], dim=1))[-1]

@@ -1,0 +1,321 @@
+"""The networks: PFM, the shared VAE, the conditional latent UNet, the GAN generator and discriminators."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mmdiff.losses import selective_l1
+from mmdiff.models import (
+    NULL_DATASET_ID,
+    ConditionalLatentUNet,
+    DatasetEmbedding,
+    FeatureModulation,
+    ModalityDiscriminators,
+    MultiModalGenerator,
+    build_vae,
+    decode_modalities,
+    downsampling_factor,
+    drop_dataset_id,
+    encode_modalities,
+    measure_scaling_factor,
+)
+from mmdiff.models import gan, unet, vae
+from mmdiff.modalities import MODALITIES
+
+M = len(MODALITIES)
+T1, T2, T1C, FLAIR, DWI, ADC = range(M)
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny models run faster on one thread, and two threads stall badly when another process holds a core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_unet(modalities=MODALITIES, **kwargs) -> ConditionalLatentUNet:
+    config = dict(
+        modalities=list(modalities), num_datasets=3, latent_channels=2, sample_size=8,
+        block_out_channels=(16, 32), layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8, attention_head_dim=8,
+    )
+    return ConditionalLatentUNet(**{**config, **kwargs})
+
+
+def tiny_generator(**kwargs) -> MultiModalGenerator:
+    config = dict(num_datasets=3, block_out_channels=(8, 16, 16), layers_per_block=1, embedding_dim=16,
+                  norm_num_groups=4)
+    return MultiModalGenerator(**{**config, **kwargs})
+
+
+def perturb_modulations(model: torch.nn.Module, seed: int = 0) -> None:
+    """FeatureModulation starts as the identity; give it weights, as training would."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, FeatureModulation):
+                for parameter in module.parameters():
+                    parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
+
+
+def public_config(model) -> dict:
+    """The config as saved to JSON (tuples become lists), without diffusers' private keys."""
+    return json.loads(json.dumps({k: v for k, v in model.config.items() if not k.startswith("_")}))
+
+
+def images(batch=2, size=16, seed=0) -> torch.Tensor:
+    return torch.rand(batch, M, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def mask(*present, batch=2) -> torch.Tensor:
+    row = torch.zeros(M, dtype=torch.bool)
+    row[list(present)] = True
+    return row.expand(batch, M).clone()
+
+
+# --- PFM -------------------------------------------------------------------------------------------
+
+
+def test_dataset_embedding_null_id_and_range():
+    embedding = DatasetEmbedding(num_datasets=3, embedding_dim=8)
+    out = embedding(torch.tensor([0, 1, 2, NULL_DATASET_ID]))
+    assert out.shape == (4, 8)
+    assert all(not torch.allclose(out[i], out[j]) for i in range(4) for j in range(i))
+    for bad in (3, -2):
+        with pytest.raises(ValueError, match="dataset ids"):
+            embedding(torch.tensor([bad]))
+
+
+def test_feature_modulation_starts_as_identity_then_modulates():
+    modulation = FeatureModulation(embedding_dim=8, channels=4)
+    features, embedding = torch.randn(2, 4, 5, 5), torch.randn(2, 8)
+    assert torch.equal(modulation(features, embedding), features)
+    perturb_modulations(modulation)
+    gamma, beta = modulation.to_scale_shift(embedding)[:, :, None, None].chunk(2, dim=1)
+    torch.testing.assert_close(modulation(features, embedding), features * (1 + gamma) + beta)
+
+
+def test_drop_dataset_id():
+    ids = torch.arange(1000) % 3
+    assert torch.equal(drop_dataset_id(ids, 0.0), ids)
+    assert (drop_dataset_id(ids, 1.0) == NULL_DATASET_ID).all()
+    dropped = drop_dataset_id(ids, 0.3, torch.Generator().manual_seed(0))
+    assert torch.equal(dropped, drop_dataset_id(ids, 0.3, torch.Generator().manual_seed(0)))
+    assert 0.25 < (dropped == NULL_DATASET_ID).float().mean() < 0.35
+    kept = dropped != NULL_DATASET_ID
+    assert torch.equal(dropped[kept], ids[kept])
+
+
+# --- VAE -------------------------------------------------------------------------------------------
+
+
+def test_vae_shapes_and_downsampling_factor_4():
+    model = build_vae(block_out_channels=(8, 16, 16), latent_channels=4, mid_block_add_attention=False)
+    assert model.config.norm_num_groups == 8 and model.config.in_channels == 1
+    assert downsampling_factor(model) == 4
+    x = images(batch=2, size=32)
+    with torch.no_grad():
+        latents = encode_modalities(model, x)
+        assert latents.shape == (2, M, 4, 8, 8)
+        assert decode_modalities(model, latents).shape == x.shape
+        sampled = encode_modalities(model, x, sample=True, generator=torch.Generator().manual_seed(0))
+        assert sampled.shape == latents.shape and not torch.equal(sampled, latents)
+        # each modality is encoded on its own: the latents of t1 do not depend on the other channels
+        other = x.clone()
+        other[:, 1:] = 0
+        torch.testing.assert_close(encode_modalities(model, other)[:, 0], latents[:, 0])
+
+
+def test_scaling_factor_gives_unit_latent_std_and_ignores_missing_modalities():
+    torch.manual_seed(0)
+    model = build_vae(block_out_channels=(8, 16, 16), mid_block_add_attention=False)
+    batches = [images(batch=2, size=16, seed=s) for s in range(3)]
+    factor = measure_scaling_factor(model, batches)
+    model.register_to_config(scaling_factor=factor)
+    with torch.no_grad():
+        latents = torch.cat([encode_modalities(model, b) for b in batches])
+    assert latents.std().item() == pytest.approx(1.0, rel=0.02)
+
+    available = mask(T1, FLAIR)
+    polluted = [b.masked_fill(~available[:, :, None, None], 50.0) for b in batches]
+    present_only = [b[:, [T1, FLAIR]] for b in batches]
+    assert measure_scaling_factor(model, [(b, available) for b in polluted]) == pytest.approx(
+        measure_scaling_factor(model, present_only), rel=1e-6
+    )
+
+
+# --- conditional latent UNet -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("modalities", [MODALITIES, ("t1", "t2", "pd")])
+def test_unet_output_shape(modalities):
+    model = tiny_unet(modalities)
+    n = len(modalities)
+    assert model.unet.config.in_channels == 2 * n * 2 + n and model.unet.config.out_channels == n * 2
+    noisy = torch.randn(3, n, 2, 8, 8)
+    source_mask = torch.zeros(3, n, dtype=torch.bool)
+    source_mask[:, 0] = True
+    out = model(noisy, torch.tensor([1, 50, 999]), torch.randn_like(noisy), source_mask, torch.tensor([0, 2, -1]))
+    assert out.sample.shape == noisy.shape
+    assert model(noisy, 10, noisy, source_mask, 0, return_dict=False)[0].shape == noisy.shape
+
+
+def test_unet_conditioning_is_live_and_targets_do_not_leak():
+    torch.manual_seed(0)
+    model = tiny_unet().eval()
+    noisy, clean = torch.randn(2, M, 2, 8, 8), torch.randn(2, M, 2, 8, 8)
+    sources = mask(T1, T2)
+    with torch.no_grad():
+        base = model(noisy, 100, clean, sources, 0).sample
+        assert not torch.allclose(base, model(noisy, 100, clean, sources, 1).sample)
+        assert not torch.allclose(base, model(noisy, 100, clean, sources, NULL_DATASET_ID).sample)
+        assert not torch.allclose(base, model(noisy, 100, clean, mask(T1, T2, FLAIR), 0).sample)
+        # the clean latents of non-sources are masked out inside the model
+        leaked = clean.clone()
+        leaked[:, FLAIR] = 100.0
+        torch.testing.assert_close(model(noisy, 100, leaked, sources, 0).sample, base)
+    with pytest.raises(ValueError, match="modalities"):
+        model(noisy[:, :3], 100, clean[:, :3], sources[:, :3], 0)
+
+
+def test_unet_overfits_one_batch():
+    torch.manual_seed(0)
+    model = tiny_unet()
+    noisy, clean, noise = torch.randn(4, M, 2, 8, 8), torch.randn(4, M, 2, 8, 8), torch.randn(4, M, 2, 8, 8)
+    sources, weight = mask(T1, T2, batch=4), (~mask(T1, T2, batch=4)).float()
+    timesteps, ids = torch.tensor([10, 200, 500, 900]), torch.tensor([0, 1, 2, -1])
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(120):
+        pred = model(noisy, timesteps, clean, sources, ids).sample
+        loss = ((pred - noise).square().mean((2, 3, 4)) * weight).sum() / weight.sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10
+
+
+# --- GAN -------------------------------------------------------------------------------------------
+
+
+def test_generator_output_range_and_fully_convolutional():
+    model = tiny_generator()
+    for size in (16, 32):
+        out = model(images(size=size), mask(T1, T2), torch.tensor([0, 1]))
+        assert out.shape == (2, M, size, size)
+        assert out.abs().max() <= 1
+    with pytest.raises(ValueError, match="divisible"):
+        model(images(size=18), mask(T1), 0)
+    with pytest.raises(ValueError, match="at least one source"):
+        model(images(), torch.zeros(2, M, dtype=torch.bool), 0)
+
+
+def test_generator_absent_encoders_get_no_gradient():
+    model = tiny_generator()
+    model(images(), mask(T1, FLAIR), 0).square().mean().backward()
+    for index, encoder in enumerate(model.modality_encoders):
+        grads = [p.grad for p in encoder.parameters()]
+        if index in (T1, FLAIR):
+            assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+        else:
+            assert all(g is None for g in grads)
+
+
+def test_generator_mixed_sources_are_masked_per_sample():
+    """Sample 0 has t1 + t2, sample 1 t1 only: t2's encoder runs, but nothing of it reaches sample 1."""
+    model = tiny_generator()
+    perturb_modulations(model)
+    x, sources = images(), mask(T1, T2)
+    sources[1, T2] = False
+    out = model(x, sources, 0)
+    out[1].square().mean().backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.modality_encoders[T2].parameters())
+    assert any(p.grad.abs().sum() > 0 for p in model.modality_encoders[T1].parameters())
+    changed = x.clone()
+    changed[1, T2] = -changed[1, T2]
+    with torch.no_grad():
+        torch.testing.assert_close(model(changed, sources, 0)[1], out[1].detach())
+
+
+def test_generator_dataset_id_changes_output():
+    model = tiny_generator().eval()
+    x, sources = images(), mask(T1, T2)
+    with torch.no_grad():
+        # fresh PFM is the identity: the id has no effect yet
+        torch.testing.assert_close(model(x, sources, 0), model(x, sources, 1))
+        perturb_modulations(model)
+        outputs = [model(x, sources, dataset_id) for dataset_id in (0, 1, NULL_DATASET_ID)]
+    assert not torch.allclose(outputs[0], outputs[1])
+    assert not torch.allclose(outputs[0], outputs[2])
+
+
+def test_generator_overfits_one_batch_with_l1():
+    torch.manual_seed(0)
+    model = tiny_generator()
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 16), torch.linspace(-1, 1, 16), indexing="ij")
+    target = torch.stack([torch.sin(3 * (k + 1) * xx + k * yy) * 0.8 for k in range(M)])[None].repeat(2, 1, 1, 1)
+    target[1] = target[1].flip(-1)
+    sources = mask(T1, T2)
+    weight = (~sources).float()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(150):
+        loss = selective_l1(model(target, sources, torch.tensor([0, 1])), target, weight)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 5
+
+
+def test_discriminators_one_per_modality():
+    model = ModalityDiscriminators(channels=8, num_layers_d=2)
+    assert len(model.discriminators) == M
+    sources, image = images(size=32), torch.rand(2, 1, 32, 32) * 2 - 1
+    logits = [model(sources, image, j) for j in range(M)]
+    assert all(x.shape == logits[0].shape and x.shape[:2] == (2, 1) for x in logits)
+    assert not torch.allclose(logits[0], logits[1])
+    logits[FLAIR].mean().backward()
+    for j, discriminator in enumerate(model.discriminators):
+        assert all((p.grad is not None) == (j == FLAIR) for p in discriminator.parameters())
+
+
+# --- save / load -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["unet", "generator", "discriminators", "vae"])
+def test_save_pretrained_round_trip(name, tmp_path):
+    torch.manual_seed(0)
+    x, sources, ids = images(size=32), mask(T1, FLAIR), torch.tensor([1, NULL_DATASET_ID])
+    if name == "unet":
+        model, latents = tiny_unet(modalities=["t1", "t2", "t1c", "flair", "dwi", "adc"]), torch.randn(2, M, 2, 8, 8)
+        run = lambda m: m(latents, torch.tensor([3, 700]), latents, sources, ids).sample  # noqa: E731
+    elif name == "generator":
+        model = tiny_generator()
+        run = lambda m: m(x, sources, ids)  # noqa: E731
+    elif name == "discriminators":
+        model = ModalityDiscriminators(channels=8, num_layers_d=2)
+        run = lambda m: m(x, x[:, FLAIR:FLAIR + 1], FLAIR)  # noqa: E731
+    else:
+        model = build_vae(block_out_channels=(8, 16, 16))
+        model.register_to_config(scaling_factor=0.7)
+        run = lambda m: decode_modalities(m, encode_modalities(m, x))  # noqa: E731
+    perturb_modulations(model)
+    model.eval().save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    assert public_config(loaded) == public_config(model)
+    with torch.no_grad():
+        assert torch.equal(run(loaded), run(model))
+
+
+def test_modules_expose_diffusers_mixins_for_pipeline_loading():
+    for module in (unet, gan):
+        assert hasattr(module, "ModelMixin") and hasattr(module, "ConfigMixin")
+    assert vae.build_vae().__class__.__module__.startswith("diffusers")
