@@ -4,6 +4,7 @@
     mmdiff phantom OUT --cases N --seed S  the four phantom cohorts, in their real layouts
     mmdiff scan DIR --out manifest.csv     read a BraTS / BIDS / ISLES'22 folder into a manifest
     mmdiff prepare SOURCES --out CACHE     sources -> slice cache with a case-level split
+    mmdiff train --config gan-cpu          train a stage (as `accelerate launch -m mmdiff.train`)
 """
 
 from __future__ import annotations
@@ -133,10 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="worker processes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
+    # listed for --help; main() hands `mmdiff train ...` to mmdiff.train before parsing
+    sub.add_parser("train", help="train a stage (vae, ldm, gan); see `mmdiff train --help`")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        from .train import main as train_main
+
+        return train_main(argv[1:], prog="mmdiff train")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

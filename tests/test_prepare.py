@@ -106,9 +106,15 @@ def test_dataset_selection_and_errors(tmp_path, sources):
     prepare(sources, tmp_path / "cache", TINY, progress=False)
     only = SliceDataset(tmp_path / "cache", split=None, datasets=["isles"], modalities=["dwi", "flair"])
     assert only[0]["images"].shape == (2, 32, 32) and only.available.all()
-    torch.manual_seed(0)
     crop = SliceDataset(tmp_path / "cache", split=None, crop=16)
     assert crop[0]["images"].shape == (6, 16, 16) and crop[0]["brain_mask"].shape == (16, 16)
+    again = SliceDataset(tmp_path / "cache", split=None, crop=16)
+    torch.testing.assert_close(crop[3]["images"], again[3]["images"])  # crops: a function of (seed, epoch, index)
+    windows = set()
+    for epoch in range(6):
+        again.set_epoch(epoch)
+        windows.add(again[3]["images"].sum().item())
+    assert len(windows) > 1  # a new epoch, new crops
     with pytest.raises(CacheError, match="not in this cache"):
         SliceDataset(tmp_path / "cache", modalities=["t1", "pd"])
     with pytest.raises(CacheError, match="not in this cache"):

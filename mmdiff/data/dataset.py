@@ -26,7 +26,8 @@ class SliceDataset(Dataset):
     Each item is a dict: ``images`` float32 ``[M, H, W]`` in [0, 1] (zeros where a modality is
     missing), ``available`` bool ``[M]``, ``dataset_id`` (position in ``cache.json``'s dataset list),
     ``brain_mask`` bool ``[H, W]``, ``seg`` uint8 ``[H, W]``, ``case_id`` and ``slice``. With
-    ``crop`` set, each item is a random ``crop x crop`` window (a different one per call).
+    ``crop`` set, each item is a random ``crop x crop`` window, a function of ``(seed, epoch, index)``
+    (call :meth:`set_epoch` each epoch), so a resumed run sees the same crops with any number of workers.
 
     ``modalities`` reorders or narrows the modality axis (a model trained on fewer sequences);
     ``datasets`` keeps only the named datasets; ``split`` is one of train/val/test or a list of them.
@@ -41,6 +42,7 @@ class SliceDataset(Dataset):
         modalities: Sequence[str] | None = None,
         crop: int | None = None,
         cases: Sequence[str] | None = None,
+        seed: int = 0,
     ):
         self.cache = Path(cache)
         index_path = self.cache / "index.json"
@@ -80,6 +82,12 @@ class SliceDataset(Dataset):
         self._case_of = np.repeat(np.arange(len(self.cases)), counts)
         self._slice_of = np.concatenate([np.arange(n) for n in counts]) if len(counts) else np.zeros(0, np.int64)
         self._arrays: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select this epoch's random crops."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self._case_of)
@@ -112,7 +120,7 @@ class SliceDataset(Dataset):
         case_idx, k = int(self._case_of[i]), int(self._slice_of[i])
         images, brain, seg = self._open(case_idx)
         stored, available = self._rows[case_idx]
-        window = self._window()
+        window = self._window(i)
         out = np.zeros((len(self.modalities),) + self._shape(), dtype=np.float32)
         for j, s in enumerate(stored):
             if s >= 0:
@@ -131,11 +139,10 @@ class SliceDataset(Dataset):
     def _shape(self) -> tuple[int, int]:
         return (self.crop, self.crop) if self.crop else (self.size, self.size)
 
-    def _window(self) -> tuple[slice, slice]:
+    def _window(self, i: int) -> tuple[slice, slice]:
         if not self.crop or self.crop == self.size:
             return (slice(None), slice(None))
-        # torch's RNG: DataLoader seeds it per worker, and torch.manual_seed makes crops reproducible
-        y, x = torch.randint(0, self.size - self.crop + 1, (2,)).tolist()
+        y, x = np.random.default_rng([self.seed, self.epoch, i]).integers(0, self.size - self.crop + 1, size=2)
         return (slice(int(y), int(y) + self.crop), slice(int(x), int(x) + self.crop))
 
     def case_slices(self, case_id: str, dataset: str | None = None) -> list[int]:

@@ -28,7 +28,7 @@ from monai.networks.nets import PatchDiscriminator
 from torch import nn
 
 from ..modalities import MODALITIES
-from .pfm import DatasetEmbedding, FeatureModulation
+from .pfm import check_dataset_names, DatasetEmbedding, FeatureModulation
 
 
 class ModulatedConvBlock(nn.Module):
@@ -110,6 +110,8 @@ class MultiModalGenerator(ModelMixin, ConfigMixin):
     Args:
         modalities: the modality list, in order (its length is ``M``).
         num_datasets: number of known datasets (id ``-1`` is the null dataset).
+        dataset_names: the datasets' names in id order (stored so a pipeline can map names to ids);
+            when given, ``num_datasets`` must be its length.
         block_out_channels: widths of the resolution levels, finest first; ``len - 1`` downsamplings.
         layers_per_block: conv blocks per level, in every encoder and decoder.
         embedding_dim: size of the PFM dataset embedding.
@@ -121,12 +123,14 @@ class MultiModalGenerator(ModelMixin, ConfigMixin):
         self,
         modalities: Sequence[str] = MODALITIES,
         num_datasets: int = 4,
+        dataset_names: Sequence[str] | None = None,
         block_out_channels: Sequence[int] = (16, 32, 64, 128),
         layers_per_block: int = 1,
         embedding_dim: int = 128,
         norm_num_groups: int = 8,
     ):
         super().__init__()
+        check_dataset_names(num_datasets, dataset_names)
         num_modalities = len(modalities)
         levels = dict(block_out_channels=block_out_channels, layers_per_block=layers_per_block,
                       embedding_dim=embedding_dim, norm_num_groups=norm_num_groups)
@@ -200,5 +204,18 @@ class ModalityDiscriminators(ModelMixin, ConfigMixin):
             for _ in modalities
         )
 
-    def forward(self, sources: torch.Tensor, image: torch.Tensor, modality_index: int) -> torch.Tensor:
-        return self.discriminators[modality_index](torch.cat([sources, image], dim=1))[-1]
+    def forward(
+        self, sources: torch.Tensor, images: torch.Tensor, modality_indices: int | Sequence[int]
+    ) -> torch.Tensor | dict[int, torch.Tensor]:
+        """Patch logits of modality ``j``'s discriminator for ``images [B, 1, H, W]`` (``modality_indices=j``),
+        or a dict ``{j: logits}`` for ``images [B, K, H, W]`` and K indices.
+
+        The dict form judges several modalities in one call, which DDP needs: a wrapped module may
+        run forward only once per backward pass.
+        """
+        if isinstance(modality_indices, int):
+            return self.discriminators[modality_indices](torch.cat([sources, images], dim=1))[-1]
+        if images.shape[1] != len(modality_indices):
+            raise ValueError(f"{images.shape[1]} images for {len(modality_indices)} modality indices")
+        return {j: self.discriminators[j](torch.cat([sources, images[:, k:k + 1]], dim=1))[-1]
+                for k, j in enumerate(modality_indices)}

@@ -70,3 +70,11 @@ def drop_dataset_id(
     device = generator.device if generator is not None else dataset_id.device
     drop = torch.rand(dataset_id.shape, generator=generator, device=device).to(dataset_id.device) < p
     return torch.where(drop, torch.full_like(dataset_id, NULL_DATASET_ID), dataset_id)
+
+
+def check_dataset_names(num_datasets: int, dataset_names) -> None:
+    """A model's ``dataset_names`` (if any) must name each of its ``num_datasets`` ids once."""
+    if dataset_names is None:
+        return
+    if len(dataset_names) != num_datasets or len(set(dataset_names)) != len(dataset_names):
+        raise ValueError(f"dataset_names {list(dataset_names)} must be {num_datasets} distinct names")

@@ -22,7 +22,7 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
 from ..modalities import MODALITIES
-from .pfm import DatasetEmbedding
+from .pfm import check_dataset_names, DatasetEmbedding
 
 
 class ConditionalLatentUNet(ModelMixin, ConfigMixin):
@@ -32,6 +32,8 @@ class ConditionalLatentUNet(ModelMixin, ConfigMixin):
     Args:
         modalities: the modality list, in order (its length is ``M``).
         num_datasets: number of known datasets (id ``-1`` is the null dataset).
+        dataset_names: the datasets' names in id order (stored so a pipeline can map names to ids);
+            when given, ``num_datasets`` must be its length.
         latent_channels: VAE latent channels ``C``.
         sample_size: latent side length (informational; any size divisible by ``2 ** (blocks - 1)`` works).
         block_out_channels, layers_per_block, down_block_types, up_block_types, norm_num_groups,
@@ -44,6 +46,7 @@ class ConditionalLatentUNet(ModelMixin, ConfigMixin):
         self,
         modalities: Sequence[str] = MODALITIES,
         num_datasets: int = 4,
+        dataset_names: Sequence[str] | None = None,
         latent_channels: int = 4,
         sample_size: int = 48,
         block_out_channels: Sequence[int] = (64, 128, 256),
@@ -55,6 +58,7 @@ class ConditionalLatentUNet(ModelMixin, ConfigMixin):
         dropout: float = 0.0,
     ):
         super().__init__()
+        check_dataset_names(num_datasets, dataset_names)
         num_modalities = len(modalities)
         embedding_dim = 4 * block_out_channels[0]  # UNet2DModel's time embedding size
         if norm_num_groups is None:

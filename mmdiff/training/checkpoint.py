@@ -1,0 +1,121 @@
+"""Checkpoints that load without unpickling: weights in safetensors, the rest as plain tensors.
+
+accelerate's ``save_state``/``load_state`` unpickle RNG and custom state (``weights_only=False``),
+so mmdiff writes its own: each model as ``<name>.safetensors``, and optimizer, LR scheduler,
+counters and RNG states in ``state.pt``, read back with ``torch.load(weights_only=True)``.
+A checkpoint is written to a temporary folder and renamed into place, so an interrupted write
+never leaves a half checkpoint behind ``--resume latest``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+def rng_state() -> dict:
+    """This process's RNG states as tensors and plain values (``weights_only``-loadable)."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": _python_state_to_tensor(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    random.setstate(_python_state_from_tensor(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _python_state_to_tensor(state) -> dict:
+    version, internal, gauss = state
+    return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+            "gauss": gauss if gauss is not None else float("nan")}
+
+
+def _python_state_from_tensor(state: dict):
+    gauss = state["gauss"]
+    return (state["version"], tuple(int(v) for v in state["internal"].tolist()),
+            None if gauss != gauss else gauss)
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    models: dict[str, torch.nn.Module],
+    state: dict,
+    keep: int | None = None,
+) -> Path:
+    """Write ``run_dir/checkpoint-<step>/`` atomically; with ``keep``, delete all but the newest ``keep``."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir / f"checkpoint-{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=run_dir))
+    try:
+        for name, model in models.items():
+            tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+            save_file(tensors, tmp / f"{name}.safetensors")
+        torch.save({**state, "step": step}, tmp / "state.pt")
+        (tmp / "checkpoint.json").write_text(json.dumps({"step": step, "models": sorted(models)}) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep is not None:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Finished checkpoints of a run, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))
+             and (p / "checkpoint.json").exists()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(run_dir: str | os.PathLike, resume: str | None) -> Path | None:
+    """``None`` -> no resume; ``latest`` -> newest checkpoint in ``run_dir`` (None if there is none); else a path."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(run_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "checkpoint.json").exists():
+        raise FileNotFoundError(f"{path} is not an mmdiff checkpoint (no checkpoint.json)")
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, models: dict[str, torch.nn.Module]) -> dict:
+    """Load weights into ``models`` (strict) and return the saved state (optimizer, counters, RNG...)."""
+    path = Path(path)
+    for name, model in models.items():
+        model.load_state_dict(load_file(path / f"{name}.safetensors"))
+    return torch.load(path / "state.pt", map_location="cpu", weights_only=True)

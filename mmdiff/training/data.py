@@ -1,0 +1,113 @@
+"""Training data: the slice cache a config names (built on first use where the config says how),
+the MCBS loader, and a fixed validation set."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ..data.dataset import SliceDataset
+from ..data.layouts import scan
+from ..data.manifest import read_manifest
+from ..data.prepare import PrepareConfig, prepare
+from ..data.sampler import ModalityConsistentBatchSampler
+from .config import CONFIG_DIR, ConfigError
+
+logger = logging.getLogger(__name__)
+REPO_ROOT = CONFIG_DIR.parent
+
+
+def cache_path(data_cfg: dict) -> Path:
+    return Path(os.path.expandvars(os.path.expanduser(str(data_cfg["cache"]))))
+
+
+def ensure_cache(data_cfg: dict, is_main_process: bool = True) -> Path:
+    """The prepared cache a config names; built from ``data.build`` if it does not exist yet.
+
+    Only the main process builds; callers on several processes wait for it afterwards.
+    """
+    cache = cache_path(data_cfg)
+    if (cache / "index.json").exists():
+        return cache
+    build = data_cfg.get("build")
+    if not build:
+        raise ConfigError(
+            f"{cache} is not a prepared cache and the config has no data.build section to make one: "
+            f"run `mmdiff prepare SOURCES --out {cache}` first, or set data.cache"
+        )
+    if is_main_process:
+        build_cache(cache, build)
+    return cache
+
+
+def build_cache(cache: Path, build: dict) -> None:
+    """Phantom cohorts (inside ``cache/sources``) plus any listed sources, prepared into ``cache``."""
+    from ..data.phantom import write_cohorts
+
+    cases = []
+    phantom = build.get("phantom")
+    if phantom:
+        root = cache / "sources" / "phantoms"
+        if not (root / "manifest.csv").exists():
+            write_cohorts(root, cases=int(phantom.get("cases", 3)), seed=int(phantom.get("seed", 0)),
+                          cohorts=phantom.get("cohorts"), spacing=float(phantom.get("spacing", 1.0)), overwrite=True)
+        cases += read_manifest(root / "manifest.csv")
+    for source in build.get("sources", []):
+        path = Path(os.path.expanduser(str(source["path"])))
+        path = path if path.is_absolute() else REPO_ROOT / path
+        if not path.exists():
+            if source.get("optional", False):
+                logger.warning("optional source %s not found at %s: left out", source.get("name"), path)
+                continue
+            raise ConfigError(f"data source {source.get('name')!r} not found at {path}")
+        cases += scan(path, dataset=source.get("name"))
+    if not cases:
+        raise ConfigError("data.build names no phantom cohorts and no sources")
+    config = PrepareConfig(size=int(build.get("size", 192)), spacing=build.get("spacing", 1.0),
+                           **({"modalities": tuple(build["modalities"])} if build.get("modalities") else {}))
+    prepare(cases, cache, config, num_workers=int(build.get("workers", 2)))
+
+
+def training_dataset(data_cfg: dict, cache: Path, seed: int) -> SliceDataset:
+    return SliceDataset(cache, split="train", datasets=data_cfg.get("datasets"),
+                        modalities=data_cfg.get("modalities"), crop=data_cfg.get("crop"), seed=seed)
+
+
+def training_loader(dataset: SliceDataset, batch_size: int, seed: int, num_workers: int = 0):
+    """MCBS batches; the loader's own generator keeps the global RNG untouched (exact resume)."""
+    if len(dataset) == 0:
+        raise ConfigError("the training split is empty: prepare more cases or check data.datasets")
+    sampler = ModalityConsistentBatchSampler(dataset.groups, batch_size=batch_size, seed=seed)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                        generator=torch.Generator().manual_seed(seed), persistent_workers=False)
+    return loader, sampler
+
+
+def validation_samples(data_cfg: dict, cache: Path, slices_per_case: int, max_cases: int) -> list[dict]:
+    """A fixed set of whole validation slices: evenly spaced through the middle of each held-out case.
+
+    Uses the ``val`` split, or ``test`` where ``val`` is empty; two or more sequences are needed.
+    """
+    for split in ("val", "test"):
+        dataset = SliceDataset(cache, split=split, datasets=data_cfg.get("datasets"),
+                               modalities=data_cfg.get("modalities"))
+        if len(dataset):
+            break
+    else:
+        logger.warning("no held-out cases in %s: validation is skipped", cache)
+        return []
+    samples = []
+    by_dataset: dict[str, int] = {}
+    for case in dataset.cases:
+        if by_dataset.get(case["dataset"], 0) >= max_cases or len(case["modalities"]) < 2:
+            continue
+        by_dataset[case["dataset"]] = by_dataset.get(case["dataset"], 0) + 1
+        indices = dataset.case_slices(case["case_id"], case["dataset"])
+        picks = np.linspace(0.3, 0.7, slices_per_case) * (len(indices) - 1)
+        samples += [dataset[indices[int(round(p))]] for p in picks]
+    return samples

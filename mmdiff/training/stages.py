@@ -1,0 +1,301 @@
+"""The three training stages. Each builds its models and optimizers, takes one training step on a
+homogeneous MCBS batch, predicts for validation, and exports what a pipeline loads.
+
+Images arrive in [0, 1] (the cache's units); networks see ``x * 2 - 1``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+from monai.networks.nets import PatchDiscriminator
+
+from ..data.conditions import SynthesisConditionSampler, loss_weights
+from ..losses import (discriminator_loss, generator_loss, latent_diffusion_loss, lsgan_loss, vae_adversarial_loss,
+                      vae_loss)
+from ..models import (ConditionalLatentUNet, ModalityDiscriminators, MultiModalGenerator, build_vae,
+                      decode_modalities, drop_dataset_id, encode_modalities, measure_scaling_factor)
+from ..models.vae import downsampling_factor
+
+
+def to_network(images: torch.Tensor) -> torch.Tensor:
+    return images * 2 - 1
+
+
+def from_network(images: torch.Tensor) -> torch.Tensor:
+    return ((images + 1) / 2).clamp(0, 1)
+
+
+def adam(params, train_cfg: dict) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=float(train_cfg["learning_rate"]), betas=tuple(train_cfg.get("betas", (0.9, 0.999))),
+                             weight_decay=float(train_cfg.get("weight_decay", 0.0)))
+
+
+class Stage:
+    """What the trainer needs from a stage."""
+
+    #: the model whose weights get an EMA copy and are validated
+    main: str
+    models: dict[str, torch.nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+
+    def __init__(self, config: dict, dataset_names: list[str], modalities: list[str], device):
+        self.config = config
+        self.dataset_names = dataset_names
+        self.modalities = modalities
+        self.train_cfg = config["train"]
+        self.device = device
+        self.conditions = SynthesisConditionSampler(self.train_cfg.get("condition_mode", "random"),
+                                                    modalities=modalities, seed=int(self.train_cfg.get("seed", 0)))
+
+    def training_step(self, batch: dict, accelerator, step: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def predict(self, images, sources, targets, dataset_id, generator=None) -> torch.Tensor:
+        """Images ``[B, M, H, W]`` in [0, 1] for the ``targets`` given the ``sources``."""
+        raise NotImplementedError
+
+    def finish(self, loader, accelerator) -> None:
+        """Work after the last step (e.g. measuring the VAE's latent scale)."""
+
+    def export(self, models: dict[str, torch.nn.Module], out: Path) -> None:
+        raise NotImplementedError
+
+    def _dataset_ids(self, batch) -> torch.Tensor:
+        ids = torch.as_tensor(batch["dataset_id"], device=self.device)
+        return drop_dataset_id(ids, float(self.train_cfg.get("dataset_dropout", 0.1)))
+
+
+class AutoencoderForward(torch.nn.Module):
+    """``AutoencoderKL`` encode -> latent -> decode as one ``forward``: DDP only hooks ``forward``,
+    and a wrapped module may run it once per backward pass."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images: torch.Tensor, sample_posterior: bool = True):
+        posterior = self.vae.encode(images).latent_dist
+        latents = posterior.sample() if sample_posterior else posterior.mode()
+        return self.vae.decode(latents).sample, posterior
+
+
+class VAEStage(Stage):
+    """The shared single-channel VAE: L1 + SSIM + KL, and a PatchGAN term after a warm-up."""
+
+    main = "vae"
+
+    def __init__(self, config, dataset_names, modalities, device):
+        super().__init__(config, dataset_names, modalities, device)
+        model_cfg = dict(config["model"])
+        disc_cfg = model_cfg.pop("discriminator", {"channels": 32, "num_layers_d": 3})
+        self.loss_cfg = model_cfg.pop("loss", {})
+        self.models = {"vae": AutoencoderForward(build_vae(**model_cfg)),
+                       "discriminator": PatchDiscriminator(spatial_dims=2, in_channels=1, **disc_cfg)}
+        self.optimizers = {"vae": adam(self.models["vae"].parameters(), self.train_cfg),
+                           "discriminator": adam(self.models["discriminator"].parameters(), self.train_cfg)}
+        self.images_per_step = int(self.train_cfg.get("images_per_step", 16))
+
+    def _images(self, batch) -> torch.Tensor:
+        """The available sequences of a batch as one-channel images ``[N, 1, H, W]``, at most ``images_per_step``."""
+        images = to_network(batch["images"])[batch["available"]]
+        return images[: self.images_per_step, None]
+
+    def training_step(self, batch, accelerator, step):
+        vae, disc = self.models["vae"], self.models["discriminator"]
+        x = self._images(batch)
+        start = int(self.loss_cfg.get("adversarial_start", 1000))
+        adversarial_on = step >= start
+        with accelerator.accumulate(vae, disc):
+            recon, posterior = vae(x)
+            terms = vae_loss(recon, x, posterior, kl_weight=float(self.loss_cfg.get("kl_weight", 1e-6)),
+                             ssim_weight=float(self.loss_cfg.get("ssim_weight", 0.5)))
+            loss = terms["loss"]
+            if adversarial_on:
+                terms["adversarial"] = vae_adversarial_loss(disc(recon)[-1], step, start,
+                                                            float(self.loss_cfg.get("adversarial_weight", 0.01)))
+                loss = loss + terms["adversarial"]
+            accelerator.backward(loss)
+            self._clip(accelerator, vae)
+            self.optimizers["vae"].step()
+            self.optimizers["vae"].zero_grad(set_to_none=True)
+            logs = {k: v.item() for k, v in terms.items()}
+            if adversarial_on:  # real and fake in one call (one forward per backward, for DDP)
+                logits = disc(torch.cat([x, recon.detach()]))[-1]
+                d_loss = 0.5 * (lsgan_loss(logits[: len(x)], True) + lsgan_loss(logits[len(x):], False))
+                accelerator.backward(d_loss)
+                logs["discriminator"] = d_loss.item()
+            self.optimizers["discriminator"].step()  # no gradients during the warm-up: a no-op
+            self.optimizers["discriminator"].zero_grad(set_to_none=True)
+        return logs
+
+    def _clip(self, accelerator, model):
+        if accelerator.sync_gradients and self.train_cfg.get("grad_clip"):
+            accelerator.clip_grad_norm_(model.parameters(), float(self.train_cfg["grad_clip"]))
+
+    @torch.no_grad()
+    def predict(self, images, sources, targets, dataset_id, generator=None):
+        batch, modalities, height, width = images.shape
+        flat = to_network(images).reshape(batch * modalities, 1, height, width)
+        recon, _ = self.models["vae"](flat, sample_posterior=False)
+        return from_network(recon.reshape(batch, modalities, height, width))
+
+    def finish(self, loader, accelerator):
+        vae = accelerator.unwrap_model(self.models["vae"]).vae
+        batches = []
+        for i, batch in enumerate(loader):
+            if i >= int(self.train_cfg.get("scale_batches", 8)):
+                break
+            batches.append((to_network(batch["images"]), batch["available"]))
+        vae.register_to_config(scaling_factor=measure_scaling_factor(vae, batches))
+
+    def export(self, models, out):
+        models["vae"].vae.save_pretrained(out / "vae")
+
+
+def load_vae(path: str | Path, device) -> torch.nn.Module:
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(path).to(device).eval().requires_grad_(False)
+    if vae.config.scaling_factor == 1.0:
+        raise ValueError(f"{path}: the VAE's scaling factor was never measured; train it with the vae stage")
+    return vae
+
+
+class LDMStage(Stage):
+    """The conditional latent diffusion UNet on the frozen VAE's latents, selective supervision."""
+
+    main = "unet"
+
+    def __init__(self, config, dataset_names, modalities, device, vae_path: Path):
+        super().__init__(config, dataset_names, modalities, device)
+        model_cfg = dict(config["model"])
+        scheduler_cfg = model_cfg.pop("scheduler", {})
+        self.sampling_steps = int(model_cfg.pop("validation_steps", 10))
+        model_cfg.pop("vae", None)
+        self.vae = load_vae(vae_path, device)
+        self.factor = downsampling_factor(self.vae)
+        self.scheduler = DDPMScheduler(**{"num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+                                          "beta_start": 0.00085, "beta_end": 0.012,
+                                          "prediction_type": "epsilon", **scheduler_cfg})
+        self.models = {"unet": ConditionalLatentUNet(modalities=modalities, num_datasets=len(dataset_names),
+                                                      dataset_names=dataset_names,
+                                                      latent_channels=self.vae.config.latent_channels, **model_cfg)}
+        self.optimizers = {"unet": adam(self.models["unet"].parameters(), self.train_cfg)}
+
+    @torch.no_grad()
+    def _latents(self, images, available):
+        """Latents ``[B, M, C, h, w]`` of the available sequences (zero where missing); one VAE pass."""
+        mask = available[0]  # MCBS batches share one availability mask
+        present = encode_modalities(self.vae, to_network(images[:, mask]))
+        latents = present.new_zeros(images.shape[0], images.shape[1], *present.shape[2:])
+        latents[:, mask] = present
+        return latents
+
+    def training_step(self, batch, accelerator, step):
+        unet = self.models["unet"]
+        available = batch["available"]
+        latents = self._latents(batch["images"], available)
+        sources, _ = self.conditions.batch(available.cpu())
+        sources = sources.to(latents.device)
+        targets, _ = loss_weights(available, sources)  # (1 - sc) * m: the sequences to synthesize
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+        noisy = self.scheduler.add_noise(latents, noise, t) * targets[:, :, None, None, None]
+        if self.scheduler.config.prediction_type == "v_prediction":
+            objective = self.scheduler.get_velocity(latents, noise, t)
+        else:
+            objective = noise
+        with accelerator.accumulate(unet):
+            pred = unet(noisy, t, latents, sources.float(), self._dataset_ids(batch)).sample
+            loss = latent_diffusion_loss(pred, objective, targets)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and self.train_cfg.get("grad_clip"):
+                accelerator.clip_grad_norm_(unet.parameters(), float(self.train_cfg["grad_clip"]))
+            self.optimizers["unet"].step()
+            self.optimizers["unet"].zero_grad(set_to_none=True)
+        return {"loss": loss.item()}
+
+    @torch.no_grad()
+    def predict(self, images, sources, targets, dataset_id, generator=None):
+        unet = self.models["unet"]
+        sampler = DPMSolverMultistepScheduler.from_config(self.scheduler.config)
+        sampler.set_timesteps(self.sampling_steps, device=images.device)
+        source_latents = self._latents(images, sources)
+        target_planes = targets[:, :, None, None, None].to(source_latents.dtype)
+        x = torch.randn(source_latents.shape, generator=generator, device=images.device) * sampler.init_noise_sigma
+        x = x * target_planes
+        for t in sampler.timesteps:
+            model_in = sampler.scale_model_input(x, t)
+            pred = unet(model_in, t.expand(x.shape[0]), source_latents, sources.float(), dataset_id).sample
+            x = sampler.step(pred.flatten(1, 2), t, x.flatten(1, 2)).prev_sample.view_as(x) * target_planes
+        return from_network(decode_modalities(self.vae, torch.where(target_planes.bool(), x, source_latents)))
+
+    def export(self, models, out):
+        models["unet"].save_pretrained(out / "unet")
+        self.vae.save_pretrained(out / "vae")
+        self.scheduler.save_pretrained(out / "scheduler")
+
+
+class GANStage(Stage):
+    """The one-step fast path: multi-stream generator, one PatchGAN per modality, PMM-Synth's losses."""
+
+    main = "generator"
+
+    def __init__(self, config, dataset_names, modalities, device):
+        super().__init__(config, dataset_names, modalities, device)
+        model_cfg = dict(config["model"])
+        disc_cfg = model_cfg.pop("discriminator", {})
+        self.lambdas = model_cfg.pop("lambdas", {"lambda_syn": 100.0, "lambda_rec": 30.0, "lambda_adv": 1.0})
+        self.models = {
+            "generator": MultiModalGenerator(modalities=modalities, num_datasets=len(dataset_names),
+                                             dataset_names=dataset_names, **model_cfg),
+            "discriminators": ModalityDiscriminators(modalities=modalities, **disc_cfg),
+        }
+        self.optimizers = {name: adam(model.parameters(), self.train_cfg) for name, model in self.models.items()}
+
+    def training_step(self, batch, accelerator, step):
+        generator, discriminators = self.models["generator"], self.models["discriminators"]
+        x = to_network(batch["images"])
+        available = batch["available"]
+        sources, _ = self.conditions.batch(available.cpu())
+        sources = sources.to(x.device)
+        synthesis_w, reconstruction_w = loss_weights(available, sources)
+        inputs = x * sources[:, :, None, None]
+        with accelerator.accumulate(generator, discriminators):
+            fake = generator(inputs, sources, self._dataset_ids(batch))
+            targets = (synthesis_w[0] > 0).nonzero().flatten().tolist()  # one condition per batch
+            logs = {}
+            if targets:  # real and fake in one discriminator call (one forward per backward, for DDP)
+                both = discriminators(torch.cat([inputs, inputs]),
+                                      torch.cat([x[:, targets], fake[:, targets].detach()]), targets)
+                batch_size = x.shape[0]
+                d_terms = discriminator_loss({m: v[:batch_size] for m, v in both.items()},
+                                             {m: v[batch_size:] for m, v in both.items()}, synthesis_w)
+                accelerator.backward(d_terms["loss"])
+                logs["discriminator"] = d_terms["loss"].item()
+            self.optimizers["discriminators"].step()  # a no-op without targets (no gradients)
+            self.optimizers["discriminators"].zero_grad(set_to_none=True)
+            fake_logits = discriminators(inputs, fake[:, targets], targets) if targets else {}
+            g_terms = generator_loss(fake, x, synthesis_w, reconstruction_w, fake_logits or None,
+                                     **{k: float(v) for k, v in self.lambdas.items()})
+            accelerator.backward(g_terms["loss"])
+            if accelerator.sync_gradients and self.train_cfg.get("grad_clip"):
+                accelerator.clip_grad_norm_(generator.parameters(), float(self.train_cfg["grad_clip"]))
+            self.optimizers["generator"].step()
+            self.optimizers["generator"].zero_grad(set_to_none=True)
+            self.optimizers["discriminators"].zero_grad(set_to_none=True)
+        return logs | {k: v.item() for k, v in g_terms.items()}
+
+    @torch.no_grad()
+    def predict(self, images, sources, targets, dataset_id, generator=None):
+        x = to_network(images) * sources[:, :, None, None]
+        return from_network(self.models["generator"](x, sources, dataset_id))
+
+    def export(self, models, out):
+        models["generator"].save_pretrained(out / "generator")
+
+
+STAGES = {"vae": VAEStage, "ldm": LDMStage, "gan": GANStage}

@@ -1,0 +1,300 @@
+"""One training loop for every stage, on accelerate: one CPU, one GPU, many GPUs or many machines.
+
+Per optimizer step: the stage's step on an MCBS batch, the LR schedule (constant, then linear decay
+to zero: the paper's 2e-4 for 50 epochs, decayed over the last 150 of 200), the EMA, a log line,
+and on their periods a checkpoint (atomic, safetensors) and a validation (PSNR/SSIM inside the brain
+per target sequence, and an image grid). ``resume="latest"`` continues exactly where a checkpoint
+left off: weights, optimizers, LR schedules, EMA, RNG, and the position in the epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from ..evaluation.metrics import psnr, ssim
+from ..io import write_json, write_text
+from ..modalities import mask_key
+from ..viz import montage
+from .checkpoint import load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
+from .config import load_config
+from .data import ensure_cache, training_dataset, training_loader, validation_samples
+from .stages import STAGES, Stage
+
+logger = logging.getLogger(__name__)
+
+
+def lr_factor(total_steps: int, decay_start: float, warmup_steps: int = 0):
+    """LR multiplier per step: linear warm-up, constant, then linear decay to zero from ``decay_start``
+    (a fraction of ``total_steps``)."""
+    decay_from = int(total_steps * decay_start)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if step < decay_from:
+            return 1.0
+        return max(0.0, (total_steps - step) / max(1, total_steps - decay_from))
+
+    return factor
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    """Config as flat scalars, for the tracker's hyper-parameter table."""
+    out = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out |= _flat(value, name + ".")
+        else:
+            out[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
+
+
+def _vae_for_ldm(config: dict, output_dir: Path) -> Path:
+    """The VAE an LDM config names, or (with ``model.vae.path: null``) one trained first in this run."""
+    vae_cfg = config["model"].get("vae") or {}
+    if vae_cfg.get("path"):
+        return Path(vae_cfg["path"])
+    sub_dir = output_dir / "vae-stage"
+    final = sub_dir / "final" / "vae"
+    if not (final / "config.json").exists():
+        sub_config = load_config(vae_cfg.get("config", "vae-tiny"))
+        sub_config["data"] = config["data"]
+        train(sub_config, sub_dir, max_steps=vae_cfg.get("max_steps"), resume="latest")
+    return final
+
+
+def train(config: dict, output_dir: str | Path, max_steps: int | None = None, resume: str | None = None) -> Path:
+    """Train the stage a config names into ``output_dir``; returns the exported ``output_dir/final``."""
+    output_dir = Path(output_dir)
+    train_cfg = config["train"]
+    accelerator = Accelerator(
+        gradient_accumulation_steps=int(train_cfg.get("gradient_accumulation_steps", 1)),
+        mixed_precision=train_cfg.get("mixed_precision", "no"),
+        log_with=None if config.get("tracker", "tensorboard") in (None, "none") else config.get("tracker", "tensorboard"),
+        project_dir=str(output_dir),
+        # streams of absent modalities, and discriminators of other targets, are unused in a step
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    seed = int(train_cfg.get("seed", 0))
+    set_seed(seed, device_specific=True)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_text(output_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    cache = ensure_cache(config["data"], accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    dataset = training_dataset(config["data"], cache, seed)
+    loader, sampler = training_loader(dataset, int(train_cfg["batch_size"]), seed,
+                                      int(config["data"].get("num_workers", 0)))
+    val_cfg = config.get("validation", {})
+    val_samples = validation_samples(config["data"], cache, int(val_cfg.get("slices_per_case", 2)),
+                                     int(val_cfg.get("cases_per_dataset", 1)))
+
+    stage_cls = STAGES[config["stage"]]
+    extra = {"vae_path": _vae_for_ldm(config, output_dir)} if config["stage"] == "ldm" else {}
+    stage: Stage = stage_cls(config, dataset.dataset_names, dataset.modalities, accelerator.device, **extra)
+    names = list(stage.models)
+    for name in names:
+        stage.models[name].to(accelerator.device).train()
+    main_model = stage.models[stage.main]
+    ema = EMAModel(main_model.parameters(), decay=float(train_cfg["ema_decay"])) if train_cfg.get("ema_decay") else None
+
+    steps_per_epoch = max(1, math.ceil(len(sampler) / accelerator.num_processes)
+                          // accelerator.gradient_accumulation_steps)
+    total = int(max_steps or train_cfg.get("max_steps") or int(train_cfg["epochs"]) * steps_per_epoch)
+    factor = lr_factor(total, float(train_cfg.get("decay_start", 0.25)), int(train_cfg.get("warmup_steps", 0)))
+    # schedulers stay unprepared: accelerate would step them once per process
+    schedulers = {n: torch.optim.lr_scheduler.LambdaLR(o, factor) for n, o in stage.optimizers.items()}
+
+    prepared = accelerator.prepare(*[stage.models[n] for n in names], *[stage.optimizers[n] for n in names], loader)
+    stage.models = dict(zip(names, prepared[: len(names)]))
+    stage.optimizers = dict(zip(names, prepared[len(names): 2 * len(names)]))
+    loader = prepared[-1]
+    if ema is not None:
+        ema.to(accelerator.device)
+
+    step, batches_done = 0, 0
+    checkpoint = resolve_resume(output_dir, resume)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, {n: accelerator.unwrap_model(stage.models[n]) for n in names})
+        for n in names:
+            stage.optimizers[n].load_state_dict(state["optimizers"][n])
+            schedulers[n].load_state_dict(state["schedulers"][n])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        step, batches_done = int(state["step"]), int(state["batches_done"])
+        set_rng_state(state["rng"])
+        logger.info("resumed from %s at step %d", checkpoint, step)
+
+    if accelerator.is_main_process and accelerator.log_with:
+        accelerator.init_trackers("mmdiff", config=_flat(config))
+
+    def save(final: bool = False):
+        if not accelerator.is_main_process:
+            return
+        state = {"optimizers": {n: stage.optimizers[n].state_dict() for n in names},
+                 "schedulers": {n: schedulers[n].state_dict() for n in names},
+                 "batches_done": batches_done, "rng": rng_state()}
+        if ema is not None:
+            state["ema"] = ema.state_dict()
+        keep = config.get("checkpoint", {}).get("keep")
+        save_checkpoint(output_dir, step, {n: accelerator.unwrap_model(stage.models[n]) for n in names}, state,
+                        keep=int(keep) if keep else None)
+
+    ckpt_every = int(config.get("checkpoint", {}).get("every", 0) or 0)
+    val_every = int(val_cfg.get("every", 0) or 0)
+    log_every = int(train_cfg.get("log_every", 10))
+    bar = tqdm(total=total, initial=step, desc=f"train {config['stage']}", unit="step",
+               disable=not accelerator.is_local_main_process)
+    batches_per_epoch = len(loader)
+    while step < total:
+        epoch, in_epoch = divmod(batches_done, batches_per_epoch)
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        for batch in accelerator.skip_first_batches(loader, in_epoch) if in_epoch else loader:
+            logs = stage.training_step(batch, accelerator, step)
+            batches_done += 1
+            if not accelerator.sync_gradients:
+                continue
+            for scheduler in schedulers.values():
+                scheduler.step()
+            if ema is not None:
+                ema.step(accelerator.unwrap_model(stage.models[stage.main]).parameters())
+            step += 1
+            bar.update()
+            if step % log_every == 0 or step == total:
+                record = {f"train/{k}": v for k, v in logs.items()} | {"lr": schedulers[stage.main].get_last_lr()[0]}
+                bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}")
+                _log(accelerator, output_dir, step, record)
+            if ckpt_every and step % ckpt_every == 0 and step < total:
+                save()
+            if val_every and step % val_every == 0 and step < total:
+                validate(stage, val_samples, accelerator, step, output_dir, ema)
+            if step >= total:
+                break
+    bar.close()
+    stage.finish(loader, accelerator)
+    save()
+    metrics = validate(stage, val_samples, accelerator, step, output_dir, ema)
+    checksums = rank_checksums(accelerator, stage.models[stage.main])
+    if len(set(checksums)) > 1:
+        raise RuntimeError(f"the ranks' weights differ after training (checksums {checksums}): DDP is out of sync")
+    final = output_dir / "final"
+    if accelerator.is_main_process:
+        unwrapped = {n: accelerator.unwrap_model(stage.models[n]) for n in names}
+        if ema is not None:
+            ema.copy_to(unwrapped[stage.main].parameters())
+        stage.export(unwrapped, final)
+        write_json(final / "training_info.json", {
+            "stage": config["stage"], "steps": step, "datasets": dataset.dataset_names,
+            "modalities": dataset.modalities, "cache": str(cache), "processes": accelerator.num_processes,
+            "rank_checksums": checksums, "validation": metrics, "config": config})
+    accelerator.wait_for_everyone()
+    for tracker in accelerator.trackers:  # not end_training(): it would end the process group a sub-run shares
+        tracker.finish()
+    return final
+
+
+def rank_checksums(accelerator, model) -> list[float]:
+    """A weight checksum per process (gathered): equal on every rank when DDP kept them in sync."""
+    params = accelerator.unwrap_model(model).parameters()
+    local = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1).to(accelerator.device)
+    return [float(v) for v in accelerator.gather(local).cpu()]
+
+
+def _log(accelerator, output_dir: Path, step: int, record: dict) -> None:
+    accelerator.log(record, step=step)
+    if accelerator.is_main_process:
+        with open(output_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps({"step": step, **record}) + "\n")
+
+
+def validation_condition(available: torch.Tensor, index: int, reconstruct: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed all-but-one condition per validation slice: the target cycles through its sequences."""
+    present = available.nonzero().flatten().tolist()
+    if reconstruct:
+        return available.clone(), available.clone()
+    target = present[index % len(present)]
+    targets = torch.zeros_like(available)
+    targets[target] = True
+    return available & ~targets, targets
+
+
+@torch.no_grad()
+def validate(stage: Stage, samples: list[dict], accelerator, step: int, output_dir: Path, ema) -> dict:
+    """PSNR/SSIM inside the brain per target sequence, on fixed slices, with the EMA weights.
+
+    Every process runs it (a DDP forward may synchronise); the main process logs and writes the grid.
+    """
+    if not samples:
+        return {}
+    main_params = list(accelerator.unwrap_model(stage.models[stage.main]).parameters())
+    if ema is not None:
+        ema.store(main_params)
+        ema.copy_to(main_params)
+    for model in stage.models.values():
+        model.eval()
+    reconstruct = stage.main == "vae"
+    scores = defaultdict(lambda: defaultdict(list))
+    rows = []
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    groups = defaultdict(list)
+    for i, s in enumerate(samples):
+        groups[(s["dataset_id"], mask_key(s["available"]))].append(i)
+    device = accelerator.device
+    for indices in groups.values():
+        images = torch.stack([samples[i]["images"] for i in indices]).to(device)
+        conditions = [validation_condition(samples[i]["available"], i, reconstruct) for i in indices]
+        sources = torch.stack([c[0] for c in conditions]).to(device)
+        targets = torch.stack([c[1] for c in conditions]).to(device)
+        dataset_id = torch.tensor([samples[i]["dataset_id"] for i in indices], device=device)
+        pred = stage.predict(images, sources, targets, dataset_id, generator=generator).float()
+        for row, i in enumerate(indices):
+            brain = samples[i]["brain_mask"][None].to(device)
+            for m in targets[row].nonzero().flatten().tolist():
+                name = stage.modalities[m]
+                scores[name]["psnr"].append(psnr(pred[row, m][None], images[row, m][None], brain).item())
+                scores[name]["ssim"].append(ssim(pred[row, m][None], images[row, m][None], brain).item())
+            if len(rows) < 8:
+                rows.append(_grid_row(stage.modalities, images[row], pred[row], sources[row], targets[row],
+                                      samples[i]["case_id"], samples[i]["slice"]))
+    if ema is not None:
+        ema.restore(main_params)
+    for model in stage.models.values():
+        model.train()
+    metrics = {f"val/{k}_{name}": float(np.mean(v)) for name, d in scores.items() for k, v in d.items()}
+    if metrics:
+        metrics["val/psnr"] = float(np.mean([v for k, v in metrics.items() if k.startswith("val/psnr_")]))
+        metrics["val/ssim"] = float(np.mean([v for k, v in metrics.items() if k.startswith("val/ssim_")]))
+    if accelerator.is_main_process:
+        _log(accelerator, output_dir, step, metrics)
+        montage(rows, output_dir / "validation" / f"step-{step:07d}.png", cell=128,
+                title=f"validation at step {step}: sources | real | synthetic | |error| (brain PSNR {metrics.get('val/psnr', 0):.2f} dB)")
+    return metrics
+
+
+def _grid_row(modalities, images, pred, sources, targets, case_id, slice_index):
+    """One validation grid row: up to three sources, then real, synthetic and error of the first target."""
+    def show(a):
+        return np.rot90(a.float().cpu().numpy())[:, ::-1]  # RAS slice -> radiological display
+
+    m = targets.nonzero().flatten().tolist()[0]
+    panels = [(f"in {modalities[s]}", show(images[s])) for s in sources.nonzero().flatten().tolist()[:3]]
+    panels += [(f"real {modalities[m]}", show(images[m])), (f"synth {modalities[m]}", show(pred[m])),
+               ("|error|", show((pred[m] - images[m]).abs()))]
+    return (f"{case_id}:{slice_index}", panels)
+
+
+__all__ = ["train", "lr_factor", "validate"]
