@@ -28,7 +28,7 @@ def build_parser(prog: str = "python -m mmdiff.train") -> argparse.ArgumentParse
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m mmdiff.train") -> int:
-    args = build_parser(prog).parse_args(argv)
+    args = build_parser(prog).parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config, args.overrides)

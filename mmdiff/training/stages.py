@@ -50,6 +50,13 @@ class Stage:
         self.conditions = SynthesisConditionSampler(self.train_cfg.get("condition_mode", "random"),
                                                     modalities=modalities, seed=int(self.train_cfg.get("seed", 0)))
 
+    def state_dict(self) -> dict:
+        """Random state of the stage itself (the synthesis-condition draws), saved with checkpoints."""
+        return {"conditions": self.conditions.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.conditions.generator.set_state(state["conditions"])
+
     def training_step(self, batch: dict, accelerator, step: int) -> dict[str, float]:
         raise NotImplementedError
 

@@ -134,6 +134,7 @@ def train(config: dict, output_dir: str | Path, max_steps: int | None = None, re
             schedulers[n].load_state_dict(state["schedulers"][n])
         if ema is not None:
             ema.load_state_dict(state["ema"])
+        stage.load_state_dict(state["stage"])
         step, batches_done = int(state["step"]), int(state["batches_done"])
         set_rng_state(state["rng"])
         logger.info("resumed from %s at step %d", checkpoint, step)
@@ -146,7 +147,7 @@ def train(config: dict, output_dir: str | Path, max_steps: int | None = None, re
             return
         state = {"optimizers": {n: stage.optimizers[n].state_dict() for n in names},
                  "schedulers": {n: schedulers[n].state_dict() for n in names},
-                 "batches_done": batches_done, "rng": rng_state()}
+                 "batches_done": batches_done, "rng": rng_state(), "stage": stage.state_dict()}
         if ema is not None:
             state["ema"] = ema.state_dict()
         keep = config.get("checkpoint", {}).get("keep")
