@@ -63,21 +63,24 @@ def _python_state_from_tensor(state: dict):
 def save_checkpoint(
     run_dir: str | os.PathLike,
     step: int,
-    models: dict[str, torch.nn.Module],
+    weights: dict[str, dict[str, torch.Tensor]],
     state: dict,
     keep: int | None = None,
 ) -> Path:
-    """Write ``run_dir/checkpoint-<step>/`` atomically; with ``keep``, delete all but the newest ``keep``."""
+    """Write ``run_dir/checkpoint-<step>/`` atomically; with ``keep``, delete all but the newest ``keep``.
+
+    ``weights`` maps a model name to its full state dict (``accelerator.get_state_dict``).
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"checkpoint-{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=run_dir))
     try:
-        for name, model in models.items():
-            tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        for name, state_dict in weights.items():
+            tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
             save_file(tensors, tmp / f"{name}.safetensors")
         torch.save({**state, "step": step}, tmp / "state.pt")
-        (tmp / "checkpoint.json").write_text(json.dumps({"step": step, "models": sorted(models)}) + "\n")
+        (tmp / "checkpoint.json").write_text(json.dumps({"step": step, "models": sorted(weights)}) + "\n")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

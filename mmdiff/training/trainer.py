@@ -142,7 +142,8 @@ def train(config: dict, output_dir: str | Path, max_steps: int | None = None, re
     if accelerator.is_main_process and accelerator.log_with:
         accelerator.init_trackers("mmdiff", config=_flat(config))
 
-    def save(final: bool = False):
+    def save():
+        weights = {n: accelerator.get_state_dict(stage.models[n]) for n in names}  # collective under FSDP
         if not accelerator.is_main_process:
             return
         state = {"optimizers": {n: stage.optimizers[n].state_dict() for n in names},
@@ -151,8 +152,7 @@ def train(config: dict, output_dir: str | Path, max_steps: int | None = None, re
         if ema is not None:
             state["ema"] = ema.state_dict()
         keep = config.get("checkpoint", {}).get("keep")
-        save_checkpoint(output_dir, step, {n: accelerator.unwrap_model(stage.models[n]) for n in names}, state,
-                        keep=int(keep) if keep else None)
+        save_checkpoint(output_dir, step, weights, state, keep=int(keep) if keep else None)
 
     ckpt_every = int(config.get("checkpoint", {}).get("every", 0) or 0)
     val_every = int(val_cfg.get("every", 0) or 0)
