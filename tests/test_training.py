@@ -93,6 +93,13 @@ def test_config_errors_before_training(tiny_cache, tmp_path, capsys):
     assert not (tmp_path / "a" / "checkpoint-10").exists()
 
 
+def test_gradient_accumulation_and_bf16_autocast(tiny_cache, tmp_path):
+    assert _train("gan-tiny", tmp_path / "run", tiny_cache, "--max-steps", "3", "validation.every=0",
+                  "train.gradient_accumulation_steps=2", "train.mixed_precision=bf16") == 0
+    state = torch.load(tmp_path / "run" / "checkpoint-3" / "state.pt", weights_only=True)
+    assert state["step"] == 3 and state["batches_done"] == 6  # two micro-batches per optimizer step
+
+
 def test_lr_schedule_constant_then_linear_to_zero():
     factor = lr_factor(total_steps=200, decay_start=0.25)  # the paper: 50 of 200 epochs constant
     assert factor(0) == factor(49) == 1.0
