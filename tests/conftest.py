@@ -8,6 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -82,6 +83,15 @@ def write_layout(root: Path, layout: str, n_cases: int = 2, shape=(40, 44, 30)) 
         nib.save(nib.Nifti1Image((lesion * (1 if layout == "brats2023" else 4)).astype(np.uint8), lps),
                  path("seg"))
     return root
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny models run faster on one thread, and two threads stall badly when another process holds a core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -29,15 +29,6 @@ M = len(MODALITIES)
 T1, T2, T1C, FLAIR, DWI, ADC = range(M)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models run faster on one thread, and two threads stall badly when another process holds a core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_unet(modalities=MODALITIES, **kwargs) -> ConditionalLatentUNet:
     config = dict(
         modalities=list(modalities), num_datasets=3, latent_channels=2, sample_size=8,

@@ -25,8 +25,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 import traceback
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -40,7 +38,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..io import VolumeError, load_volume, write_json
+from ..io import VolumeError, atomic_dir, load_volume, write_json
 from ..modalities import MODALITIES
 from .manifest import MASK_KINDS, Case
 
@@ -254,19 +252,11 @@ def prepare_case(case: Case, config: PrepareConfig, case_dir: Path) -> CaseResul
         "sources": {k: str(v) for k, v in case.files.items()},
         "notes": notes,
     }
-    case_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{case_dir.name}.", dir=case_dir.parent))
-    try:
+    with atomic_dir(case_dir) as tmp:
         np.save(tmp / "images.npy", images.astype(np.float16))
         np.save(tmp / "brain_mask.npy", brain_c.astype(np.uint8))
         np.save(tmp / "seg.npy", seg)
         write_json(tmp / "meta.json", meta)
-        if case_dir.exists():
-            shutil.rmtree(case_dir)
-        os.replace(tmp, case_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return CaseResult(case.dataset, case.case_id, "prepared", slices=int(keep.size), warnings=notes)
 
 

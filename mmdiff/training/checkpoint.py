@@ -14,12 +14,13 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from ..io import atomic_dir
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
@@ -74,19 +75,12 @@ def save_checkpoint(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=run_dir))
-    try:
+    with atomic_dir(final) as tmp:
         for name, state_dict in weights.items():
             tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
             save_file(tensors, tmp / f"{name}.safetensors")
         torch.save({**state, "step": step}, tmp / "state.pt")
         (tmp / "checkpoint.json").write_text(json.dumps({"step": step, "models": sorted(weights)}) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if keep is not None:
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,38 @@
+"""diffusers pipelines for mmdiff: :class:`MMDiffPipeline` (latent diffusion) and :class:`MMGANPipeline`.
+
+Loading with ``DiffusionPipeline.from_pretrained``
+-------------------------------------------------
+``save_pretrained`` writes ``"_class_name": "MMDiffPipeline"`` and the components as
+``["mmdiff.models.unet", "ConditionalLatentUNet"]``, ``["diffusers", "AutoencoderKL"]``, ... In
+diffusers 0.42, ``MMDiffPipeline.from_pretrained`` loads that as is. The generic
+``DiffusionPipeline.from_pretrained`` looks the class up as ``getattr(diffusers, _class_name)``
+(``pipeline_loading_utils._get_pipeline_class``), and a component's module only in ``sys.modules``
+(``_get_library_or_raise``); diffusers has no entry-point or plugin lookup. What else was weighed:
+
+- ``_class_name: ["<file>", "MMDiffPipeline"]`` loads ``<file>.py`` from the repo as remote code: it
+  needs ``trust_remote_code=True`` on every load, and a re-save drops the file.
+- a ``.pth`` file that patches diffusers at interpreter start: it would run in every Python process
+  of the environment (pip, training workers), would have to hook diffusers' private ``_LazyModule``
+  through an import hook to stay cheap, can break interpreter start-up, and setuptools cannot ship
+  a ``.pth`` from ``pyproject.toml`` without custom build code.
+
+So importing this package registers ``MMDiffPipeline`` and ``MMGANPipeline`` as attributes of the
+``diffusers`` module (unless diffusers has a class of that name), which also imports the component
+modules. ``DiffusionPipeline.from_pretrained(path)`` then returns the mmdiff pipeline with remote
+code off; **import mmdiff.pipelines first** (any of its names will do). Without it, diffusers
+raises ``AttributeError: module diffusers has no attribute MMDiffPipeline``.
+"""
+
+import diffusers
+
+from .common import MMDiffPipelineOutput, prepare_inputs, resolve_dataset_id
+from .gan import MMGANPipeline
+from .ldm import MMDiffPipeline, sample_latents
+
+for _pipeline in (MMDiffPipeline, MMGANPipeline):
+    if getattr(diffusers, _pipeline.__name__, None) is None:
+        setattr(diffusers, _pipeline.__name__, _pipeline)
+del _pipeline
+
+__all__ = ["MMDiffPipeline", "MMDiffPipelineOutput", "MMGANPipeline", "prepare_inputs", "resolve_dataset_id",
+           "sample_latents"]

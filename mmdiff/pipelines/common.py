@@ -1,0 +1,326 @@
+"""What both mmdiff pipelines share: reading and checking the inputs, the training preprocessing,
+slice batches, and putting the results back on the input grid.
+
+Preprocessing is the one the models were trained with (``mmdiff.data.prepare``):
+
+- brain mask: the one given, or :func:`~mmdiff.data.prepare.derive_brain_mask` over the inputs;
+- each input is clipped at the 99.5th percentile of its voxels inside the brain and scaled to [0, 1],
+  background 0 (:func:`~mmdiff.data.prepare.normalise`), over the whole volume (a 2D input: over the slice);
+- in plane, each axial slice (``data[..., k]`` of the canonical RAS array) is zero-padded
+  symmetrically up to the next multiple of the model's total downsampling. Nothing is cropped, so
+  no brain is lost and the write-back is exact; training saw the brain centred in 192 x 192 at
+  1 mm, and the networks are fully convolutional, so other slice sizes run (inputs should still be
+  skull-stripped and about 1 mm in plane, like the training data);
+- axial slices without brain are not run and come back as 0.
+
+Outputs are in the model's normalised [0, 1] scale (not scanner units), zero outside the brain, on
+the input's own grid: an array input gives arrays of its shape; a NIfTI input gives arrays in the
+file's own voxel order (``nib.load(path).get_fdata()``'s), or ``Nifti1Image``s with the file's
+affine and header, marked synthetic in ``descrip``. NIfTI inputs on different grids that overlap
+are resampled (linear) by their affines onto the first input's grid, with a warning.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import nibabel as nib
+import numpy as np
+import torch
+from diffusers.utils import BaseOutput
+from nibabel.processing import resample_from_to
+
+from ..data.prepare import _overlaps, _same_grid, derive_brain_mask, normalise
+from ..io import SYNTHETIC_DESCRIP, Volume, VolumeError, load_volume
+from ..modalities import canonical
+from ..models.pfm import NULL_DATASET_ID
+
+CLIP_PERCENTILE = 99.5
+OUTPUT_TYPES = ("np", "pt", "nifti")
+
+ImageInput = np.ndarray | torch.Tensor | str | os.PathLike
+
+
+@dataclass
+class MMDiffPipelineOutput(BaseOutput):
+    """Output of the mmdiff pipelines.
+
+    Args:
+        images: target modality -> synthetic image, shaped like the input, in the model's [0, 1] scale.
+        uncertainty: target -> per-voxel standard deviation over the samples (``num_samples > 1``), else None.
+        mask: the brain mask used (outputs are zero outside it).
+    """
+
+    images: dict
+    uncertainty: dict | None
+    mask: np.ndarray | torch.Tensor | nib.Nifti1Image
+
+
+def to_network(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] -> the networks' [-1, 1]."""
+    return images * 2 - 1
+
+
+def from_network(images: torch.Tensor) -> torch.Tensor:
+    """The networks' [-1, 1] -> [0, 1], clamped."""
+    return ((images + 1) / 2).clamp(0, 1)
+
+
+def resolve_dataset_id(dataset: str | None, dataset_names: Sequence[str] | None) -> int:
+    """A dataset name -> the model's id for it; ``None`` or an unknown name (with a warning) -> null (-1)."""
+    if dataset is None:
+        return NULL_DATASET_ID
+    names = [str(n).lower() for n in dataset_names or ()]
+    if str(dataset).lower() in names:
+        return names.index(str(dataset).lower())
+    known = ", ".join(dataset_names) if dataset_names else "none recorded"
+    warnings.warn(
+        f"dataset {dataset!r} is not one the model was trained on (known: {known}); "
+        "using the null dataset (unseen site)", stacklevel=3,
+    )
+    return NULL_DATASET_ID
+
+
+def _canonical_names(names, modalities: Sequence[str], what: str) -> list[str]:
+    found = []
+    for name in names:
+        modality = canonical(name)
+        if modality not in modalities:
+            raise ValueError(f"{what} {name!r}: the model was not trained on {modality} "
+                             f"(it knows {', '.join(modalities)})")
+        if modality in found:
+            raise ValueError(f"{what} {modality} is given twice")
+        found.append(modality)
+    return found
+
+
+def _read(name: str, value) -> np.ndarray | Volume:
+    """A NIfTI path -> its canonical ``Volume``; an array or tensor -> float32 array (2D or 3D)."""
+    if isinstance(value, (str, os.PathLike)):
+        return load_volume(value)
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().float().numpy()
+    array = np.array(value, dtype=np.float32)
+    if array.ndim not in (2, 3):
+        raise ValueError(f"{name}: expected a 2D slice [H, W] or a volume [X, Y, Z], got shape {array.shape}")
+    if array.size == 0:
+        raise ValueError(f"{name}: empty array of shape {array.shape}")
+    bad = ~np.isfinite(array)
+    if bad.any():
+        warnings.warn(f"{name}: {int(bad.sum())} NaN/Inf values set to 0", stacklevel=4)
+        array[bad] = 0.0
+    return array
+
+
+def _on_grid(name: str, volume: Volume, reference: Volume, reference_name: str) -> np.ndarray:
+    """``volume``'s data on ``reference``'s canonical grid (resampled, linear, if the grids differ)."""
+    if _same_grid(volume, reference):
+        return volume.data
+    if not _overlaps(volume, reference):
+        raise ValueError(f"{name} ({volume.path}) does not overlap {reference_name} ({reference.path}): "
+                         "check the affines; all inputs must cover the same anatomy")
+    warnings.warn(f"{name} is on another grid than {reference_name}: resampled onto it by the affines",
+                  stacklevel=4)
+    image = nib.Nifti1Image(volume.data, volume.affine)
+    return resample_from_to(image, (reference.shape, reference.affine), order=1, cval=0.0).get_fdata(
+        dtype=np.float32)
+
+
+def _brain_mask(volumes: list[np.ndarray]) -> np.ndarray:
+    """``derive_brain_mask`` for volumes ``[X, Y, Z]``; a single slice is stacked three times so the
+    mask's 3D morphology acts in plane only, then the middle copy is kept."""
+    single = volumes[0].shape[2] == 1
+    if single:
+        volumes = [np.repeat(v, 3, axis=2) for v in volumes]
+    try:
+        mask = derive_brain_mask(volumes)
+    except VolumeError as exc:
+        raise ValueError("every input image is zero: there is nothing to synthesise from") from exc
+    return mask[..., 1:2] if single else mask
+
+
+@dataclass
+class PreparedInputs:
+    """Checked, normalised and padded inputs, and what is needed to write results back.
+
+    ``images`` is ``[M, X', Y', Z]`` over all the model's modalities (zeros for non-sources), padded in
+    plane by ``padding``; ``brain`` is ``[X, Y, Z]``; ``slices`` are the axial slices with brain.
+    """
+
+    images: np.ndarray
+    brain: np.ndarray
+    source_mask: np.ndarray
+    target_mask: np.ndarray
+    targets: list[str]
+    slices: np.ndarray
+    padding: tuple[tuple[int, int], tuple[int, int]]
+    output_type: str
+    reference: Volume | None
+    affine: np.ndarray | None
+    is_2d: bool
+
+    @property
+    def num_slices(self) -> int:
+        return self.brain.shape[2]
+
+    def num_batches(self, batch_size: int) -> int:
+        return -(-len(self.slices) // batch_size)
+
+    def batches(self, batch_size: int, generator=None) -> Iterator[tuple[np.ndarray, torch.Tensor, object]]:
+        """``(slice indices, images [B, M, X', Y'] in [0, 1], generator for them)`` per batch of brain slices.
+
+        A list of generators holds one per axial slice (``Z``; 1 for a 2D input), so a slice gets the
+        same noise whatever the batching; a single generator is passed on as is.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if isinstance(generator, list) and len(generator) != self.num_slices:
+            raise ValueError(f"a list of generators needs one per axial slice ({self.num_slices}), "
+                             f"got {len(generator)}")
+        for start in range(0, len(self.slices), batch_size):
+            index = self.slices[start:start + batch_size]
+            batch = torch.from_numpy(np.ascontiguousarray(self.images[..., index].transpose(3, 0, 1, 2)))
+            yield index, batch, [generator[k] for k in index] if isinstance(generator, list) else generator
+
+    def canvas(self) -> np.ndarray:
+        """Zeros ``[T, X', Y', Z]`` to collect per-slice results for the targets."""
+        return np.zeros((len(self.targets),) + self.images.shape[1:], dtype=np.float32)
+
+    @staticmethod
+    def put(canvas: np.ndarray, index: np.ndarray, values: torch.Tensor) -> None:
+        """Write ``values [B, T, X', Y']`` into the slices ``index`` of ``canvas``."""
+        canvas[..., index] = values.float().cpu().numpy().transpose(1, 2, 3, 0)
+
+    def _to_input_grid(self, volume: np.ndarray) -> np.ndarray:
+        """``[X', Y', Z]`` on the padded canonical grid -> the input's own grid and shape."""
+        (x0, x1), (y0, y1) = self.padding
+        volume = volume[x0:volume.shape[0] - x1, y0:volume.shape[1] - y1]
+        if self.reference is not None:
+            volume = self.reference.to_source(volume)
+        return volume[..., 0] if self.is_2d else volume
+
+    def _convert(self, array: np.ndarray, synthetic: bool = True):
+        if self.output_type == "pt":
+            return torch.from_numpy(np.ascontiguousarray(array))
+        if self.output_type == "np":
+            return array
+        if self.reference is not None:
+            affine, header = self.reference.source_affine, self.reference.header.copy()
+        else:
+            affine, header = self.affine, None
+        image = nib.Nifti1Image(array if synthetic else array.astype(np.uint8), affine, header)
+        image.set_data_dtype(np.float32 if synthetic else np.uint8)
+        image.header.set_slope_inter(1.0, 0.0)
+        image.header.set_qform(affine, code=1)
+        image.header.set_sform(affine, code=1)
+        image.header["descrip"] = (SYNTHETIC_DESCRIP if synthetic else "mmdiff brain mask").encode()[:79]
+        return image
+
+    def output(self, images: np.ndarray, uncertainty: np.ndarray | None, return_dict: bool = True):
+        """Per-target canvases -> :class:`MMDiffPipelineOutput` (or its fields as a tuple)."""
+        brain = np.pad(self.brain, self.padding + ((0, 0),))
+
+        def per_target(canvas):
+            return {name: self._convert(self._to_input_grid(volume))
+                    for name, volume in zip(self.targets, canvas * brain)}
+
+        result = (per_target(images), None if uncertainty is None else per_target(uncertainty),
+                  self._convert(self._to_input_grid(brain), synthetic=False))
+        return MMDiffPipelineOutput(*result) if return_dict else result
+
+
+def prepare_inputs(
+    images: Mapping[str, ImageInput],
+    modalities: Sequence[str],
+    targets: str | Sequence[str] | None,
+    brain_mask: ImageInput | None,
+    multiple: int,
+    output_type: str = "np",
+    affine: np.ndarray | None = None,
+) -> PreparedInputs:
+    """Check and preprocess a pipeline call's inputs for a model over ``modalities`` whose slice sides
+    must be multiples of ``multiple``. Every problem raises a ``ValueError`` that names it."""
+    modalities = list(modalities)
+    if not images:
+        raise ValueError("no input images: pass images={'t1': ..., 'flair': ...}")
+    sources = _canonical_names(images, modalities, "input")
+    if targets is None:
+        targets = [m for m in modalities if m not in sources]
+    else:
+        targets = _canonical_names([targets] if isinstance(targets, str) else targets, modalities, "target")
+        given = [t for t in targets if t in sources]
+        if given:
+            raise ValueError(f"target {', '.join(given)} is also an input: targets must be missing modalities")
+    if not targets:
+        raise ValueError(f"nothing to synthesise: every modality of the model ({', '.join(modalities)}) is given")
+    targets = [m for m in modalities if m in targets]
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+
+    read = {name: _read(name, value) for name, value in zip(sources, images.values())}
+    kinds = {isinstance(v, Volume) for v in read.values()}
+    if len(kinds) > 1:
+        raise ValueError("inputs mix NIfTI paths and arrays: pass every input the same way")
+    reference = next(iter(read.values())) if kinds == {True} else None
+    reference_name = sources[0]
+    if reference is not None:
+        if affine is not None:
+            raise ValueError("affine is only for array inputs: NIfTI inputs carry their own")
+        arrays = {name: _on_grid(name, vol, reference, reference_name) for name, vol in read.items()}
+    else:
+        arrays = read
+        dims = {name: a.ndim for name, a in arrays.items()}
+        if len(set(dims.values())) > 1:
+            raise ValueError(f"inputs mix 2D slices and 3D volumes ({dims}): pass all as 2D or all as 3D")
+    shapes = {name: a.shape for name, a in arrays.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"inputs have different shapes {shapes}: give every sequence on one grid")
+    is_2d = next(iter(arrays.values())).ndim == 2
+    if output_type == "nifti" and (is_2d or (reference is None and affine is None)):
+        raise ValueError("output_type='nifti' needs NIfTI inputs, or 3D arrays and an affine=")
+    volumes = {name: a[..., None] if is_2d else a for name, a in arrays.items()}
+    grid_shape = next(iter(volumes.values())).shape
+
+    if brain_mask is None:
+        brain = _brain_mask(list(volumes.values()))
+    else:
+        mask = _read("brain_mask", brain_mask)
+        if isinstance(mask, Volume) != (reference is not None):
+            raise ValueError("brain_mask must be given like the inputs: a NIfTI path with NIfTI inputs, "
+                             "an array with array inputs")
+        if isinstance(mask, Volume):
+            mask = _on_grid("brain_mask", mask, reference, reference_name)
+        mask = mask[..., None] if is_2d and mask.ndim == 2 else mask
+        if mask.shape != grid_shape:
+            raise ValueError(f"brain_mask has shape {mask.shape}, the inputs {grid_shape}")
+        brain = mask >= 0.5
+    if not brain.any():
+        raise ValueError("the brain mask is empty")
+
+    height, width = grid_shape[:2]
+    padding = tuple((extra // 2, extra - extra // 2)
+                    for extra in (-height % multiple, -width % multiple))
+    stack = np.zeros((len(modalities), height + sum(padding[0]), width + sum(padding[1]), grid_shape[2]),
+                     dtype=np.float32)
+    (x0, _), (y0, _) = padding
+    for name, volume in volumes.items():
+        normalised, top = normalise(volume, brain, CLIP_PERCENTILE)
+        if top <= 0:
+            warnings.warn(f"{name} is zero inside the brain", stacklevel=3)
+        stack[modalities.index(name), x0:x0 + height, y0:y0 + width] = normalised
+    return PreparedInputs(
+        images=stack,
+        brain=brain,
+        source_mask=np.isin(modalities, sources),
+        target_mask=np.isin(modalities, targets),
+        targets=targets,
+        slices=np.flatnonzero(brain.any(axis=(0, 1))),
+        padding=padding,
+        output_type=output_type,
+        reference=reference,
+        affine=None if affine is None else np.asarray(affine, dtype=np.float64),
+        is_2d=is_2d,
+    )
