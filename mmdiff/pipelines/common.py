@@ -79,7 +79,7 @@ def resolve_dataset_id(dataset: str | None, dataset_names: Sequence[str] | None)
     known = ", ".join(dataset_names) if dataset_names else "none recorded"
     warnings.warn(
         f"dataset {dataset!r} is not one the model was trained on (known: {known}); "
-        "using the null dataset (unseen site)", stacklevel=3,
+        "using the null dataset (unseen site)", stacklevel=4,
     )
     return NULL_DATASET_ID
 
@@ -110,7 +110,7 @@ def _read(name: str, value) -> np.ndarray | Volume:
         raise ValueError(f"{name}: empty array of shape {array.shape}")
     bad = ~np.isfinite(array)
     if bad.any():
-        warnings.warn(f"{name}: {int(bad.sum())} NaN/Inf values set to 0", stacklevel=4)
+        warnings.warn(f"{name}: {int(bad.sum())} NaN/Inf values set to 0", stacklevel=5)
         array[bad] = 0.0
     return array
 
@@ -123,23 +123,21 @@ def _on_grid(name: str, volume: Volume, reference: Volume, reference_name: str) 
         raise ValueError(f"{name} ({volume.path}) does not overlap {reference_name} ({reference.path}): "
                          "check the affines; all inputs must cover the same anatomy")
     warnings.warn(f"{name} is on another grid than {reference_name}: resampled onto it by the affines",
-                  stacklevel=4)
+                  stacklevel=5)
     image = nib.Nifti1Image(volume.data, volume.affine)
     return resample_from_to(image, (reference.shape, reference.affine), order=1, cval=0.0).get_fdata(
         dtype=np.float32)
 
 
 def _brain_mask(volumes: list[np.ndarray]) -> np.ndarray:
-    """``derive_brain_mask`` for volumes ``[X, Y, Z]``; a single slice is stacked three times so the
-    mask's 3D morphology acts in plane only, then the middle copy is kept."""
-    single = volumes[0].shape[2] == 1
-    if single:
-        volumes = [np.repeat(v, 3, axis=2) for v in volumes]
+    """``derive_brain_mask`` for volumes ``[X, Y, Z]``, with two edge copies added at each end of the
+    axial axis: its 3D opening and closing erode from outside the array, which would otherwise
+    remove brain in the first and last slices (and all of a single slice)."""
+    padded = [np.pad(v, ((0, 0), (0, 0), (2, 2)), mode="edge") for v in volumes]
     try:
-        mask = derive_brain_mask(volumes)
+        return derive_brain_mask(padded)[..., 2:-2]
     except VolumeError as exc:
         raise ValueError("every input image is zero: there is nothing to synthesise from") from exc
-    return mask[..., 1:2] if single else mask
 
 
 @dataclass
@@ -309,7 +307,7 @@ def prepare_inputs(
     for name, volume in volumes.items():
         normalised, top = normalise(volume, brain, CLIP_PERCENTILE)
         if top <= 0:
-            warnings.warn(f"{name} is zero inside the brain", stacklevel=3)
+            warnings.warn(f"{name} is zero inside the brain", stacklevel=4)
         stack[modalities.index(name), x0:x0 + height, y0:y0 + width] = normalised
     return PreparedInputs(
         images=stack,
