@@ -125,17 +125,17 @@ def load_case_on_grid(case: Case, config: PrepareConfig) -> tuple[dict[str, np.n
     ref_kind = _reference_kind(images)
     ref = images[ref_kind]
     for kind, img in images.items():
-        if kind not in MASK_KINDS and not _same_grid(img, ref):
+        if kind not in MASK_KINDS and not same_grid(img, ref):
             warnings_.append(f"{kind} is on another grid than {ref_kind}: resampled by the affines")
     if not _on_grid(ref, config.spacing):
         ref = resample_to_output(ref, voxel_sizes=config.spacing, order=0 if ref_kind == "seg" else 1)
     target = (ref.shape, ref.affine)
     out = {}
     for kind, img in images.items():
-        if kind == ref_kind or _same_grid(img, ref):
+        if kind == ref_kind or same_grid(img, ref):
             out[kind] = np.asarray((ref if kind == ref_kind else img).dataobj, dtype=np.float32)
             continue
-        if not _overlaps(img, ref):
+        if not grids_overlap(img, ref):
             raise VolumeError(f"{kind} does not overlap the {ref_kind} grid (check the affines)")
         # labels take nearest neighbour; a binary brain mask is interpolated and thresholded (smooth edge)
         order = 0 if kind == "seg" else 1
@@ -143,11 +143,13 @@ def load_case_on_grid(case: Case, config: PrepareConfig) -> tuple[dict[str, np.n
     return out, ref.affine, warnings_
 
 
-def _same_grid(a: nib.Nifti1Image, b: nib.Nifti1Image) -> bool:
+def same_grid(a, b) -> bool:
+    """Same voxel grid: shape and affine (images or :class:`mmdiff.io.Volume`)."""
     return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=1e-4)
 
 
-def _overlaps(img: nib.Nifti1Image, ref: nib.Nifti1Image) -> bool:
+def grids_overlap(img, ref) -> bool:
+    """Whether two grids' fields of view (corner boxes in world mm) intersect."""
     def box(im):
         corners = np.array([[i, j, k, 1] for i in (0, im.shape[0] - 1) for j in (0, im.shape[1] - 1)
                             for k in (0, im.shape[2] - 1)], dtype=float)
@@ -162,8 +164,11 @@ def derive_brain_mask(images: Iterable[np.ndarray]) -> np.ndarray:
     """Brain mask of skull-stripped volumes: union of above-noise voxels, cleaned up.
 
     Each modality is thresholded at 5 % of its 99th percentile (above Rician background noise),
-    the union is opened, its largest component kept and holes filled slice by slice.
+    the union is opened, its largest component kept and holes filled slice by slice. The axial ends
+    are padded with edge copies first: the 3D opening and closing would otherwise erode brain in the
+    first and last slices (and all of a single slice).
     """
+    images = [np.pad(img, ((0, 0), (0, 0), (2, 2)), mode="edge") for img in images]
     union = None
     for img in images:
         positive = img[img > 0]
@@ -179,6 +184,7 @@ def derive_brain_mask(images: Iterable[np.ndarray]) -> np.ndarray:
         sizes = ndimage.sum(mask, labels, index=range(1, n + 1))
         mask = labels == (int(np.argmax(sizes)) + 1)
     mask = ndimage.binary_closing(mask, iterations=2)
+    mask = mask[..., 2:-2]
     for k in range(mask.shape[2]):
         mask[..., k] = ndimage.binary_fill_holes(mask[..., k])
     return mask

@@ -33,7 +33,7 @@ import torch
 from diffusers.utils import BaseOutput
 from nibabel.processing import resample_from_to
 
-from ..data.prepare import _overlaps, _same_grid, derive_brain_mask, normalise
+from ..data.prepare import derive_brain_mask, grids_overlap, normalise, same_grid
 from ..io import SYNTHETIC_DESCRIP, Volume, VolumeError, load_volume
 from ..modalities import canonical
 from ..models.pfm import NULL_DATASET_ID
@@ -117,9 +117,9 @@ def _read(name: str, value) -> np.ndarray | Volume:
 
 def _on_grid(name: str, volume: Volume, reference: Volume, reference_name: str) -> np.ndarray:
     """``volume``'s data on ``reference``'s canonical grid (resampled, linear, if the grids differ)."""
-    if _same_grid(volume, reference):
+    if same_grid(volume, reference):
         return volume.data
-    if not _overlaps(volume, reference):
+    if not grids_overlap(volume, reference):
         raise ValueError(f"{name} ({volume.path}) does not overlap {reference_name} ({reference.path}): "
                          "check the affines; all inputs must cover the same anatomy")
     warnings.warn(f"{name} is on another grid than {reference_name}: resampled onto it by the affines",
@@ -130,12 +130,9 @@ def _on_grid(name: str, volume: Volume, reference: Volume, reference_name: str) 
 
 
 def _brain_mask(volumes: list[np.ndarray]) -> np.ndarray:
-    """``derive_brain_mask`` for volumes ``[X, Y, Z]``, with two edge copies added at each end of the
-    axial axis: its 3D opening and closing erode from outside the array, which would otherwise
-    remove brain in the first and last slices (and all of a single slice)."""
-    padded = [np.pad(v, ((0, 0), (0, 0), (2, 2)), mode="edge") for v in volumes]
+    """``derive_brain_mask`` for volumes ``[X, Y, Z]``, with a clear error for empty inputs."""
     try:
-        return derive_brain_mask(padded)[..., 2:-2]
+        return derive_brain_mask(volumes)
     except VolumeError as exc:
         raise ValueError("every input image is zero: there is nothing to synthesise from") from exc
 

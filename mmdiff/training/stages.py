@@ -18,14 +18,9 @@ from ..losses import (discriminator_loss, generator_loss, latent_diffusion_loss,
 from ..models import (ConditionalLatentUNet, ModalityDiscriminators, MultiModalGenerator, build_vae,
                       decode_modalities, drop_dataset_id, encode_modalities, measure_scaling_factor)
 from ..models.vae import downsampling_factor
-
-
-def to_network(images: torch.Tensor) -> torch.Tensor:
-    return images * 2 - 1
-
-
-def from_network(images: torch.Tensor) -> torch.Tensor:
-    return ((images + 1) / 2).clamp(0, 1)
+from ..pipelines import MMDiffPipeline, MMGANPipeline
+from ..pipelines.common import from_network, to_network
+from ..pipelines.ldm import sample_latents
 
 
 def adam(params, train_cfg: dict) -> torch.optim.Optimizer:
@@ -227,23 +222,14 @@ class LDMStage(Stage):
 
     @torch.no_grad()
     def predict(self, images, sources, targets, dataset_id, generator=None):
-        unet = self.models["unet"]
-        sampler = DPMSolverMultistepScheduler.from_config(self.scheduler.config)
-        sampler.set_timesteps(self.sampling_steps, device=images.device)
         source_latents = self._latents(images, sources)
-        target_planes = targets[:, :, None, None, None].to(source_latents.dtype)
-        x = torch.randn(source_latents.shape, generator=generator, device=images.device) * sampler.init_noise_sigma
-        x = x * target_planes
-        for t in sampler.timesteps:
-            model_in = sampler.scale_model_input(x, t)
-            pred = unet(model_in, t.expand(x.shape[0]), source_latents, sources.float(), dataset_id).sample
-            x = sampler.step(pred.flatten(1, 2), t, x.flatten(1, 2)).prev_sample.view_as(x) * target_planes
-        return from_network(decode_modalities(self.vae, torch.where(target_planes.bool(), x, source_latents)))
+        sampled = sample_latents(self.models["unet"], DPMSolverMultistepScheduler.from_config(self.scheduler.config),
+                                 source_latents, sources, targets, dataset_id, self.sampling_steps, generator)
+        latents = torch.where(targets[:, :, None, None, None], sampled, source_latents)
+        return from_network(decode_modalities(self.vae, latents))
 
     def export(self, models, out):
-        models["unet"].save_pretrained(out / "unet")
-        self.vae.save_pretrained(out / "vae")
-        self.scheduler.save_pretrained(out / "scheduler")
+        MMDiffPipeline(vae=self.vae, unet=models["unet"], scheduler=self.scheduler).save_pretrained(out)
 
 
 class GANStage(Stage):
@@ -302,7 +288,7 @@ class GANStage(Stage):
         return from_network(self.models["generator"](x, sources, dataset_id))
 
     def export(self, models, out):
-        models["generator"].save_pretrained(out / "generator")
+        MMGANPipeline(generator=models["generator"]).save_pretrained(out)
 
 
 STAGES = {"vae": VAEStage, "ldm": LDMStage, "gan": GANStage}
