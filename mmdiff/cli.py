@@ -5,6 +5,7 @@
     mmdiff scan DIR --out manifest.csv     read a BraTS / BIDS / ISLES'22 folder into a manifest
     mmdiff prepare SOURCES --out CACHE     sources -> slice cache with a case-level split
     mmdiff train --config gan-cpu          train a stage (as `accelerate launch -m mmdiff.train`)
+    mmdiff synthesize --t1 A --flair B --out DIR   the missing sequences of one exam
 """
 
 from __future__ import annotations
@@ -90,6 +91,18 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+def cmd_synthesize(args) -> int:
+    from .synthesize import synthesize
+
+    inputs = {m: getattr(args, m) for m in ("t1", "t2", "t1c", "flair", "dwi", "adc") if getattr(args, m)}
+    written = synthesize(inputs, args.out, pipeline_source=args.pipeline, engine=args.engine, dataset=args.dataset,
+                         targets=args.targets, steps=args.steps, samples=args.samples, seed=args.seed,
+                         brain_mask=args.brain_mask, batch_size=args.batch_size, overwrite=args.overwrite)
+    for name, path in written.items():
+        print(f"{name:18s} {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmdiff", description="Fill in missing MRI sequences.")
     parser.add_argument("--version", action="version", version=f"mmdiff {__version__}")
@@ -134,6 +147,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="worker processes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
+    p = sub.add_parser("synthesize", help="synthesize the missing sequences of one exam (NIfTI in, NIfTI out)")
+    for m in ("t1", "t2", "t1c", "flair", "dwi", "adc"):
+        p.add_argument(f"--{m}", metavar="NIFTI", help=f"the {m.upper()} volume, if the exam has one")
+    p.add_argument("--dataset", help="the site's dataset name (unknown or none: the null dataset, for unseen sites)")
+    p.add_argument("--out", required=True, help="output folder: <target>_synthetic.nii.gz and JSON sidecars")
+    p.add_argument("--engine", choices=["ldm", "gan"], default="ldm", help="latent diffusion or the one-step GAN")
+    p.add_argument("--pipeline", help="pipeline folder or Hub repo id (default: the published one in pipelines/)")
+    p.add_argument("--targets", nargs="+", help="sequences to make (default: every one not given)")
+    p.add_argument("--steps", type=int, default=20, help="diffusion steps (ldm; default: %(default)s)")
+    p.add_argument("--samples", type=int, default=1, help="samples per slice; >1 also writes uncertainty maps (ldm)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--brain-mask", metavar="NIFTI", help="brain mask on the inputs' grid (default: derived; "
+                                                         "needed for heads that are not skull-stripped)")
+    p.add_argument("--batch-size", type=int, default=8, help="axial slices per forward pass")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier outputs")
+    p.set_defaults(func=cmd_synthesize)
+
     # listed for --help; main() hands `mmdiff train ...` to mmdiff.train before parsing
     sub.add_parser("train", help="train a stage (vae, ldm, gan); see `mmdiff train --help`")
     return parser

@@ -34,6 +34,11 @@ class MMGANPipeline(DiffusionPipeline):
         """How much the generator shrinks a slice side."""
         return 2 ** (len(self.generator.config.block_out_channels) - 1)
 
+    @property
+    def modalities(self) -> list[str]:
+        """The sequences the model knows, in its order."""
+        return list(self.generator.config.modalities)
+
     @torch.no_grad()
     def __call__(
         self,

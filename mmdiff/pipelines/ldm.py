@@ -85,6 +85,11 @@ class MMDiffPipeline(DiffusionPipeline):
         """How much the VAE and the UNet together shrink a slice side."""
         return downsampling_factor(self.vae) * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
+    @property
+    def modalities(self) -> list[str]:
+        """The sequences the model knows, in its order."""
+        return list(self.unet.config.modalities)
+
     @torch.no_grad()
     def __call__(
         self,

@@ -1,0 +1,91 @@
+"""`mmdiff synthesize`: NIfTI in, NIfTI out on the input's grid, marked synthetic, never over inputs."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import blob_volume, centred_affine
+from mmdiff.cli import main
+from mmdiff.io import is_synthetic
+from test_pipelines import tiny_gan, tiny_ldm
+
+
+@pytest.fixture
+def exam(tmp_path):
+    """T1 and FLAIR of one small exam, stored LPS like BraTS."""
+    shape = (30, 34, 6)
+    affine = centred_affine(shape, flip=(-1, -1, 1))
+    paths = {}
+    for name, scale in (("t1", 800.0), ("flair", 500.0)):
+        img, _, _ = blob_volume(shape, seed=len(paths), scale=scale, affine=affine)
+        paths[name] = tmp_path / f"exam_{name}.nii.gz"
+        nib.save(img, paths[name])
+    return paths
+
+
+@pytest.fixture
+def pipelines(tmp_path):
+    tiny_gan().save_pretrained(tmp_path / "gan")
+    tiny_ldm().save_pretrained(tmp_path / "ldm")
+    return tmp_path
+
+
+def test_gan_writes_every_missing_sequence_on_the_input_grid(exam, pipelines, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["synthesize", "--t1", str(exam["t1"]), "--flair", str(exam["flair"]), "--dataset", "brats",
+                 "--engine", "gan", "--pipeline", str(pipelines / "gan"), "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    reference = nib.load(exam["t1"])
+    for target in ("t2", "t1c", "dwi", "adc"):
+        path = out / f"{target}_synthetic.nii.gz"
+        image = nib.load(path)
+        assert image.shape == reference.shape
+        np.testing.assert_allclose(image.affine, reference.affine)
+        assert is_synthetic(path)
+        data = image.get_fdata()
+        assert np.isfinite(data).all() and 0 <= data.min() and data.max() <= 1
+        sidecar = json.loads((out / f"{target}_synthetic.json").read_text())
+        assert sidecar["synthetic"] is True and sidecar["engine"] == "gan" and sidecar["target"] == target
+        assert sidecar["inputs"]["t1"] == str(exam["t1"].resolve()) and sidecar["dataset"] == "brats"
+        assert len(sidecar["model_revision"]) == 16
+    assert not (out / "t1_synthetic.nii.gz").exists()  # given sequences are not synthesized
+
+
+def test_ldm_samples_give_uncertainty_and_seed_reproduces(exam, pipelines, tmp_path):
+    args = ["synthesize", "--t1", str(exam["t1"]), "--flair", str(exam["flair"]), "--targets", "t2",
+            "--pipeline", str(pipelines / "ldm"), "--steps", "3", "--samples", "2", "--seed", "7"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert main(args + ["--out", str(tmp_path / "b")]) == 0
+    a = nib.load(tmp_path / "a" / "t2_synthetic.nii.gz").get_fdata()
+    b = nib.load(tmp_path / "b" / "t2_synthetic.nii.gz").get_fdata()
+    np.testing.assert_array_equal(a, b)
+    uncertainty = nib.load(tmp_path / "a" / "t2_uncertainty.nii.gz").get_fdata()
+    assert uncertainty.shape == a.shape and uncertainty.max() > 0
+    sidecar = json.loads((tmp_path / "a" / "t2_uncertainty.json").read_text())
+    assert sidecar["samples"] == 2 and sidecar["steps"] == 3 and sidecar["seed"] == 7
+
+
+def test_refuses_to_overwrite_and_bad_input(exam, pipelines, tmp_path, capsys):
+    base = ["synthesize", "--t1", str(exam["t1"]), "--engine", "gan", "--pipeline", str(pipelines / "gan"),
+            "--targets", "t2", "--out", str(tmp_path / "out")]
+    assert main(base) == 0
+    before = (tmp_path / "out" / "t2_synthetic.nii.gz").read_bytes()
+    assert main(base) == 2
+    assert "exists (pass --overwrite" in capsys.readouterr().err
+    assert main(base + ["--overwrite"]) == 0
+    assert (tmp_path / "out" / "t2_synthetic.nii.gz").read_bytes() == before  # same model, same output
+    # an output that would land on an input
+    exam["t1"].rename(tmp_path / "out" / "t1c_synthetic.nii.gz")
+    assert main(["synthesize", "--t1", str(tmp_path / "out" / "t1c_synthetic.nii.gz"), "--engine", "gan",
+                 "--pipeline", str(pipelines / "gan"), "--targets", "t1c", "--out", str(tmp_path / "out"),
+                 "--overwrite"]) == 2
+    assert "it is an input file" in capsys.readouterr().err
+    assert main(["synthesize", "--out", str(tmp_path / "x"), "--pipeline", str(pipelines / "gan")]) == 2
+    assert "no input sequence given" in capsys.readouterr().err
+    assert main(["synthesize", "--flair", str(exam["flair"]), "--targets", "flair", "--engine", "gan",
+                 "--pipeline", str(pipelines / "gan"), "--out", str(tmp_path / "y")]) == 2
+    assert "flair" in capsys.readouterr().err
+    assert main(["synthesize", "--flair", str(exam["flair"]), "--out", str(tmp_path / "z"),
+                 "--pipeline", str(tmp_path / "nowhere")]) == 2
