@@ -35,7 +35,7 @@ def test_gan_tiny_trains_validates_checkpoints_and_exports(tiny_cache, tmp_path)
     run = tmp_path / "run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     validation = [r for r in records if "val/psnr" in r]
-    assert [r["step"] for r in validation] == [5, 10]
+    assert [r["step"] for r in validation] == [0, 5, 10]  # a baseline before the first step
     assert any(k.startswith("val/ssim_") for k in validation[-1])
     assert (run / "validation" / "step-0000005.png").stat().st_size > 1000
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-10"]

@@ -160,6 +160,8 @@ def train(config: dict, output_dir: str | Path, max_steps: int | None = None, re
     bar = tqdm(total=total, initial=step, desc=f"train {config['stage']}", unit="step",
                disable=not accelerator.is_local_main_process)
     batches_per_epoch = len(loader)
+    if val_every and step == 0 and total > 0:
+        validate(stage, val_samples, accelerator, step, output_dir, ema)  # the baseline the curve starts from
     while step < total:
         epoch, in_epoch = divmod(batches_done, batches_per_epoch)
         sampler.set_epoch(epoch)
