@@ -47,6 +47,13 @@ def test_gan_tiny_trains_validates_checkpoints_and_exports(tiny_cache, tmp_path)
     assert info["steps"] == 10 and info["validation"]["val/psnr"] == validation[-1]["val/psnr"]
 
 
+def test_zero_steps_validates_the_initial_model(tiny_cache, tmp_path):
+    assert _train("gan-tiny", tmp_path / "run", tiny_cache, "--max-steps", "0") == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0] and "val/psnr" in records[0]
+    assert [p.name for p in (tmp_path / "run").glob("checkpoint-*")] == ["checkpoint-0"]
+
+
 def test_resume_equals_an_uninterrupted_run(tiny_cache, tmp_path):
     full = tmp_path / "full"
     assert _train("gan-tiny", full, tiny_cache, "--max-steps", "8", "checkpoint.every=4", "checkpoint.keep=null",

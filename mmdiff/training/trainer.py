@@ -113,7 +113,9 @@ def train(config: dict, output_dir: str | Path, max_steps: int | None = None, re
 
     steps_per_epoch = max(1, math.ceil(len(sampler) / accelerator.num_processes)
                           // accelerator.gradient_accumulation_steps)
-    total = int(max_steps or train_cfg.get("max_steps") or int(train_cfg["epochs"]) * steps_per_epoch)
+    if max_steps is None:
+        max_steps = train_cfg.get("max_steps")
+    total = int(max_steps) if max_steps is not None else int(train_cfg["epochs"]) * steps_per_epoch
     factor = lr_factor(total, float(train_cfg.get("decay_start", 0.25)), int(train_cfg.get("warmup_steps", 0)))
     # schedulers stay unprepared: accelerate would step them once per process
     schedulers = {n: torch.optim.lr_scheduler.LambdaLR(o, factor) for n, o in stage.optimizers.items()}
