@@ -10,7 +10,7 @@ diffusers 0.42, ``MMDiffPipeline.from_pretrained`` loads that as is. The generic
 (``_get_library_or_raise``); diffusers has no entry-point or plugin lookup. What else was weighed:
 
 - ``_class_name: ["<file>", "MMDiffPipeline"]`` loads ``<file>.py`` from the repo as remote code: it
-  needs ``trust_remote_code=True`` on every load, and a re-save drops the file.
+  needs remote code switched on at every load, and a re-save drops the file.
 - a ``.pth`` file that patches diffusers at interpreter start: it would run in every Python process
   of the environment (pip, training workers), would have to hook diffusers' private ``_LazyModule``
   through an import hook to stay cheap, can break interpreter start-up, and setuptools cannot ship
