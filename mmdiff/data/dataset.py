@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..modalities import mask_key
+from .sampler import group_keys
 
 SPLITS = ("train", "val", "test")
 
@@ -95,18 +95,19 @@ class SliceDataset(Dataset):
     @property
     def available(self) -> np.ndarray:
         """Availability ``[N, M]`` of every sample."""
-        return np.stack([self._rows[c][1] for c in self._case_of]) if len(self) else np.zeros((0, len(self.modalities)), bool)
+        per_case = np.array([row[1] for row in self._rows], dtype=bool).reshape(-1, len(self.modalities))
+        return per_case[self._case_of]
 
     @property
     def dataset_ids(self) -> np.ndarray:
+        """Dataset id ``[N]`` of every sample (its position in the cache's dataset list)."""
         ids = np.array([self.dataset_names.index(c["dataset"]) for c in self.cases], dtype=np.int64)
         return ids[self._case_of]
 
     @property
     def groups(self) -> list[tuple[int, str]]:
         """Each sample's (dataset id, availability) key, for :class:`ModalityConsistentBatchSampler`."""
-        keys = [(self.dataset_names.index(c["dataset"]), mask_key(row[1])) for c, row in zip(self.cases, self._rows)]
-        return [keys[c] for c in self._case_of]
+        return group_keys(self.dataset_ids, self.available)
 
     def _open(self, case_idx: int):
         arrays = self._arrays.get(case_idx)
