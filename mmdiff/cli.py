@@ -1,11 +1,14 @@
 """The ``mmdiff`` command: each step of the workflow is a subcommand.
 
-    mmdiff quickstart                      a phantom case, its volumes and a montage
+    mmdiff quickstart                      hide sequences of a phantom exam, synthesize them, score them
     mmdiff phantom OUT --cases N --seed S  the four phantom cohorts, in their real layouts
     mmdiff scan DIR --out manifest.csv     read a BraTS / BIDS / ISLES'22 folder into a manifest
     mmdiff prepare SOURCES --out CACHE     sources -> slice cache with a case-level split
     mmdiff train --config gan-cpu          train a stage (as `accelerate launch -m mmdiff.train`)
     mmdiff synthesize --t1 A --flair B --out DIR   the missing sequences of one exam
+    mmdiff evaluate --pipeline P --data CACHE      scores on held-out cases, with baselines
+    mmdiff export RUN_DIR OUT                      a training run -> pipeline folder + model card
+    mmdiff push OUT --repo-id ORG/NAME             upload a pipeline folder to the Hub
 """
 
 from __future__ import annotations
@@ -76,18 +79,16 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_quickstart(args) -> int:
-    from .data.phantom import simulate_case, write_case
-    from .viz import case_montage
+    from .quickstart import quickstart
 
-    out = Path(args.out)
-    case = simulate_case("glioma", 0, seed=args.seed)
-    written = write_case(case, out, overwrite=args.overwrite)
-    montage = case_montage(case.images, out / "montage.png", seg=case.seg, views=("axial", "coronal"),
-                           title=f"{case.case_id}: simulated {case.dataset} phantom", overwrite=args.overwrite)
-    print(f"phantom case {case.case_id} ({', '.join(case.images)}) written under {out}")
-    for kind, path in written.files.items():
-        print(f"  {kind:6s} {path}")
-    print(f"montage: {montage}")
+    result = quickstart(args.out, hide=args.hide, engines=args.engines, steps=args.steps, seed=args.seed,
+                        overwrite=args.overwrite)
+    print(f"phantom case {result['case']} under {Path(args.out) / 'phantom'}")
+    for engine, files in result["files"].items():
+        for name, path in files.items():
+            print(f"  {engine:4s} {name:18s} {path}")
+    print(Path(result["metrics"]).read_text())
+    print(f"montage: {result['montage']}")
     return 0
 
 
@@ -103,13 +104,69 @@ def cmd_synthesize(args) -> int:
     return 0
 
 
+def _evaluation_data(text: str) -> Path:
+    """A prepared cache folder, or a config name (``cpu``, ``data-tiny``...) whose cache is built if needed."""
+    if Path(text).expanduser().is_dir():
+        return Path(text).expanduser()
+    from .training.config import load_config
+    from .training.data import ensure_cache
+
+    name = text if text.startswith("data-") else f"data-{text}"
+    return ensure_cache(load_config(name)["data"])
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluation.protocol import BASELINES, PipelineMethod, Task
+    from .evaluation.report import evaluate
+    from .synthesize import DEFAULT_PIPELINES, PUBLISHED, load_pipeline
+
+    cache = _evaluation_data(args.data)
+    methods = []
+    for source in args.pipeline or []:
+        engine = source if source in DEFAULT_PIPELINES else None
+        path = PUBLISHED / DEFAULT_PIPELINES[engine] if engine else Path(source)
+        pipe = load_pipeline(path, engine or "ldm")
+        pipe.set_progress_bar_config(disable=True)
+        methods.append(PipelineMethod(pipe, name=path.name, steps=args.steps, samples=args.samples, seed=args.seed,
+                                      batch_size=args.batch_size))
+    methods += [BASELINES[name](cache) for name in args.baselines]
+    if not methods:
+        raise ValueError("nothing to evaluate: give --pipeline and/or --baselines")
+    tasks = [Task.parse(t) for t in args.tasks] if args.tasks else None
+    evaluate(cache, methods, args.out, protocol=args.protocol, split=args.split, datasets=args.datasets,
+             tasks=tasks, slice_stride=args.slice_stride, overwrite=args.overwrite, progress=not args.quiet)
+    print((Path(args.out) / "summary.md").read_text())
+    print(f"scores: {Path(args.out) / 'scores.csv'}\nfigures: {Path(args.out) / 'figures'}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export
+
+    out = export(args.run_dir, args.out, evaluation=args.evaluation, method=args.method, dtype=args.dtype,
+                 repo_id=args.repo_id, overwrite=args.overwrite)
+    print(f"pipeline: {out}\nmodel card: {out / 'README.md'}")
+    return 0
+
+
+def cmd_push(args) -> int:
+    from .export import push
+
+    url = push(args.folder, args.repo_id, private=args.private, commit_message=args.message, revision=args.revision)
+    print(f"pushed {args.folder} to {args.repo_id}: {url}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmdiff", description="Fill in missing MRI sequences.")
     parser.add_argument("--version", action="version", version=f"mmdiff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("quickstart", help="make a phantom case and write its volumes and a montage")
+    p = sub.add_parser("quickstart", help="hide sequences of a phantom exam and synthesize them with both engines")
     p.add_argument("--out", default="mmdiff-quickstart", help="output folder (default: %(default)s)")
+    p.add_argument("--hide", nargs="+", default=["t1c", "flair"], help="sequences to hide (default: %(default)s)")
+    p.add_argument("--engines", nargs="+", choices=["gan", "ldm"], default=["gan", "ldm"])
+    p.add_argument("--steps", type=int, default=10, help="diffusion steps (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace files from an earlier run")
     p.set_defaults(func=cmd_quickstart)
@@ -163,6 +220,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="axial slices per forward pass")
     p.add_argument("--overwrite", action="store_true", help="replace earlier outputs")
     p.set_defaults(func=cmd_synthesize)
+
+    p = sub.add_parser("evaluate", help="score pipelines and baselines on held-out cases of a prepared cache")
+    p.add_argument("--pipeline", nargs="+", metavar="PATH|ldm|gan",
+                   help="pipeline folders (ldm / gan: the published ones); each is scored")
+    p.add_argument("--data", required=True, help="prepared cache folder, or a data config name (tiny, cpu, paper)")
+    p.add_argument("--protocol", choices=["paper", "all-subsets"], default="paper",
+                   help="the paper's tasks, or every subset of the available inputs (default: %(default)s)")
+    p.add_argument("--tasks", nargs="+", metavar="SOURCES->TARGET", help="only these tasks, e.g. t1+t2+flair->t1c")
+    p.add_argument("--split", nargs="+", default=["test"], help="cache split(s) to score (default: test)")
+    p.add_argument("--datasets", nargs="+", help="only these datasets of the cache")
+    p.add_argument("--baselines", nargs="*", default=["copy-nearest", "voxel-regression"],
+                   help="baselines scored alongside (default: %(default)s; none: --baselines)")
+    p.add_argument("--steps", type=int, default=20, help="diffusion steps (ldm; default: %(default)s)")
+    p.add_argument("--samples", type=int, default=1, help="samples per slice (ldm; >1 adds uncertainty maps)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--slice-stride", type=int, default=1, help="score every k-th axial slice (default: all)")
+    p.add_argument("--batch-size", type=int, default=16, help="slices per forward pass")
+    p.add_argument("--out", required=True, help="output folder: scores.csv, summary.md, figures/")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier results")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="a training run -> pipeline folder (HF layout) with a model card")
+    p.add_argument("run_dir", help="training output folder (holds final/)")
+    p.add_argument("out", help="pipeline folder to write, e.g. pipelines/mmdiff-gan")
+    p.add_argument("--evaluation", help="an `mmdiff evaluate` output folder: its scores fill the card's results")
+    p.add_argument("--method", help="the method name in the evaluation (default: the OUT folder's name)")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="weights (default: %(default)s)")
+    p.add_argument("--repo-id", help="the Hub repo id the card's usage examples name")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("push", help="upload a pipeline folder to the Hugging Face Hub")
+    p.add_argument("folder", help="pipeline folder written by `mmdiff export`")
+    p.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--revision", help="branch to commit to (default: main)")
+    p.add_argument("--message", help="commit message")
+    p.set_defaults(func=cmd_push)
 
     # listed for --help; main() hands `mmdiff train ...` to mmdiff.train before parsing
     sub.add_parser("train", help="train a stage (vae, ldm, gan); see `mmdiff train --help`")

@@ -99,3 +99,14 @@ def brats_sample() -> Path:
     if not (BRATS_SAMPLE.is_dir() and any(BRATS_SAMPLE.iterdir())):
         pytest.skip(f"real BraTS sample not present at {BRATS_SAMPLE}")
     return BRATS_SAMPLE
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory):
+    """The tiny configs' phantom cache (3 mm, 64 x 64), built once per session the way a fresh clone builds it."""
+    from mmdiff.training import load_config
+    from mmdiff.training.data import ensure_cache
+
+    cache = tmp_path_factory.mktemp("tiny") / "cache"
+    ensure_cache(load_config("gan-tiny", [f"data.cache={cache}"])["data"])
+    return cache

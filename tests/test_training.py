@@ -12,18 +12,7 @@ from safetensors.torch import load_file
 
 from mmdiff.models import MultiModalGenerator
 from mmdiff.train import main as train_main
-from mmdiff.training import load_config
-from mmdiff.training.data import ensure_cache
 from mmdiff.training.trainer import lr_factor
-
-
-@pytest.fixture(scope="module")
-def tiny_cache(tmp_path_factory):
-    """The tiny configs' phantom cache, built once for this module the way a fresh clone builds it."""
-    cache = tmp_path_factory.mktemp("tiny") / "cache"
-    config = load_config("gan-tiny", [f"data.cache={cache}"])
-    ensure_cache(config["data"])
-    return cache
 
 
 def _train(config, out, cache, *args):

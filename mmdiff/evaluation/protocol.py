@@ -1,0 +1,217 @@
+"""The evaluation protocol: synthesis tasks, held-out cases from a prepared cache, the methods scored
+(pipelines and two baselines), and per-volume scores inside the brain, the whole image and the lesion.
+
+Normalisation (every table states it): the reference and each candidate volume are divided by three
+times the median of their own voxels in the *healthy* brain (brain mask minus the lesion mask, where
+the dataset has one) and clipped to [0, 1]; data range 1. The healthy-brain median sits at 1/3. A
+bright lesion (enhancing tumour on T1C, restricted diffusion on DWI) cannot move that scale, a global
+gain error of a method is not counted against it (only contrast and structure are), and, unlike a
+high percentile, the median does not stretch a smooth prediction that regresses to the mean.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..modalities import MODALITIES
+from .metrics import mae, psnr, ssim
+
+PROTOCOLS = ("paper", "all-subsets")
+REGIONS = ("brain", "whole", "lesion")
+NORMALISATION = ("each volume / (3 x the median of its healthy-brain voxels, brain minus lesion), "
+                 "clipped to [0, 1]; data range 1")
+
+
+@dataclass(frozen=True)
+class Task:
+    """Synthesise ``target`` from ``sources``."""
+
+    sources: tuple[str, ...]
+    target: str
+
+    @property
+    def name(self) -> str:
+        return f"{'+'.join(self.sources)}->{self.target}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Task":
+        sources, sep, target = text.partition("->")
+        if not sep or not sources or not target:
+            raise ValueError(f"a task reads SOURCES->TARGET, e.g. t1+t2+flair->t1c; got {text!r}")
+        return cls(tuple(s.strip() for s in sources.split("+")), target.strip())
+
+
+# The paper's one-to-one and many-to-one tasks.
+PAPER_TASKS = tuple(Task.parse(t) for t in (
+    "t1->t1c", "t2->flair", "t1->t2", "flair->dwi", "flair->adc",
+    "t1+t2->flair", "t1+t2+flair->t1c", "t1+t2+flair->adc", "flair+dwi->adc", "flair+adc->dwi"))
+
+
+def tasks_for(available: Sequence[str], protocol: str = "paper") -> list[Task]:
+    """The protocol's tasks that a case with the ``available`` modalities supports."""
+    available = [m for m in MODALITIES if m in available]
+    if protocol == "paper":
+        return [t for t in PAPER_TASKS if t.target in available and set(t.sources) <= set(available)]
+    if protocol == "all-subsets":
+        tasks = []
+        for target in available:
+            others = [m for m in available if m != target]
+            for k in range(1, len(others) + 1):
+                tasks += [Task(sources, target) for sources in itertools.combinations(others, k)]
+        return tasks
+    raise ValueError(f"unknown protocol {protocol!r}: choose {' or '.join(PROTOCOLS)}")
+
+
+@dataclass
+class EvalCase:
+    """One prepared case: ``images`` modality -> ``[X, Y, Z]`` in [0, 1]; ``brain`` and ``lesion`` bool ``[X, Y, Z]``."""
+
+    dataset: str
+    case_id: str
+    split: str
+    images: dict[str, np.ndarray]
+    brain: np.ndarray
+    lesion: np.ndarray | None
+
+
+def load_cases(cache: str | Path, split: str | Sequence[str] = "test", datasets: Sequence[str] | None = None,
+               slice_stride: int = 1) -> Iterator[EvalCase]:
+    """The cases of ``split`` in a prepared cache, every ``slice_stride``-th axial slice."""
+    cache = Path(cache)
+    if not (cache / "index.json").exists():
+        raise FileNotFoundError(f"{cache} is not a prepared cache (no index.json): run `mmdiff prepare` first")
+    splits = {split} if isinstance(split, str) else set(split)
+    for entry in json.loads((cache / "index.json").read_text())["cases"]:
+        if entry["split"] not in splits or (datasets is not None and entry["dataset"] not in datasets):
+            continue
+        folder = cache / entry["path"]
+        images = np.load(folder / "images.npy", mmap_mode="r")[::slice_stride]
+        brain = np.load(folder / "brain_mask.npy", mmap_mode="r")[::slice_stride]
+        seg = np.load(folder / "seg.npy", mmap_mode="r")[::slice_stride] if entry.get("has_seg") else None
+        yield EvalCase(
+            dataset=entry["dataset"], case_id=entry["case_id"], split=entry["split"],
+            images={m: np.ascontiguousarray(images[:, i].transpose(1, 2, 0), dtype=np.float32)
+                    for i, m in enumerate(entry["modalities"])},
+            brain=np.ascontiguousarray(brain.transpose(1, 2, 0)) > 0,
+            lesion=None if seg is None else np.ascontiguousarray(seg.transpose(1, 2, 0)) > 0,
+        )
+
+
+def robust_normalise(volume: np.ndarray, brain: np.ndarray, lesion: np.ndarray | None) -> np.ndarray:
+    """``volume`` / (3 x the median of its healthy-brain voxels), clipped to [0, 1] (see module doc)."""
+    healthy = brain & ~lesion if lesion is not None and (brain & ~lesion).any() else brain
+    median = float(np.median(volume[healthy])) if healthy.any() else 0.0
+    return np.clip(volume / (3 * median), 0, 1).astype(np.float32) if median > 0 else np.zeros_like(volume)
+
+
+def score(prediction: np.ndarray, reference: np.ndarray, brain: np.ndarray,
+          lesion: np.ndarray | None) -> dict[str, float]:
+    """Per-volume PSNR, SSIM and MAE in each region (``psnr_brain``, ``ssim_lesion``, ...), after
+    :func:`robust_normalise`; a region a case lacks is NaN."""
+    pred = torch.from_numpy(robust_normalise(prediction, brain, lesion).transpose(2, 0, 1).copy())
+    ref = torch.from_numpy(robust_normalise(reference, brain, lesion).transpose(2, 0, 1).copy())
+    regions = {"brain": brain, "whole": np.ones_like(brain),
+               "lesion": lesion if lesion is not None and lesion.any() else None}
+    scores = {}
+    for region, mask in regions.items():
+        if mask is None:
+            scores |= {f"{metric}_{region}": float("nan") for metric in ("psnr", "ssim", "mae")}
+            continue
+        mask = torch.from_numpy(mask.transpose(2, 0, 1).copy())
+        scores[f"psnr_{region}"] = float(psnr(pred, ref, mask, pooled=True))
+        scores[f"ssim_{region}"] = float(ssim(pred, ref, mask, pooled=True))
+        scores[f"mae_{region}"] = float(mae(pred, ref, mask, pooled=True))
+    return scores
+
+
+# --- methods: each maps (case, task) -> (prediction [X, Y, Z], uncertainty or None) ---
+
+# Contrast most like each target, best first: the "copy the nearest sequence" baseline.
+NEAREST = {
+    "t1": ("t1c", "flair", "t2", "dwi", "adc"),
+    "t1c": ("t1", "flair", "t2", "dwi", "adc"),
+    "t2": ("adc", "flair", "dwi", "t1c", "t1"),
+    "flair": ("t2", "dwi", "t1c", "t1", "adc"),
+    "dwi": ("flair", "t2", "adc", "t1c", "t1"),
+    "adc": ("t2", "flair", "dwi", "t1", "t1c"),
+}
+
+
+class CopyNearest:
+    """Baseline: the source whose contrast is nearest the target's (:data:`NEAREST`), copied."""
+
+    name = "copy-nearest"
+
+    def __call__(self, case: EvalCase, task: Task):
+        source = next(m for m in NEAREST[task.target] if m in task.sources)
+        return case.images[source] * case.brain, None
+
+
+class VoxelwiseRegression:
+    """Baseline: per dataset and task, a least-squares quadratic of the source intensities at each voxel
+    (all squares and products), fitted on brain voxels of the dataset's training cases."""
+
+    name = "voxel-regression"
+
+    def __init__(self, cache: str | Path, split: str = "train", voxels: int = 200_000, seed: int = 0):
+        self.cache, self.split, self.voxels, self.seed = Path(cache), split, voxels, seed
+        self._fits: dict[tuple[str, Task], np.ndarray] = {}
+
+    @staticmethod
+    def features(values: np.ndarray) -> np.ndarray:
+        """``[N, S]`` source intensities -> ``[N, F]``: 1, each source, every product of two."""
+        pairs = [values[:, i] * values[:, j] for i, j in itertools.combinations_with_replacement(range(values.shape[1]), 2)]
+        return np.column_stack([np.ones(len(values)), values, *pairs])
+
+    def fit(self, dataset: str, task: Task) -> np.ndarray:
+        key = (dataset, task)
+        if key not in self._fits:
+            rng = np.random.default_rng(self.seed)
+            xs, ys = [], []
+            for case in load_cases(self.cache, self.split, datasets=[dataset], slice_stride=2):
+                if task.target not in case.images or not set(task.sources) <= set(case.images):
+                    continue
+                xs.append(np.stack([case.images[m][case.brain] for m in task.sources], axis=1))
+                ys.append(case.images[task.target][case.brain])
+            if not xs:
+                raise ValueError(f"no {self.split} case of {dataset} has {task.name}: cannot fit the regression")
+            x, y = np.concatenate(xs), np.concatenate(ys)
+            keep = rng.choice(len(x), size=min(self.voxels, len(x)), replace=False)
+            self._fits[key] = np.linalg.lstsq(self.features(x[keep]), y[keep], rcond=None)[0]
+        return self._fits[key]
+
+    def __call__(self, case: EvalCase, task: Task):
+        coef = self.fit(case.dataset, task)
+        values = np.stack([case.images[m][case.brain] for m in task.sources], axis=1)
+        out = np.zeros_like(case.brain, dtype=np.float32)
+        out[case.brain] = np.clip(self.features(values) @ coef, 0, 1)
+        return out, None
+
+
+class PipelineMethod:
+    """An mmdiff pipeline (LDM or GAN) as an evaluation method; a fixed seed per slice."""
+
+    def __init__(self, pipeline, name: str, steps: int = 20, samples: int = 1, seed: int = 0, batch_size: int = 16):
+        self.pipeline, self.name = pipeline, name
+        self.steps, self.samples, self.seed, self.batch_size = steps, samples, seed, batch_size
+        self.is_diffusion = hasattr(pipeline, "scheduler")
+
+    def __call__(self, case: EvalCase, task: Task):
+        kwargs = {}
+        if self.is_diffusion:
+            generators = [torch.Generator().manual_seed(self.seed + k) for k in range(case.brain.shape[2])]
+            kwargs = {"num_inference_steps": self.steps, "num_samples": self.samples, "generator": generators}
+        result = self.pipeline({m: case.images[m] for m in task.sources}, dataset=case.dataset,
+                               targets=[task.target], brain_mask=case.brain, batch_size=self.batch_size, **kwargs)
+        uncertainty = result.uncertainty[task.target] if result.uncertainty is not None else None
+        return result.images[task.target], uncertainty
+
+
+BASELINES = {CopyNearest.name: lambda cache: CopyNearest(), VoxelwiseRegression.name: VoxelwiseRegression}

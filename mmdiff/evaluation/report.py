@@ -1,0 +1,137 @@
+"""Run the protocol over held-out cases and write what a reader needs: a CSV with one row per case,
+task, method and the three regions; a markdown summary (mean +- std over cases, brain-masked first);
+one figure grid PNG per task (inputs, real, each method's synthetic, its error, the uncertainty)."""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..io import atomic_path, write_text
+from ..viz import display, montage
+from .protocol import NORMALISATION, EvalCase, Task, load_cases, robust_normalise, score, tasks_for
+
+Method = Callable[[EvalCase, Task], tuple[np.ndarray, np.ndarray | None]]
+SUMMARY_COLUMNS = ("psnr_brain", "ssim_brain", "mae_brain", "psnr_lesion", "ssim_lesion", "psnr_whole", "ssim_whole")
+
+
+def evaluate(cache: str | Path, methods: Sequence[Method], out: str | Path, protocol: str = "paper",
+             split: str | Sequence[str] = "test", datasets: Sequence[str] | None = None,
+             tasks: Sequence[Task] | None = None, slice_stride: int = 1, figures: bool = True,
+             progress: bool = True, overwrite: bool = False) -> list[dict]:
+    """Score every method on every task of every held-out case; write ``scores.csv``, ``summary.md``
+    and ``figures/<task>.png`` under ``out``; return the score rows."""
+    out = Path(out)
+    cases = list(load_cases(cache, split, datasets, slice_stride))
+    if not cases:
+        raise ValueError(f"no {split} cases in {cache}" + (f" for datasets {list(datasets)}" if datasets else ""))
+    work = [(case, task) for case in cases
+            for task in (tasks_for(case.images, protocol) if tasks is None else
+                         [t for t in tasks if t.target in case.images and set(t.sources) <= set(case.images)])]
+    if not work:
+        raise ValueError("no case has the modalities of any requested task")
+    rows, shown = [], {}
+    for case, task in tqdm(work, desc="evaluate", unit="task", disable=not progress):
+        reference = case.images[task.target]
+        results = {}
+        for method in methods:
+            prediction, uncertainty = method(case, task)
+            results[method.name] = (prediction, uncertainty)
+            rows.append({"dataset": case.dataset, "case": case.case_id, "split": case.split, "task": task.name, "method": method.name,
+                         **score(prediction, reference, case.brain, case.lesion)})
+        if figures and (task, case.dataset) not in shown:  # one figure row per task and dataset
+            shown[(task, case.dataset)] = _figure_row(case, task, results)
+    _write_csv(rows, out / "scores.csv", overwrite)
+    write_text(out / "summary.md", summary_markdown(rows, slice_stride=slice_stride), overwrite=overwrite)
+    if figures:
+        by_task = defaultdict(list)
+        for (task, _), row in shown.items():
+            by_task[task].append(row)
+        for task, task_rows in by_task.items():
+            montage(task_rows, out / "figures" / f"{task.name.replace('->', '_to_').replace('+', '-')}.png",
+                    cell=160, title=f"{task.name}: images on [0, 1] (healthy-brain median = 1/3), |error| on [0, 0.5]",
+                    overwrite=overwrite)
+    return rows
+
+
+def _fixed(image: np.ndarray, top: float) -> np.ndarray:
+    """RGB uint8 of a 2D array on the fixed scale [0, top] (montage shows RGB panels as given)."""
+    grey = (np.clip(image / top, 0, 1) * 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def _figure_row(case: EvalCase, task: Task, results: dict) -> tuple:
+    """Inputs, real, each method's synthetic and |error|, and uncertainty, on the slice with most lesion
+    (most brain without one). Images share the [0, 1] scale, errors [0, 0.5]; std maps are windowed."""
+    weights = (case.lesion if case.lesion is not None and case.lesion.any() else case.brain).sum(axis=(0, 1))
+    k = int(np.argmax(weights))
+    norm = lambda v: robust_normalise(v, case.brain, case.lesion)  # noqa: E731
+    panels = [(m, _fixed(display(norm(case.images[m]), 2, k), 1.0)) for m in task.sources]
+    real = norm(case.images[task.target])
+    panels.append((f"real {task.target}", _fixed(display(real, 2, k), 1.0)))
+    for name, (prediction, uncertainty) in results.items():
+        synthetic = norm(prediction)
+        panels.append((name, _fixed(display(synthetic, 2, k), 1.0)))
+        panels.append(("|error|", _fixed(display(np.abs(synthetic - real), 2, k), 0.5)))
+        if uncertainty is not None:
+            panels.append(("std", display(uncertainty, 2, k)))
+    return (f"{case.dataset}/{case.case_id}"[:28], panels)
+
+
+def _write_csv(rows: list[dict], path: Path, overwrite: bool) -> None:
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def aggregate(rows: list[dict]) -> dict[tuple[str, str, str], dict[str, tuple[float, float, int]]]:
+    """(dataset, task, method) -> column -> (mean, std, cases) over cases, NaNs (no lesion) left out."""
+    groups = defaultdict(list)
+    for row in rows:
+        groups[(row["dataset"], row["task"], row["method"])].append(row)
+    table = {}
+    for key, group in groups.items():
+        table[key] = {}
+        for column in SUMMARY_COLUMNS:
+            values = np.array([float(r[column]) for r in group])
+            values = values[~np.isnan(values)]
+            table[key][column] = ((float(values.mean()), float(values.std()), len(values)) if len(values)
+                                  else (math.nan, math.nan, 0))
+    return table
+
+
+def _cell(stat: tuple[float, float, int], digits: int) -> str:
+    mean, std, n = stat
+    if n == 0:
+        return "-"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
+
+
+def summary_markdown(rows: list[dict], slice_stride: int = 1) -> str:
+    """Mean ± std over cases per dataset, task and method; brain-masked columns first."""
+    table = aggregate(rows)
+    split = "+".join(sorted({row["split"] for row in rows}))
+    cases = defaultdict(set)
+    for row in rows:
+        cases[row["dataset"]].add(row["case"])
+    lines = [
+        f"Cases: {split} split ({'held out' if 'train' not in split else 'includes training cases'}); " + ", ".join(f"{d} {len(c)}" for d, c in sorted(cases.items()))
+        + (f"; every {slice_stride}th axial slice" if slice_stride > 1 else "") + ".",
+        f"Normalisation: {NORMALISATION}. Mean ± std over cases (a single case: its value).",
+        "",
+        "| dataset | task | method | PSNR brain (dB) | SSIM brain | MAE brain | PSNR lesion | SSIM lesion "
+        "| PSNR whole | SSIM whole |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (dataset, task, method), stats in sorted(table.items()):
+        cells = [_cell(stats[c], 3 if c.startswith(("ssim", "mae")) else 2) for c in SUMMARY_COLUMNS]
+        lines.append(f"| {dataset} | {task} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

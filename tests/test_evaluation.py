@@ -1,0 +1,125 @@
+"""The evaluation protocol: tasks, lesion-robust scores, baselines, and `mmdiff evaluate`'s reports."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+
+from mmdiff.cli import main
+from mmdiff.evaluation.protocol import (PAPER_TASKS, CopyNearest, EvalCase, PipelineMethod, Task, VoxelwiseRegression,
+                                        load_cases, robust_normalise, score, tasks_for)
+from mmdiff.evaluation.report import evaluate
+from test_pipelines import tiny_gan
+
+
+def test_tasks_parse_and_follow_the_available_modalities():
+    task = Task.parse("t1+t2+flair->t1c")
+    assert task.sources == ("t1", "t2", "flair") and task.target == "t1c" and task.name == "t1+t2+flair->t1c"
+    with pytest.raises(ValueError, match="SOURCES->TARGET"):
+        Task.parse("t1,t1c")
+    brats = tasks_for(["t1", "t2", "t1c", "flair"], "paper")
+    assert [t.name for t in brats] == ["t1->t1c", "t2->flair", "t1->t2", "t1+t2->flair", "t1+t2+flair->t1c"]
+    assert len(tasks_for(["t1", "t2", "t1c", "flair", "dwi", "adc"], "paper")) == len(PAPER_TASKS)
+    subsets = tasks_for(["t1", "t2", "flair"], "all-subsets")
+    assert len(subsets) == 3 * 3  # per target: 2 singles + 1 pair
+    assert Task(("t1", "t2"), "flair") in subsets
+    with pytest.raises(ValueError, match="unknown protocol"):
+        tasks_for(["t1"], "everything")
+
+
+def _case(seed=0, lesion_value=None):
+    rng = np.random.default_rng(seed)
+    brain = np.zeros((24, 24, 4), bool)
+    brain[4:20, 4:20] = True
+    image = (rng.uniform(0.3, 0.8, brain.shape) * brain).astype(np.float32)
+    lesion = np.zeros_like(brain)
+    lesion[8:12, 8:12] = True
+    if lesion_value is not None:
+        image[lesion] = lesion_value
+    return image, brain, lesion
+
+
+def test_a_bright_lesion_does_not_change_the_normalisation_of_healthy_brain():
+    image, brain, lesion = _case()
+    bright, _, _ = _case(lesion_value=50.0)
+    healthy = brain & ~lesion
+    np.testing.assert_allclose(robust_normalise(image, brain, lesion)[healthy],
+                               robust_normalise(bright, brain, lesion)[healthy])
+    # a global gain is not an error
+    np.testing.assert_allclose(robust_normalise(3 * image, brain, lesion), robust_normalise(image, brain, lesion),
+                               atol=1e-6)
+
+
+def test_scores_per_region():
+    image, brain, lesion = _case()
+    perfect = score(image, image, brain, lesion)
+    assert perfect["psnr_brain"] > 100 and perfect["ssim_brain"] == pytest.approx(1.0, abs=1e-4)
+    assert perfect["mae_lesion"] == 0
+    noisy = image + np.random.default_rng(1).normal(0, 0.05, image.shape).astype(np.float32) * brain
+    scores = score(noisy, image, brain, lesion)
+    assert 15 < scores["psnr_brain"] < 40 and scores["ssim_brain"] < 0.99
+    assert scores["psnr_whole"] > scores["psnr_brain"]  # background inflates whole-image scores
+    assert math.isnan(score(noisy, image, brain, None)["psnr_lesion"])
+
+
+def test_copy_nearest_picks_the_closest_contrast_that_is_given():
+    image, brain, _ = _case()
+    case = EvalCase("d", "c", "test", {"t1": image, "t2": 2 * image, "flair": 3 * image}, brain, None)
+    prediction, uncertainty = CopyNearest()(case, Task(("t2", "t1", "flair"), "t1c"))
+    np.testing.assert_array_equal(prediction, image) and uncertainty is None
+    np.testing.assert_array_equal(CopyNearest()(case, Task(("t1", "t2"), "flair"))[0], 2 * image)
+
+
+def test_cases_come_from_the_requested_split(tiny_cache):
+    cases = list(load_cases(tiny_cache, "test"))
+    assert {c.dataset for c in cases} == {"glioma", "immune", "bratslike", "stroke"}
+    assert all(c.split == "test" for c in cases)
+    glioma = next(c for c in cases if c.dataset == "glioma")
+    assert set(glioma.images) == {"t1", "t2", "t1c", "flair", "dwi", "adc"}
+    assert glioma.images["t1"].shape == glioma.brain.shape and glioma.lesion.any()
+    strided = next(c for c in load_cases(tiny_cache, "test", ["glioma"], slice_stride=3))
+    assert strided.brain.shape[2] == -(-glioma.brain.shape[2] // 3)
+
+
+def test_voxelwise_regression_learns_a_relation_that_exists(tiny_cache):
+    regression = VoxelwiseRegression(tiny_cache)
+    case = next(load_cases(tiny_cache, "test", ["glioma"]))
+    task = Task(("t1", "t2"), "flair")  # FLAIR is T2 with CSF nulled: T1 tells where CSF is
+    fitted = score(regression(case, task)[0], case.images["flair"], case.brain, case.lesion)
+    copied = score(CopyNearest()(case, task)[0], case.images["flair"], case.brain, case.lesion)
+    assert fitted["psnr_brain"] > copied["psnr_brain"] + 3
+    # the fit is on the training split, once per dataset and task
+    assert list(regression._fits) == [("glioma", task)]
+    with pytest.raises(ValueError, match="no train case of stroke"):
+        regression.fit("stroke", Task(("t1",), "t1c"))
+
+
+def test_evaluate_writes_scores_summary_and_figures(tiny_cache, tmp_path):
+    methods = [PipelineMethod(tiny_gan(), "tiny-gan"), CopyNearest()]
+    tasks = [Task.parse("t1->t1c"), Task.parse("flair->adc")]
+    rows = evaluate(tiny_cache, methods, tmp_path / "eval", tasks=tasks, progress=False)
+    with open(tmp_path / "eval" / "scores.csv") as f:
+        written = list(csv.DictReader(f))
+    assert len(written) == len(rows) > 0
+    # glioma has both tasks, stroke only flair->adc, immune may lack t1c; every case/task has both methods
+    keys = {(r["case"], r["task"]) for r in written}
+    assert all(sum(r["case"] == c and r["task"] == t for r in written) == 2 for c, t in keys)
+    assert {r["dataset"] for r in written if r["task"] == "flair->adc"} >= {"glioma", "stroke"}
+    summary = (tmp_path / "eval" / "summary.md").read_text()
+    assert "Normalisation" in summary and "| glioma | t1->t1c | tiny-gan |" in summary
+    assert sorted(p.name for p in (tmp_path / "eval" / "figures").iterdir()) == ["flair_to_adc.png", "t1_to_t1c.png"]
+    with pytest.raises(FileExistsError):
+        evaluate(tiny_cache, methods, tmp_path / "eval", tasks=tasks, progress=False)
+
+
+def test_evaluate_command_with_baselines(tiny_cache, tmp_path, capsys):
+    code = main(["evaluate", "--data", str(tiny_cache), "--datasets", "glioma", "--tasks", "t1+t2+flair->t1c",
+                 "--out", str(tmp_path / "e"), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "copy-nearest" in printed and "voxel-regression" in printed
+    assert main(["evaluate", "--data", str(tiny_cache), "--baselines", "--out", str(tmp_path / "f")]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err

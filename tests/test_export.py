@@ -1,0 +1,123 @@
+"""`mmdiff export` (run -> pipeline folder + model card) and `mmdiff push` against a local stand-in hub."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+
+from mmdiff.cli import main
+from mmdiff.pipelines import MMGANPipeline
+from test_pipelines import tiny_gan, tiny_ldm
+
+HERE = Path(__file__).parent
+
+
+def fake_run(root: Path, pipe) -> Path:
+    """A finished training run folder as the trainer leaves it."""
+    pipe.save_pretrained(root / "final")
+    info = {"stage": "gan", "steps": 10, "datasets": ["brats", "ixi"], "modalities": pipe.modalities,
+            "cache": str(root / "no-cache"), "processes": 1,
+            "config": {"stage": "gan", "train": {"batch_size": 4, "learning_rate": 2e-4, "ema_decay": 0.99}}}
+    (root / "final" / "training_info.json").write_text(json.dumps(info))
+    return root
+
+
+def fake_evaluation(root: Path, method: str) -> Path:
+    root.mkdir(parents=True)
+    columns = ["dataset", "case", "split", "task", "method", "psnr_brain", "ssim_brain", "mae_brain", "psnr_whole",
+               "ssim_whole", "mae_whole", "psnr_lesion", "ssim_lesion", "mae_lesion"]
+    with open(root / "scores.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for case, value in (("a", 20.0), ("b", 22.0)):
+            for name, offset in ((method, 0.0), ("copy-nearest", -5.0)):
+                writer.writerow(["brats", case, "test", "t1+t2+flair->t1c", name, value + offset, 0.7, 0.05, 30, 0.9,
+                                 0.02, "nan", "nan", "nan"])
+    return root
+
+
+def test_export_writes_fp16_weights_and_a_card_with_held_out_results(tmp_path):
+    pipe = tiny_gan()
+    run = fake_run(tmp_path / "run", pipe)
+    evaluation = fake_evaluation(tmp_path / "eval", "mmdiff-gan")
+    out = tmp_path / "pipelines" / "mmdiff-gan"
+    assert main(["export", str(run), str(out), "--evaluation", str(evaluation)]) == 0
+    weights = load_file(out / "generator" / "diffusion_pytorch_model.safetensors")
+    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float16}
+    loaded = MMGANPipeline.from_pretrained(out)
+    assert loaded.generator.dtype == torch.float32  # diffusers loads fp16 files into float32 models
+    for name, value in loaded.generator.state_dict().items():
+        torch.testing.assert_close(value, pipe.generator.state_dict()[name].half().float(), rtol=0, atol=0)
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "image-to-image"
+    assert "mri" in card.data.tags and card.data.license == "apache-2.0"
+    results = {(r.dataset_config, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert results == {("t1+t2+flair->t1c", "psnr"): 21.0, ("t1+t2+flair->t1c", "ssim"): 0.7}
+    assert "not for diagnosis" in card.text and "copy-nearest" in card.text and "MMGANPipeline" in card.text
+    assert json.loads((out / "training_info.json").read_text())["exported_dtype"] == "float16"
+    # nothing replaced without --overwrite; an evaluation without this model is an error
+    assert main(["export", str(run), str(out)]) == 2
+    assert main(["export", str(run), str(tmp_path / "other"), "--evaluation", str(evaluation),
+                 "--method", "mmdiff-ldm"]) == 2
+    assert not (tmp_path / "other").exists()
+
+
+def test_export_ldm_without_evaluation_says_so(tmp_path):
+    run = fake_run(tmp_path / "run", tiny_ldm())
+    out = tmp_path / "ldm"
+    assert main(["export", str(run), str(out), "--dtype", "float32", "--repo-id", "org/tiny-ldm"]) == 0
+    card = ModelCard.load(out / "README.md")
+    assert card.data.eval_results is None and "Not evaluated yet" in card.text
+    assert 'DiffusionPipeline.from_pretrained("org/tiny-ldm")' in card.text
+    assert {t.dtype for t in load_file(out / "unet" / "diffusion_pytorch_model.safetensors").values()} == {torch.float32}
+
+
+@pytest.fixture
+def hub(tmp_path):
+    """The stand-in hub server on a free local port: (endpoint, folder its repos are written to)."""
+    root, port_file = tmp_path / "hub", tmp_path / "port"
+    root.mkdir()
+    server = subprocess.Popen([sys.executable, str(HERE / "hub_server.py"), str(root), str(port_file)])
+    try:
+        for _ in range(100):
+            if port_file.exists() and port_file.read_text():
+                break
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port_file.read_text()}", root
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def test_push_uploads_the_folder(hub, tmp_path):
+    endpoint, root = hub
+    run = fake_run(tmp_path / "run", tiny_gan())
+    out = tmp_path / "mmdiff-gan"
+    assert main(["export", str(run), str(out)]) == 0
+    # huggingface_hub reads HF_ENDPOINT at import: push from a fresh process, online against the stand-in
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"} | {"HF_ENDPOINT": endpoint,
+                                                                            "HF_TOKEN": "hf_stand_in"}
+    done = subprocess.run([sys.executable, "-m", "mmdiff.cli", "push", str(out), "--repo-id", "org/mmdiff-gan"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "pushed" in done.stdout
+    uploaded = root / "org" / "mmdiff-gan"
+    for file in ("model_index.json", "README.md", "generator/config.json",
+                 "generator/diffusion_pytorch_model.safetensors"):
+        assert (uploaded / file).read_bytes() == (out / file).read_bytes()
+
+
+def test_push_refuses_a_folder_that_is_not_an_export(tmp_path, capsys):
+    tiny_gan().save_pretrained(tmp_path / "bare")
+    assert main(["push", str(tmp_path / "bare"), "--repo-id", "org/x"]) == 2
+    assert "no README.md model card" in capsys.readouterr().err

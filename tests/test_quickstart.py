@@ -1,0 +1,36 @@
+"""`mmdiff quickstart`: hidden sequences of a phantom exam, synthesised by both engines, scored, pictured."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mmdiff.io import is_synthetic, load_volume
+from mmdiff.quickstart import quickstart
+from test_pipelines import tiny_gan, tiny_ldm
+
+
+def test_quickstart_hides_synthesises_scores_and_pictures(tmp_path):
+    out = tmp_path / "qs"
+    result = quickstart(out, hide=["t1ce", "flair"], pipelines={"gan": tiny_gan(), "ldm": tiny_ldm()}, steps=2,
+                        spacing=3.0, progress=False)
+    phantom_t1 = next((out / "phantom").rglob("*-t1n.nii.gz"))
+    for engine in ("gan", "ldm"):
+        assert set(result["files"][engine]) == {"t1c", "flair"}
+        image = load_volume(result["files"][engine]["t1c"])
+        assert is_synthetic(result["files"][engine]["t1c"])
+        assert image.data.shape == load_volume(phantom_t1).data.shape
+        assert np.isfinite(image.data).all() and image.data.max() > 0
+    table = result["metrics"].read_text()
+    assert table.count("| gan |") == 2 and table.count("| ldm |") == 2 and "Normalisation" in table
+    assert set(result["scores"]) == {(e, t) for e in ("gan", "ldm") for t in ("t1c", "flair")}
+    assert result["montage"].stat().st_size > 10_000
+    with pytest.raises(FileExistsError):
+        quickstart(out, hide=["t1c"], pipelines={"gan": tiny_gan()}, engines=["gan"], spacing=3.0, progress=False)
+
+
+def test_quickstart_refuses_to_hide_everything_or_unknown(tmp_path):
+    with pytest.raises(ValueError, match="something must stay"):
+        quickstart(tmp_path / "a", hide=["t1", "t2", "t1c", "flair", "dwi", "adc"], engines=[])
+    with pytest.raises(ValueError, match="unknown modality|not a known|pd"):
+        quickstart(tmp_path / "b", hide=["pd"], engines=[])
