@@ -47,12 +47,23 @@ def psnr(pred, target, mask=None, data_range: float = 1.0, pooled: bool = False)
     return 10 * torch.log10(data_range**2 / mse.clamp_min(1e-12))
 
 
+def ssim_map(pred, target, data_range: float = 1.0) -> torch.Tensor:
+    """MONAI's SSIM map of ``[N, H, W]`` slices: ``[N, H - 10, W - 10]`` (valid Gaussian window)."""
+    pred, target, _ = _prepare(pred, target, None)
+    values, _ = compute_ssim_and_cs(pred[:, None], target[:, None], spatial_dims=2,
+                                    kernel_size=(KERNEL_SIZE,) * 2, kernel_sigma=(KERNEL_SIGMA,) * 2,
+                                    data_range=data_range)
+    return values[:, 0]
+
+
+def masked_ssim(values: torch.Tensor, mask, pooled: bool = False) -> torch.Tensor:
+    """The mean of an :func:`ssim_map` inside ``mask`` ``[N, H, W]`` (cropped like the map)."""
+    border = KERNEL_SIZE // 2
+    mask = torch.as_tensor(mask).bool()[:, border:-border, border:-border]
+    return _masked_mean(values, mask.expand_as(values), pooled)
+
+
 def ssim(pred, target, mask=None, data_range: float = 1.0, pooled: bool = False) -> torch.Tensor:
     """Structural similarity: MONAI's SSIM map averaged inside ``mask`` (map and mask cropped alike)."""
     pred, target, mask = _prepare(pred, target, mask)
-    ssim_map, _ = compute_ssim_and_cs(pred[:, None], target[:, None], spatial_dims=2,
-                                      kernel_size=(KERNEL_SIZE,) * 2, kernel_sigma=(KERNEL_SIGMA,) * 2,
-                                      data_range=data_range)
-    border = KERNEL_SIZE // 2
-    inner = mask[:, border:-border, border:-border]
-    return _masked_mean(ssim_map[:, 0], inner, pooled)
+    return masked_ssim(ssim_map(pred, target, data_range), mask, pooled)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..modalities import MODALITIES
-from .metrics import mae, psnr, ssim
+from .metrics import mae, masked_ssim, psnr, ssim_map
 
 PROTOCOLS = ("paper", "all-subsets")
 REGIONS = ("brain", "whole", "lesion")
@@ -119,6 +119,7 @@ def score(prediction: np.ndarray, reference: np.ndarray, brain: np.ndarray,
     ref = torch.from_numpy(robust_normalise(reference, brain, lesion).transpose(2, 0, 1).copy())
     regions = {"brain": brain, "whole": np.ones_like(brain),
                "lesion": lesion if lesion is not None and lesion.any() else None}
+    similarity = ssim_map(pred, ref)  # once, averaged per region below
     scores = {}
     for region, mask in regions.items():
         if mask is None:
@@ -126,7 +127,7 @@ def score(prediction: np.ndarray, reference: np.ndarray, brain: np.ndarray,
             continue
         mask = torch.from_numpy(mask.transpose(2, 0, 1).copy())
         scores[f"psnr_{region}"] = float(psnr(pred, ref, mask, pooled=True))
-        scores[f"ssim_{region}"] = float(ssim(pred, ref, mask, pooled=True))
+        scores[f"ssim_{region}"] = float(masked_ssim(similarity, mask, pooled=True))
         scores[f"mae_{region}"] = float(mae(pred, ref, mask, pooled=True))
     return scores
 
