@@ -144,7 +144,7 @@ def cmd_export(args) -> int:
     from .export import export
 
     out = export(args.run_dir, args.out, evaluation=args.evaluation, method=args.method, dtype=args.dtype,
-                 repo_id=args.repo_id, overwrite=args.overwrite)
+                 repo_id=args.repo_id, training_note=args.training_note, overwrite=args.overwrite)
     print(f"pipeline: {out}\nmodel card: {out / 'README.md'}")
     return 0
 
@@ -249,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help="the method name in the evaluation (default: the OUT folder's name)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="weights (default: %(default)s)")
     p.add_argument("--repo-id", help="the Hub repo id the card's usage examples name")
+    p.add_argument("--training-note", help="a sentence for the card's training row (what the run record lacks)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.set_defaults(func=cmd_export)
 

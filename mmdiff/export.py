@@ -79,7 +79,7 @@ def _parameters(pipe) -> str:
 
 
 def render_card(pipe, info: dict, rows: list[dict], method: str, evaluation: Path | None, dtype: str,
-                repo_id: str | None, cache_config: dict | None) -> str:
+                repo_id: str | None, cache_config: dict | None, training_note: str | None = None) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     is_diffusion = hasattr(pipe, "scheduler")
@@ -118,10 +118,10 @@ def render_card(pipe, info: dict, rows: list[dict], method: str, evaluation: Pat
         weights=f"safetensors, {dtype} (loaded into float32 by diffusers)",
         training=(f"{steps} steps, batch {train_cfg['batch_size']} (modality-consistent batches), "
                   f"AdamW lr {train_cfg['learning_rate']}, EMA {train_cfg.get('ema_decay')}, "
-                  f"random {train_cfg.get('condition_mode', 'random')} synthesis conditions, "
+                  f"{train_cfg.get('condition_mode', 'random')} synthesis conditions, "
                   f"dataset dropout {train_cfg.get('dataset_dropout')}, "
-                  f"{info.get('processes', 1)} process(es); mmdiff config `{info['config'].get('stage')}` as "
-                  "recorded in `training_info.json`"),
+                  f"{info.get('processes', 1)} process(es); the full config is in `training_info.json`"
+                  + (f". {training_note}" if training_note else "")),
         training_data=(
             "Training splits of a prepared mmdiff cache (case-level splits; held-out cases never seen):\n\n"
             "- four simulated phantom cohorts (`mmdiff phantom`: glioma with all six sequences; an "
@@ -145,10 +145,11 @@ def render_card(pipe, info: dict, rows: list[dict], method: str, evaluation: Pat
 
 def export(run_dir: str | os.PathLike, out: str | os.PathLike, evaluation: str | os.PathLike | None = None,
            method: str | None = None, dtype: str = "float16", repo_id: str | None = None,
-           overwrite: bool = False) -> Path:
+           training_note: str | None = None, overwrite: bool = False) -> Path:
     """``run_dir/final`` (a trained pipeline) -> ``out``: weights in ``dtype``, ``training_info.json``
     and a ``README.md`` model card; ``evaluation`` (an ``mmdiff evaluate`` folder) fills its results,
-    taking the rows of ``method`` (default: the folder name of ``out``)."""
+    taking the rows of ``method`` (default: the folder name of ``out``); ``training_note`` adds what the
+    run's own record cannot tell (e.g. that it resumed another run on other data)."""
     from .synthesize import load_pipeline
 
     run_dir, out = Path(run_dir), Path(out)
@@ -168,7 +169,7 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, evaluation: str |
     cache_config = json.loads(cache_json.read_text())["config"] if cache_json.is_file() else None
     rows = _evaluation_rows(Path(evaluation) if evaluation else None)
     card = render_card(pipe, info, rows, method or out.name, Path(evaluation) if evaluation else None, dtype,
-                       repo_id, cache_config)
+                       repo_id, cache_config, training_note)
     with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         cast_safetensors(tmp, DTYPES[dtype])
