@@ -112,7 +112,11 @@ def _evaluation_data(text: str) -> Path:
     from .training.data import ensure_cache
 
     name = text if text.startswith("data-") else f"data-{text}"
-    return ensure_cache(load_config(name)["data"])
+    try:
+        config = load_config(name)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ValueError(f"--data {text} is neither a prepared cache folder nor a data config ({exc})") from exc
+    return ensure_cache(config["data"])
 
 
 def cmd_evaluate(args) -> int:

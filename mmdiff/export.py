@@ -188,9 +188,17 @@ def push(folder: str | os.PathLike, repo_id: str, private: bool = False, token: 
         raise FileNotFoundError(f"{folder} is not a pipeline folder (no model_index.json): run `mmdiff export` first")
     if not (folder / "README.md").exists():
         raise FileNotFoundError(f"{folder} has no README.md model card: run `mmdiff export` to write one")
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
     api = HfApi(token=token)
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    commit = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision,
-                               commit_message=commit_message or f"Upload {folder.name} with mmdiff push",
-                               allow_patterns=["*.json", "*.safetensors", "*.md"])
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision,
+                                   commit_message=commit_message or f"Upload {folder.name} with mmdiff push",
+                                   allow_patterns=["*.json", "*.safetensors", "*.md"])
+    except OfflineModeIsEnabled as exc:
+        raise ValueError("HF_HUB_OFFLINE is set: unset it to push") from exc
+    except HfHubHTTPError as exc:  # no or wrong token, no write access, hub unreachable
+        raise ValueError(f"the Hub refused the upload to {repo_id} ({exc}); log in with `hf auth login` "
+                         "or set HF_TOKEN to a token with write access") from exc
     return commit.commit_url

@@ -121,3 +121,11 @@ def test_push_refuses_a_folder_that_is_not_an_export(tmp_path, capsys):
     tiny_gan().save_pretrained(tmp_path / "bare")
     assert main(["push", str(tmp_path / "bare"), "--repo-id", "org/x"]) == 2
     assert "no README.md model card" in capsys.readouterr().err
+
+
+def test_push_offline_says_what_to_do(tmp_path, capsys):
+    run = fake_run(tmp_path / "run", tiny_gan())
+    assert main(["export", str(run), str(tmp_path / "out")]) == 0
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"  # the test command sets it
+    assert main(["push", str(tmp_path / "out"), "--repo-id", "org/x"]) == 2
+    assert "unset it to push" in capsys.readouterr().err

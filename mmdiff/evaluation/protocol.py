@@ -163,6 +163,7 @@ class VoxelwiseRegression:
 
     def __init__(self, cache: str | Path, split: str = "train", voxels: int = 200_000, seed: int = 0):
         self.cache, self.split, self.voxels, self.seed = Path(cache), split, voxels, seed
+        self._samples: dict[str, np.ndarray] = {}
         self._fits: dict[tuple[str, Task], np.ndarray] = {}
 
     @staticmethod
@@ -171,21 +172,32 @@ class VoxelwiseRegression:
         pairs = [values[:, i] * values[:, j] for i, j in itertools.combinations_with_replacement(range(values.shape[1]), 2)]
         return np.column_stack([np.ones(len(values)), values, *pairs])
 
+    def samples(self, dataset: str) -> np.ndarray:
+        """Brain voxels of the dataset's training cases, read once: ``[N, 6]`` over :data:`MODALITIES`,
+        NaN where a case lacks the modality."""
+        if dataset not in self._samples:
+            rng = np.random.default_rng(self.seed)
+            cases = list(load_cases(self.cache, self.split, datasets=[dataset], slice_stride=2))
+            rows = []
+            for case in cases:
+                index = np.flatnonzero(case.brain)
+                index = rng.choice(index, size=min(len(index), self.voxels // max(1, len(cases))), replace=False)
+                table = np.full((len(index), len(MODALITIES)), np.nan, dtype=np.float32)
+                for m, image in case.images.items():
+                    table[:, MODALITIES.index(m)] = image.reshape(-1)[index]
+                rows.append(table)
+            self._samples[dataset] = np.concatenate(rows) if rows else np.empty((0, len(MODALITIES)), np.float32)
+        return self._samples[dataset]
+
     def fit(self, dataset: str, task: Task) -> np.ndarray:
         key = (dataset, task)
         if key not in self._fits:
-            rng = np.random.default_rng(self.seed)
-            xs, ys = [], []
-            for case in load_cases(self.cache, self.split, datasets=[dataset], slice_stride=2):
-                if task.target not in case.images or not set(task.sources) <= set(case.images):
-                    continue
-                xs.append(np.stack([case.images[m][case.brain] for m in task.sources], axis=1))
-                ys.append(case.images[task.target][case.brain])
-            if not xs:
+            columns = [MODALITIES.index(m) for m in (*task.sources, task.target)]
+            table = self.samples(dataset)[:, columns]
+            table = table[~np.isnan(table).any(axis=1)]
+            if not len(table):
                 raise ValueError(f"no {self.split} case of {dataset} has {task.name}: cannot fit the regression")
-            x, y = np.concatenate(xs), np.concatenate(ys)
-            keep = rng.choice(len(x), size=min(self.voxels, len(x)), replace=False)
-            self._fits[key] = np.linalg.lstsq(self.features(x[keep]), y[keep], rcond=None)[0]
+            self._fits[key] = np.linalg.lstsq(self.features(table[:, :-1]), table[:, -1], rcond=None)[0]
         return self._fits[key]
 
     def __call__(self, case: EvalCase, task: Task):
