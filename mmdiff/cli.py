@@ -20,6 +20,9 @@ from pathlib import Path
 
 from . import __version__
 
+#: the names of :data:`mmdiff.pipelines.SCHEDULERS`, here so the parser needs no diffusers import
+SCHEDULER_NAMES = ("dpm++", "unipc", "ddim", "euler", "ddpm")
+
 
 def _source(text: str) -> tuple[str | None, Path]:
     """``PATH`` or ``NAME=PATH`` (NAME names the dataset)."""
@@ -97,7 +100,8 @@ def cmd_synthesize(args) -> int:
 
     inputs = {m: getattr(args, m) for m in ("t1", "t2", "t1c", "flair", "dwi", "adc") if getattr(args, m)}
     written = synthesize(inputs, args.out, pipeline_source=args.pipeline, engine=args.engine, dataset=args.dataset,
-                         targets=args.targets, steps=args.steps, samples=args.samples, seed=args.seed,
+                         targets=args.targets, steps=args.steps, scheduler=args.scheduler, samples=args.samples,
+                         seed=args.seed,
                          brain_mask=args.brain_mask, batch_size=args.batch_size, overwrite=args.overwrite)
     for name, path in written.items():
         print(f"{name:18s} {path}")
@@ -131,8 +135,13 @@ def cmd_evaluate(args) -> int:
         path = PUBLISHED / DEFAULT_PIPELINES[engine] if engine else Path(source)
         pipe = load_pipeline(path, engine or "ldm")
         pipe.set_progress_bar_config(disable=True)
-        methods.append(PipelineMethod(pipe, name=path.name, steps=args.steps, samples=args.samples, seed=args.seed,
-                                      batch_size=args.batch_size))
+        settings = [(None, 1)]
+        if hasattr(pipe, "scheduler"):  # diffusion: one method per scheduler and step count
+            settings = [(name, steps) for name in args.scheduler or [None] for steps in args.steps]
+        for scheduler, steps in settings:
+            name = path.name if len(settings) == 1 else f"{path.name} ({scheduler or 'default'}, {steps} steps)"
+            methods.append(PipelineMethod(pipe, name=name, steps=steps, samples=args.samples, seed=args.seed,
+                                          batch_size=args.batch_size, scheduler=scheduler))
     methods += [BASELINES[name](cache) for name in args.baselines]
     if not methods:
         raise ValueError("nothing to evaluate: give --pipeline and/or --baselines")
@@ -217,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline", help="pipeline folder or Hub repo id (default: the published one in pipelines/)")
     p.add_argument("--targets", nargs="+", help="sequences to make (default: every one not given)")
     p.add_argument("--steps", type=int, default=20, help="diffusion steps (ldm; default: %(default)s)")
+    p.add_argument("--scheduler", choices=list(SCHEDULER_NAMES), help="diffusion scheduler (ldm; default: the pipeline's)")
     p.add_argument("--samples", type=int, default=1, help="samples per slice; >1 also writes uncertainty maps (ldm)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--brain-mask", metavar="NIFTI", help="brain mask on the inputs' grid (default: derived; "
@@ -236,7 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", nargs="+", help="only these datasets of the cache")
     p.add_argument("--baselines", nargs="*", default=["copy-nearest", "voxel-regression"],
                    help="baselines scored alongside (default: %(default)s; none: --baselines)")
-    p.add_argument("--steps", type=int, default=20, help="diffusion steps (ldm; default: %(default)s)")
+    p.add_argument("--steps", type=int, nargs="+", default=[20],
+                   help="diffusion steps (ldm; several: one method per count; default: %(default)s)")
+    p.add_argument("--scheduler", nargs="+", choices=list(SCHEDULER_NAMES),
+                   help="diffusion scheduler(s) (ldm; several: one method each; default: the pipeline's)")
     p.add_argument("--samples", type=int, default=1, help="samples per slice (ldm; >1 adds uncertainty maps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--slice-stride", type=int, default=1, help="score every k-th axial slice (default: all)")

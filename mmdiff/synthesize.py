@@ -76,6 +76,7 @@ def synthesize(
     dataset: str | None = None,
     targets: list[str] | None = None,
     steps: int = 20,
+    scheduler: str | None = None,
     samples: int = 1,
     seed: int = 0,
     brain_mask: str | os.PathLike | None = None,
@@ -90,6 +91,12 @@ def synthesize(
     if missing:
         raise FileNotFoundError(f"input file(s) not found: {', '.join(missing)}")
     pipe = pipeline if pipeline is not None else load_pipeline(pipeline_source, engine)
+    if scheduler is not None:
+        if not hasattr(pipe, "scheduler"):
+            raise ValueError(f"--scheduler is for the diffusion engine; the {engine} pipeline has no scheduler")
+        from .pipelines import use_scheduler
+
+        use_scheduler(pipe, scheduler)
     modalities = pipe.modalities
     targets = [canonical(t, modalities) for t in targets] if targets else [m for m in modalities if m not in inputs]
     out = Path(out)
@@ -110,6 +117,7 @@ def synthesize(
         "dataset": dataset, "inputs": {m: str(p.resolve()) for m, p in inputs.items()},
         "brain_mask": str(Path(brain_mask).resolve()) if brain_mask else "derived from the inputs",
         "targets": targets, "seed": seed, "steps": steps if engine == "ldm" else 1, "samples": samples,
+        "scheduler": type(pipe.scheduler).__name__ if hasattr(pipe, "scheduler") else None,
         "intensity_units": "mmdiff normalised [0, 1] (99.5th percentile inside the brain = 1)",
     }
     written = {}

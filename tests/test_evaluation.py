@@ -12,7 +12,7 @@ from mmdiff.cli import main
 from mmdiff.evaluation.protocol import (PAPER_TASKS, CopyNearest, EvalCase, PipelineMethod, Task, VoxelwiseRegression,
                                         load_cases, robust_normalise, score, tasks_for)
 from mmdiff.evaluation.report import evaluate
-from test_pipelines import tiny_gan
+from test_pipelines import tiny_gan, tiny_ldm
 
 
 def test_tasks_parse_and_follow_the_available_modalities():
@@ -123,3 +123,19 @@ def test_evaluate_command_with_baselines(tiny_cache, tmp_path, capsys):
     assert "copy-nearest" in printed and "voxel-regression" in printed
     assert main(["evaluate", "--data", str(tiny_cache), "--baselines", "--out", str(tmp_path / "f")]) == 2
     assert "nothing to evaluate" in capsys.readouterr().err
+
+
+def test_evaluate_command_compares_schedulers_and_steps(tiny_cache, tmp_path, capsys):
+    tiny_ldm().save_pretrained(tmp_path / "ldm")
+    code = main(["evaluate", "--data", str(tiny_cache), "--datasets", "glioma", "--tasks", "t1->t1c",
+                 "--pipeline", str(tmp_path / "ldm"), "--steps", "1", "2", "--scheduler", "ddim", "dpm++",
+                 "--baselines", "--slice-stride", "4", "--out", str(tmp_path / "e"), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    with open(tmp_path / "e" / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    by_method = {}
+    for row in rows:
+        by_method.setdefault(row["method"], []).append(float(row["psnr_brain"]))
+    assert sorted(by_method) == ["ldm (ddim, 1 steps)", "ldm (ddim, 2 steps)", "ldm (dpm++, 1 steps)",
+                                 "ldm (dpm++, 2 steps)"]
+    assert by_method["ldm (ddim, 2 steps)"] != by_method["ldm (dpm++, 2 steps)"]  # really another sampler

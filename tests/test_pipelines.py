@@ -18,7 +18,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 
 from mmdiff.io import SYNTHETIC_DESCRIP, load_volume
 from mmdiff.models import ConditionalLatentUNet, MultiModalGenerator, build_vae
-from mmdiff.pipelines import MMDiffPipeline, MMDiffPipelineOutput, MMGANPipeline
+from mmdiff.cli import SCHEDULER_NAMES
+from mmdiff.pipelines import SCHEDULERS, MMDiffPipeline, MMDiffPipelineOutput, MMGANPipeline, use_scheduler
 
 DATASETS = ["brats", "ixi"]
 STEPS = 4
@@ -152,6 +153,19 @@ def test_generic_from_pretrained_in_fresh_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
+
+
+def test_schedulers_by_name():
+    assert SCHEDULER_NAMES == tuple(SCHEDULERS)  # the CLI's choices, kept without importing diffusers
+    pipe = tiny_ldm()
+    use_scheduler(pipe, "ddim")
+    assert type(pipe.scheduler) is DDIMScheduler
+    assert pipe.scheduler.config.num_train_timesteps == pipe.unet.config.get("num_train_timesteps",
+                                                                             pipe.scheduler.config.num_train_timesteps)
+    use_scheduler(pipe, "dpm++")
+    assert type(pipe.scheduler) is DPMSolverMultistepScheduler
+    with pytest.raises(ValueError, match="unknown scheduler 'plms'"):
+        use_scheduler(pipe, "plms")
 
 
 @pytest.mark.parametrize("scheduler_class", [DDIMScheduler, UniPCMultistepScheduler, EulerDiscreteScheduler])

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..modalities import MODALITIES
+from ..pipelines.ldm import SCHEDULERS, use_scheduler
 from .metrics import mae, masked_ssim, psnr, ssim_map
 
 PROTOCOLS = ("paper", "all-subsets")
@@ -209,16 +210,26 @@ class VoxelwiseRegression:
 
 
 class PipelineMethod:
-    """An mmdiff pipeline (LDM or GAN) as an evaluation method; a fixed seed per slice."""
+    """An mmdiff pipeline (LDM or GAN) as an evaluation method; a fixed seed per slice.
 
-    def __init__(self, pipeline, name: str, steps: int = 20, samples: int = 1, seed: int = 0, batch_size: int = 16):
+    ``scheduler`` (a name in :data:`mmdiff.pipelines.SCHEDULERS`) is set on the pipeline before each
+    call, so methods that share one diffusion pipeline can differ in scheduler and steps.
+    """
+
+    def __init__(self, pipeline, name: str, steps: int = 20, samples: int = 1, seed: int = 0, batch_size: int = 16,
+                 scheduler: str | None = None):
         self.pipeline, self.name = pipeline, name
         self.steps, self.samples, self.seed, self.batch_size = steps, samples, seed, batch_size
         self.is_diffusion = hasattr(pipeline, "scheduler")
+        self.scheduler = scheduler
+        if scheduler is not None and scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
 
     def __call__(self, case: EvalCase, task: Task):
         kwargs = {}
         if self.is_diffusion:
+            if self.scheduler is not None:
+                use_scheduler(self.pipeline, self.scheduler)
             generators = [torch.Generator().manual_seed(self.seed + k) for k in range(case.brain.shape[2])]
             kwargs = {"num_inference_steps": self.steps, "num_samples": self.samples, "generator": generators}
         result = self.pipeline({m: case.images[m] for m in task.sources}, dataset=case.dataset,

@@ -27,12 +27,12 @@ import diffusers
 
 from .common import MMDiffPipelineOutput, prepare_inputs, resolve_dataset_id
 from .gan import MMGANPipeline
-from .ldm import MMDiffPipeline, sample_latents
+from .ldm import SCHEDULERS, MMDiffPipeline, sample_latents, use_scheduler
 
 for _pipeline in (MMDiffPipeline, MMGANPipeline):
     if getattr(diffusers, _pipeline.__name__, None) is None:
         setattr(diffusers, _pipeline.__name__, _pipeline)
 del _pipeline
 
-__all__ = ["MMDiffPipeline", "MMDiffPipelineOutput", "MMGANPipeline", "prepare_inputs", "resolve_dataset_id",
-           "sample_latents"]
+__all__ = ["SCHEDULERS", "MMDiffPipeline", "MMDiffPipelineOutput", "MMGANPipeline", "prepare_inputs",
+           "resolve_dataset_id", "sample_latents", "use_scheduler"]

@@ -7,7 +7,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
+from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler,
+                       EulerDiscreteScheduler, UniPCMultistepScheduler)
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
@@ -17,6 +18,18 @@ from ..models.vae import decode_modalities, downsampling_factor, encode_modaliti
 from .common import ImageInput, MMDiffPipelineOutput, from_network, prepare_inputs, resolve_dataset_id, to_network
 
 logger = logging.get_logger(__name__)
+
+#: schedulers by the names ``mmdiff synthesize/evaluate --scheduler`` take; any other diffusers scheduler
+#: can be assigned to ``pipe.scheduler`` directly.
+SCHEDULERS = {"dpm++": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler, "ddim": DDIMScheduler,
+              "euler": EulerDiscreteScheduler, "ddpm": DDPMScheduler}
+
+
+def use_scheduler(pipe: "MMDiffPipeline", name: str) -> None:
+    """Give ``pipe`` the scheduler called ``name`` (see :data:`SCHEDULERS`), built from its scheduler's config."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
+    pipe.scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config)
 
 
 def sample_latents(

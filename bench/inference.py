@@ -1,0 +1,268 @@
+"""Inference speed and memory of the published pipelines, against a naive loop and the compute floor.
+
+On one real BraTS case (T1 + T2 + FLAIR -> T1C, 240 x 240 x 155) when ``../shared/data`` has it, else
+on a phantom glioma case, this measures in one run:
+
+- the machine's matmul rate (float32 GEMM, GFLOP/s), and each network's FLOPs per slice
+  (``torch.utils.flop_counter``), which give the compute floor: FLOPs x steps / matmul rate;
+- the GAN pipeline on the whole volume, then one fast-path change at a time: batch 1 / 8 / 32,
+  ``torch.inference_mode``, channels-last weights, ``torch.compile`` (``--compile``);
+- the LDM pipeline at 5 / 10 / 20 / 50 DPM-Solver++ steps (and DDIM at 50), on ``--ldm-slices``
+  brain slices (0: the whole volume), reported per slice and scaled to the case's brain slices;
+- the naive baseline the issue names: a Python loop over all 155 axial slices, one slice per call,
+  DDIM 50 steps, no skipping of empty slices (timed on ``--naive-slices`` slices, scaled to 155);
+- peak memory of each row: CUDA ``max_memory_allocated`` on a GPU; on CPU the process's peak
+  resident set (``VmHWM``), reset before each row by writing 5 to ``/proc/self/clear_refs``.
+
+    python bench/inference.py [--gan pipelines/mmdiff-gan] [--ldm pipelines/mmdiff-ldm]
+        [--device cpu|cuda] [--threads N] [--ldm-slices 16] [--naive-slices 4] [--compile]
+        [--out bench/results/inference.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from contextlib import nullcontext
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from torch.utils.flop_counter import FlopCounterMode
+
+from mmdiff.models.vae import decode_modalities, encode_modalities
+from mmdiff.pipelines import MMDiffPipeline, MMGANPipeline
+from mmdiff.pipelines.common import from_network, prepare_inputs, to_network
+from mmdiff.pipelines.ldm import sample_latents
+
+SOURCES, TARGET = ("t1", "t2", "flair"), "t1c"
+BRATS_CASE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "brats2018-sample" / "Brats18_CBICA_AME_1"
+
+
+def load_case() -> tuple[dict, str, str]:
+    """Inputs (NIfTI paths or arrays), the dataset name, and a description of the case."""
+    if BRATS_CASE.is_dir():
+        files = {m: next(BRATS_CASE.glob(f"*_{m}.nii.gz")) for m in SOURCES}
+        return {m: str(p) for m, p in files.items()}, "brats", f"real BraTS 2018 {BRATS_CASE.name}, 240x240x155"
+    from mmdiff.data.phantom import simulate_case  # no real data here: a phantom glioma case at 1 mm
+    case = simulate_case("glioma", 0, seed=0, spacing=1.0)
+    images = {m: case.images[m] for m in SOURCES}
+    return images, "glioma", f"phantom glioma case 0, {'x'.join(map(str, images['t1'].shape))}"
+
+
+def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 10) -> float:
+    """Best float32 GEMM rate over ``repeats`` (GFLOP/s)."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def flops(fn) -> int:
+    """Floating-point operations (multiply-add = 2) of one call."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        fn()
+    return counter.get_total_flops()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:  # Linux: "5" resets the peak resident set size (VmHWM) of the process
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def timed(device: torch.device, fn, context=None) -> tuple[float, float]:
+    """(seconds, peak MiB) of one call."""
+    reset_peak(device)
+    sync(device)
+    start = time.perf_counter()
+    with context or nullcontext():
+        fn()
+    sync(device)
+    return time.perf_counter() - start, peak_mib(device)
+
+
+def bench_gan(path: str, images: dict, dataset: str, device: torch.device, rate: float, compile_: bool) -> dict:
+    pipe = MMGANPipeline.from_pretrained(path).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    case = prepare_inputs(images, pipe.modalities, [TARGET], None, pipe.downsampling, "np", None)
+    brain_slices, total_slices = len(case.slices), case.num_slices
+    x = torch.zeros(1, len(pipe.modalities), *case.images.shape[1:3], device=device)
+    sources = torch.as_tensor(case.source_mask, device=device)
+    slice_flops = flops(lambda: pipe.generator(x, sources, 0))
+
+    def run(batch_size=8):
+        return lambda: pipe(images, dataset=dataset, targets=[TARGET], batch_size=batch_size)
+
+    run()()  # warm-up (first-call allocations, thread pools)
+    rows = []
+    seconds, peak = timed(device, lambda: prepare_inputs(images, pipe.modalities, [TARGET], None, pipe.downsampling,
+                                                         "np", None))
+    rows.append({"engine": "gan", "variant": "preprocessing only (read, brain mask, normalise)",
+                 "seconds_per_volume": seconds, "seconds_per_brain_slice": seconds / brain_slices, "peak_mib": peak})
+
+    def row(name, fn, context=None):
+        seconds, peak = timed(device, fn, context)
+        rows.append({"engine": "gan", "variant": name, "seconds_per_volume": seconds,
+                     "seconds_per_brain_slice": seconds / brain_slices, "peak_mib": peak})
+        print(f"gan {name}: {seconds:.2f} s/volume, {peak:.0f} MiB", flush=True)
+
+    for batch_size in (1, 8, 32):
+        row(f"batch {batch_size} (no_grad, skip non-brain)", run(batch_size))
+    row("batch 8 + inference_mode", run(8), torch.inference_mode())
+    pipe.generator.to(memory_format=torch.channels_last)
+    run()()
+    row("batch 8 + channels_last", run(8))
+    pipe.generator.to(memory_format=torch.contiguous_format)
+    if compile_:
+        pipe.generator = torch.compile(pipe.generator, dynamic=False)
+        compile_seconds, _ = timed(device, run(8))
+        row("batch 8 + torch.compile (after compiling)", run(8))
+        rows[-1]["compile_seconds"] = compile_seconds
+    floor = slice_flops / (rate * 1e9)
+    return {"flops_per_slice": slice_flops, "brain_slices": brain_slices, "slices": total_slices,
+            "floor_seconds_per_volume": floor * brain_slices, "rows": rows}
+
+
+def bench_ldm(path: str, images: dict, dataset: str, device: torch.device, rate: float,
+              ldm_slices: int, naive_slices: int) -> dict:
+    pipe = MMDiffPipeline.from_pretrained(path).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    dpm = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    ddim = DDIMScheduler.from_config(pipe.scheduler.config)
+    case = prepare_inputs(images, pipe.modalities, [TARGET], None, pipe.downsampling, "np", None)
+    brain_slices, total_slices = len(case.slices), case.num_slices
+    source_index = np.flatnonzero(case.source_mask).tolist()
+    target_index = np.flatnonzero(case.target_mask).tolist()
+    dataset_id = pipe.unet.config.dataset_names.index(dataset)
+
+    image = torch.zeros(1, len(pipe.modalities), *case.images.shape[1:3], device=device)
+    encode_flops = flops(lambda: encode_modalities(pipe.vae, to_network(image[:, source_index])))
+    latents = encode_modalities(pipe.vae, to_network(image[:, :1]))
+    latents = latents.new_zeros(1, len(pipe.modalities), *latents.shape[2:])
+    t = torch.tensor([500], device=device)
+    unet_flops = flops(lambda: pipe.unet(latents, t, latents, torch.as_tensor(case.source_mask, device=device),
+                                         dataset_id))
+    decode_flops = flops(lambda: decode_modalities(pipe.vae, latents[:, target_index]))
+
+    chosen = case.slices if ldm_slices <= 0 else case.slices[
+        np.linspace(0, brain_slices - 1, min(ldm_slices, brain_slices)).round().astype(int)]
+    # the pipeline's loop on the chosen brain slices (already normalised by prepare_inputs)
+    stack = torch.from_numpy(case.images[:, :, :, chosen])  # [M, X, Y, n] in [0, 1]
+
+    def run_pipeline(scheduler, steps, batch_size=8):
+        def fn():
+            for start in range(0, stack.shape[-1], batch_size):
+                batch = stack[..., start:start + batch_size].permute(3, 0, 1, 2).to(device)
+                encoded = encode_modalities(pipe.vae, to_network(batch[:, source_index]))
+                source_latents = encoded.new_zeros(batch.shape[:2] + encoded.shape[2:])
+                source_latents[:, source_index] = encoded
+                out = sample_latents(pipe.unet, scheduler, source_latents, case.source_mask, case.target_mask,
+                                     dataset_id, steps, torch.Generator(device).manual_seed(0))
+                from_network(decode_modalities(pipe.vae, out[:, target_index]))
+        return fn
+
+    run_pipeline(dpm, 2)()  # warm-up
+    rows = []
+
+    def row(name, fn, slices, steps, context=None, scale_to=brain_slices):
+        with torch.no_grad():
+            seconds, peak = timed(device, fn, context)
+        per_slice = seconds / slices
+        floor = (encode_flops + steps * unet_flops + decode_flops) / (rate * 1e9)
+        rows.append({"engine": "ldm", "variant": name, "steps": steps, "slices_timed": slices,
+                     "seconds_per_slice": per_slice, "seconds_per_volume": per_slice * scale_to,
+                     "volume_slices": scale_to, "floor_seconds_per_volume": floor * scale_to, "peak_mib": peak})
+        print(f"ldm {name}: {per_slice:.2f} s/slice, {per_slice * scale_to:.0f} s/volume, {peak:.0f} MiB", flush=True)
+
+    for steps in (5, 10, 20, 50):
+        row(f"DPM-Solver++ {steps} steps, batch 8", run_pipeline(dpm, steps), len(chosen), steps)
+    row("DDIM 50 steps, batch 8", run_pipeline(ddim, 50), len(chosen), 50)
+    row("DPM-Solver++ 10 steps, batch 8 + inference_mode", run_pipeline(dpm, 10), len(chosen), 10,
+        torch.inference_mode())
+
+    # naive: every axial slice (brain or not), one per call, DDIM 50
+    naive_stack = torch.from_numpy(case.images[:, :, :, np.linspace(0, total_slices - 1, naive_slices)
+                                              .round().astype(int)])
+
+    def naive():
+        for k in range(naive_stack.shape[-1]):
+            batch = naive_stack[..., k][None].to(device)
+            encoded = encode_modalities(pipe.vae, to_network(batch[:, source_index]))
+            source_latents = encoded.new_zeros(batch.shape[:2] + encoded.shape[2:])
+            source_latents[:, source_index] = encoded
+            out = sample_latents(pipe.unet, ddim, source_latents, case.source_mask, case.target_mask,
+                                 dataset_id, 50, torch.Generator(device).manual_seed(0))
+            from_network(decode_modalities(pipe.vae, out[:, target_index]))
+
+    row("naive: per-slice loop, all slices, DDIM 50, batch 1", naive, naive_slices, 50, scale_to=total_slices)
+    return {"flops_per_slice": {"vae_encode_sources": encode_flops, "unet_step": unet_flops,
+                                "vae_decode_target": decode_flops},
+            "brain_slices": brain_slices, "slices": total_slices, "rows": rows}
+
+
+def main() -> None:
+    root = Path(__file__).resolve().parents[1]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gan", default=str(root / "pipelines" / "mmdiff-gan"))
+    parser.add_argument("--ldm", default=str(root / "pipelines" / "mmdiff-ldm"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--ldm-slices", type=int, default=16, help="brain slices timed for the LDM (0: all)")
+    parser.add_argument("--naive-slices", type=int, default=4, help="slices timed for the naive loop")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile for the GAN")
+    parser.add_argument("--out", default=str(root / "bench" / "results" / "inference.json"))
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    images, dataset, description = load_case()
+    rate = matmul_gflops(device)
+    print(f"{description}; float32 matmul {rate:.1f} GFLOP/s on {device}", flush=True)
+    machine = (torch.cuda.get_device_name() if device.type == "cuda"
+               else f"{platform.machine()}, {torch.get_num_threads()} threads")
+    result = {
+        "benchmark": "inference, T1+T2+FLAIR -> T1C", "case": description,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{machine}, torch {torch.__version__}", "device": str(device),
+        "command": "python bench/inference.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+            if k in ("threads", "ldm_slices", "naive_slices") and v is not None) + (" --compile" if args.compile else ""),
+        "matmul_gflops": rate,
+        "gan": bench_gan(args.gan, images, dataset, device, rate, args.compile),
+        "ldm": bench_ldm(args.ldm, images, dataset, device, rate, args.ldm_slices, args.naive_slices),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
