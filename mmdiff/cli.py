@@ -153,6 +153,33 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_downstream(args) -> int:
+    import torch
+
+    from .evaluation.downstream import downstream_dice
+    from .synthesize import DEFAULT_PIPELINES, PUBLISHED, load_pipeline
+
+    cache = _evaluation_data(args.data)
+    engine = args.pipeline if args.pipeline in DEFAULT_PIPELINES else None
+    path = PUBLISHED / DEFAULT_PIPELINES[engine] if engine else Path(args.pipeline)
+    pipe = load_pipeline(path, engine or "ldm")
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {"num_inference_steps": args.diffusion_steps} if hasattr(pipe, "scheduler") else {}
+
+    def synthesize(case, sources, target):
+        if hasattr(pipe, "scheduler"):
+            kwargs["generator"] = [torch.Generator().manual_seed(args.seed + k) for k in range(case.brain.shape[2])]
+        result = pipe({m: case.images[m] for m in sources}, dataset=case.dataset, targets=[target],
+                      brain_mask=case.brain, **kwargs)
+        return result.images[target]
+
+    downstream_dice(cache, synthesize, args.out, replace=args.replace, dataset=args.dataset, method=path.name,
+                    steps=args.steps,
+                    seed=args.seed, progress=not args.quiet, overwrite=args.overwrite)
+    print((Path(args.out) / "dice.md").read_text())
+    return 0
+
+
 def cmd_export(args) -> int:
     from .export import export
 
@@ -258,6 +285,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace earlier results")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("downstream", help="segmentation Dice with a synthetic sequence vs a network lacking it")
+    p.add_argument("--pipeline", default="gan", metavar="PATH|ldm|gan", help="the synthesising pipeline (default: gan)")
+    p.add_argument("--data", required=True, help="prepared cache folder with labelled BraTS cases, or a data config")
+    p.add_argument("--replace", default="t1c", help="the sequence replaced by its synthesis (default: %(default)s)")
+    p.add_argument("--dataset", default="brats", help="the labelled dataset of the cache (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=1500, help="segmentation training steps (default: %(default)s)")
+    p.add_argument("--diffusion-steps", type=int, default=20, help="ldm sampling steps (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder: dice.csv, dice.md, dice.json")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier results")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_downstream)
 
     p = sub.add_parser("export", help="a training run -> pipeline folder (HF layout) with a model card")
     p.add_argument("run_dir", help="training output folder (holds final/)")
