@@ -50,6 +50,16 @@ def test_oracle_synthesis_scores_like_the_real_sequence(tiny_cache, tmp_path):
     with pytest.raises(FileExistsError):
         downstream_dice(tiny_cache, oracle, tmp_path / "d", dataset="glioma", steps=1, progress=False)
 
+    def blank(case, sources, target):
+        return np.zeros_like(case.images[target])
+
+    saved = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "d" / "networks").iterdir()}
+    assert set(saved) == {"full.safetensors", "full.json", "without-t1c.safetensors", "without-t1c.json"}
+    again = downstream_dice(tiny_cache, blank, tmp_path / "d", replace="t1c", dataset="glioma", steps=20,
+                            progress=False, overwrite=True)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "d" / "networks").iterdir()} == saved  # reused
+    assert [r for r in again if r["condition"] != "synthetic"] == [r for r in rows if r["condition"] != "synthetic"]
+
 
 def test_downstream_command(tiny_cache, tmp_path, capsys):
     tiny_gan().save_pretrained(tmp_path / "gan")

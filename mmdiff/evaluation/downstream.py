@@ -28,6 +28,7 @@ import torch
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
 from monai.networks.nets import UNet
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..io import write_json, write_text
@@ -104,6 +105,25 @@ def segment(net: UNet, images: dict[str, np.ndarray], sequences: Sequence[str], 
     return out.numpy() & brain[None]
 
 
+def trained_network(folder: Path, name: str, cases: list[tuple[EvalCase, np.ndarray]], sequences: Sequence[str],
+                    steps: int, seed: int, progress: bool) -> UNet:
+    """:func:`train_segmentation`, or the network an earlier run saved in ``folder`` with the same recipe
+    (sequences, steps, seed, training cases), so scoring another pipeline does not retrain."""
+    recipe = {"sequences": list(sequences), "steps": steps, "seed": seed,
+              "train_cases": [case.case_id for case, _ in cases]}
+    weights, record = folder / f"{name}.safetensors", folder / f"{name}.json"
+    if weights.exists() and record.exists() and json.loads(record.read_text()) == recipe:
+        net = segmentation_net(len(sequences))
+        net.load_state_dict(load_file(weights))
+        return net.eval()
+    net = train_segmentation(cases, sequences, steps, seed=seed, progress=progress)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(net.state_dict(), str(weights) + ".tmp")
+    Path(str(weights) + ".tmp").replace(weights)
+    write_json(record, recipe, overwrite=True)
+    return net
+
+
 def dice(prediction: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """3D Dice per region for region masks ``[3, X, Y, Z]`` against a label map ``[X, Y, Z]``."""
     metric = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
@@ -117,6 +137,8 @@ def downstream_dice(cache: str | Path, synthesize: Callable[[EvalCase, Sequence[
                     train_split: str = "train", test_split: Sequence[str] = ("val", "test"), seed: int = 0,
                     progress: bool = True, overwrite: bool = False) -> list[dict]:
     """Train the full and the lacking network, score the three conditions; write ``dice.csv`` and ``dice.md``.
+
+    The networks are kept in ``out/networks`` and reused by a later run with the same recipe.
 
     ``synthesize(case, sources, target)`` returns the synthetic ``target`` ``[X, Y, Z]`` in the cache's
     [0, 1] scale (e.g. a pipeline's output for the case's other sequences).
@@ -132,8 +154,9 @@ def downstream_dice(cache: str | Path, synthesize: Callable[[EvalCase, Sequence[
     if replace not in sequences:
         raise ValueError(f"{replace!r} is not among the cases' sequences {sequences}")
     others = [m for m in sequences if m != replace]
-    full = train_segmentation(train_cases, sequences, steps, seed=seed, progress=progress)
-    lacking = train_segmentation(train_cases, others, steps, seed=seed, progress=progress)
+    networks = out / "networks"
+    full = trained_network(networks, "full", train_cases, sequences, steps, seed, progress)
+    lacking = trained_network(networks, f"without-{replace}", train_cases, others, steps, seed, progress)
     rows = []
     for case, labels in tqdm(test_cases, desc="downstream cases", disable=not progress):
         synthetic = dict(case.images, **{replace: synthesize(case, others, replace)})
