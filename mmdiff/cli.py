@@ -117,9 +117,11 @@ def _evaluation_data(text: str) -> Path:
 
     name = text if text.startswith("data-") else f"data-{text}"
     try:
-        config = load_config(name)
+        config = load_config(name, require_stage=False)
     except (ValueError, FileNotFoundError) as exc:
         raise ValueError(f"--data {text} is neither a prepared cache folder nor a data config ({exc})") from exc
+    if "data" not in config:
+        raise ValueError(f"--data {text}: the config {name} has no data section")
     return ensure_cache(config["data"])
 
 

@@ -139,3 +139,14 @@ def test_evaluate_command_compares_schedulers_and_steps(tiny_cache, tmp_path, ca
     assert sorted(by_method) == ["ldm (ddim, 1 steps)", "ldm (ddim, 2 steps)", "ldm (dpm++, 1 steps)",
                                  "ldm (dpm++, 2 steps)"]
     assert by_method["ldm (ddim, 2 steps)"] != by_method["ldm (dpm++, 2 steps)"]  # really another sampler
+
+
+def test_evaluate_data_by_config_name_builds_that_cache(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path))  # data-tiny's cache lives under ~/.cache
+    code = main(["evaluate", "--data", "tiny", "--datasets", "glioma", "--tasks", "t1->t1c", "--slice-stride", "4",
+                 "--out", str(tmp_path / "e"), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / ".cache" / "mmdiff" / "phantom-tiny" / "index.json").exists()
+    assert "copy-nearest" in (tmp_path / "e" / "summary.md").read_text()
+    assert main(["evaluate", "--data", "nonesuch", "--out", str(tmp_path / "f")]) == 2
+    assert "neither a prepared cache folder nor a data config" in capsys.readouterr().err

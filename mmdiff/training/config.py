@@ -55,13 +55,16 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
     return config
 
 
-def load_config(name: str | os.PathLike, overrides: list[str] | None = None) -> dict:
-    """Load a YAML config (``base:`` names a config it extends) and apply overrides."""
+def load_config(name: str | os.PathLike, overrides: list[str] | None = None, require_stage: bool = True) -> dict:
+    """Load a YAML config (``base:`` names a config it extends) and apply overrides.
+
+    ``require_stage=False`` also accepts a config without a training stage (the ``data-*`` ones).
+    """
     path = find_config(name)
     config = _load_with_bases(path)
     if overrides:
         config = apply_overrides(config, overrides)
-    if config.get("stage") not in STAGES:
+    if require_stage and config.get("stage") not in STAGES:
         raise ConfigError(f"{path}: stage must be one of {', '.join(STAGES)}, got {config.get('stage')!r}")
     return config
 
