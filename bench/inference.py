@@ -227,6 +227,29 @@ def bench_ldm(path: str, images: dict, dataset: str, device: torch.device, rate:
             "brain_slices": brain_slices, "slices": total_slices, "rows": rows}
 
 
+def markdown(result: dict) -> str:
+    """The result as the tables BENCHMARKS.md shows."""
+    gan, ldm = result["gan"], result["ldm"]
+    lines = [f"Case: {result['case']} ({gan['brain_slices']} of {gan['slices']} axial slices hold brain). "
+             f"Machine: {result['machine']}; float32 matmul {result['matmul_gflops']:.0f} GFLOP/s. "
+             f"Date: {result['date'][:10]}. Command: `{result['command']}`", "",
+             "| engine | variant | s / volume | s / brain slice | compute floor s / volume | peak memory MiB |",
+             "|---|---|---|---|---|---|"]
+    for row in gan["rows"]:
+        floor = "" if "preprocessing" in row["variant"] else f"{gan['floor_seconds_per_volume']:.1f}"
+        lines.append(f"| GAN | {row['variant']} | {row['seconds_per_volume']:.1f} | "
+                     f"{row['seconds_per_brain_slice']:.3f} | {floor} | {row['peak_mib']:.0f} |")
+    for row in ldm["rows"]:
+        lines.append(f"| LDM | {row['variant']} | {row['seconds_per_volume']:.0f} ({row['volume_slices']} slices, "
+                     f"{row['slices_timed']} timed) | {row['seconds_per_slice']:.2f} | "
+                     f"{row['floor_seconds_per_volume']:.0f} | {row['peak_mib']:.0f} |")
+    flops = ldm["flops_per_slice"]
+    lines += ["", f"FLOPs per slice: GAN generator {gan['flops_per_slice'] / 1e9:.1f} G; LDM VAE encoding of the "
+              f"sources {flops['vae_encode_sources'] / 1e9:.1f} G, UNet {flops['unet_step'] / 1e9:.1f} G per step, "
+              f"VAE decoding of the target {flops['vae_decode_target'] / 1e9:.1f} G."]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     root = Path(__file__).resolve().parents[1]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -261,6 +284,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
+    print(markdown(result))
     print(f"wrote {out}")
 
 

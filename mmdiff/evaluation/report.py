@@ -116,7 +116,8 @@ def _cell(stat: tuple[float, float, int], digits: int) -> str:
 
 
 def summary_markdown(rows: list[dict], slice_stride: int = 1) -> str:
-    """Mean ± std over cases per dataset, task and method; brain-masked columns first."""
+    """Mean ± std over cases per dataset, task and method (methods in the order evaluated); brain-masked
+    columns first."""
     table = aggregate(rows)
     split = "+".join(sorted({row["split"] for row in rows}))
     cases = defaultdict(set)
@@ -131,7 +132,8 @@ def summary_markdown(rows: list[dict], slice_stride: int = 1) -> str:
         "| PSNR whole | SSIM whole |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (dataset, task, method), stats in sorted(table.items()):
+    order = {method: i for i, method in enumerate(dict.fromkeys(row["method"] for row in rows))}  # as evaluated
+    for (dataset, task, method), stats in sorted(table.items(), key=lambda item: (*item[0][:2], order[item[0][2]])):
         cells = [_cell(stats[c], 3 if c.startswith(("ssim", "mae")) else 2) for c in SUMMARY_COLUMNS]
         lines.append(f"| {dataset} | {task} | {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
