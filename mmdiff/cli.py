@@ -125,18 +125,25 @@ def _evaluation_data(text: str) -> Path:
     return ensure_cache(config["data"])
 
 
+def _named_pipeline(source: str):
+    """``(folder, pipeline)`` for ``ldm``/``gan`` (the published ones) or a pipeline folder; no progress bars."""
+    from .synthesize import DEFAULT_PIPELINES, PUBLISHED, load_pipeline
+
+    engine = source if source in DEFAULT_PIPELINES else None
+    path = PUBLISHED / DEFAULT_PIPELINES[engine] if engine else Path(source)
+    pipe = load_pipeline(path, engine or "ldm")
+    pipe.set_progress_bar_config(disable=True)
+    return path, pipe
+
+
 def cmd_evaluate(args) -> int:
     from .evaluation.protocol import BASELINES, PipelineMethod, Task
     from .evaluation.report import evaluate
-    from .synthesize import DEFAULT_PIPELINES, PUBLISHED, load_pipeline
 
     cache = _evaluation_data(args.data)
     methods = []
     for source in args.pipeline or []:
-        engine = source if source in DEFAULT_PIPELINES else None
-        path = PUBLISHED / DEFAULT_PIPELINES[engine] if engine else Path(source)
-        pipe = load_pipeline(path, engine or "ldm")
-        pipe.set_progress_bar_config(disable=True)
+        path, pipe = _named_pipeline(source)
         settings = [(None, 1)]
         if hasattr(pipe, "scheduler"):  # diffusion: one method per scheduler and step count
             settings = [(name, steps) for name in args.scheduler or [None] for steps in args.steps]
@@ -156,28 +163,15 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_downstream(args) -> int:
-    import torch
-
     from .evaluation.downstream import downstream_dice
-    from .synthesize import DEFAULT_PIPELINES, PUBLISHED, load_pipeline
+    from .evaluation.protocol import PipelineMethod, Task
 
     cache = _evaluation_data(args.data)
-    engine = args.pipeline if args.pipeline in DEFAULT_PIPELINES else None
-    path = PUBLISHED / DEFAULT_PIPELINES[engine] if engine else Path(args.pipeline)
-    pipe = load_pipeline(path, engine or "ldm")
-    pipe.set_progress_bar_config(disable=True)
-    kwargs = {"num_inference_steps": args.diffusion_steps} if hasattr(pipe, "scheduler") else {}
-
-    def synthesize(case, sources, target):
-        if hasattr(pipe, "scheduler"):
-            kwargs["generator"] = [torch.Generator().manual_seed(args.seed + k) for k in range(case.brain.shape[2])]
-        result = pipe({m: case.images[m] for m in sources}, dataset=case.dataset, targets=[target],
-                      brain_mask=case.brain, **kwargs)
-        return result.images[target]
-
-    downstream_dice(cache, synthesize, args.out, replace=args.replace, dataset=args.dataset, method=path.name,
-                    steps=args.steps,
-                    seed=args.seed, progress=not args.quiet, overwrite=args.overwrite)
+    path, pipe = _named_pipeline(args.pipeline)
+    method = PipelineMethod(pipe, name=path.name, steps=args.diffusion_steps, seed=args.seed)
+    downstream_dice(cache, lambda case, sources, target: method(case, Task(tuple(sources), target))[0], args.out,
+                    replace=args.replace, dataset=args.dataset, method=path.name, steps=args.steps, seed=args.seed,
+                    progress=not args.quiet, overwrite=args.overwrite)
     print((Path(args.out) / "dice.md").read_text())
     return 0
 
