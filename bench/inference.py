@@ -29,6 +29,7 @@ from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
@@ -36,8 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mmdiff.models.vae import decode_modalities, encode_modalities
 from mmdiff.pipelines import MMDiffPipeline, MMGANPipeline
-from mmdiff.pipelines.common import from_network, prepare_inputs, to_network
-from mmdiff.pipelines.ldm import sample_latents
+from mmdiff.pipelines.common import prepare_inputs, to_network
 
 SOURCES, TARGET = ("t1", "t2", "flair"), "t1c"
 BRATS_CASE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "brats2018-sample" / "Brats18_CBICA_AME_1"
@@ -171,29 +171,25 @@ def bench_ldm(path: str, images: dict, dataset: str, device: torch.device, rate:
                                          dataset_id))
     decode_flops = flops(lambda: decode_modalities(pipe.vae, latents[:, target_index]))
 
+    # the pipeline itself on a sub-volume of evenly spaced brain slices, so the per-slice time scales to the volume
+    arrays = {m: v if isinstance(v, np.ndarray) else nib.as_closest_canonical(nib.load(v)).get_fdata(dtype=np.float32)
+              for m, v in images.items()}
     chosen = case.slices if ldm_slices <= 0 else case.slices[
         np.linspace(0, brain_slices - 1, min(ldm_slices, brain_slices)).round().astype(int)]
-    # the pipeline's loop on the chosen brain slices (already normalised by prepare_inputs)
-    stack = torch.from_numpy(case.images[:, :, :, chosen])  # [M, X, Y, n] in [0, 1]
+    sub_volume = {m: np.ascontiguousarray(v[..., chosen]) for m, v in arrays.items()}
 
     def run_pipeline(scheduler, steps, batch_size=8):
         def fn():
-            for start in range(0, stack.shape[-1], batch_size):
-                batch = stack[..., start:start + batch_size].permute(3, 0, 1, 2).to(device)
-                encoded = encode_modalities(pipe.vae, to_network(batch[:, source_index]))
-                source_latents = encoded.new_zeros(batch.shape[:2] + encoded.shape[2:])
-                source_latents[:, source_index] = encoded
-                out = sample_latents(pipe.unet, scheduler, source_latents, case.source_mask, case.target_mask,
-                                     dataset_id, steps, torch.Generator(device).manual_seed(0))
-                from_network(decode_modalities(pipe.vae, out[:, target_index]))
+            pipe.scheduler = scheduler
+            pipe(sub_volume, dataset=dataset, targets=[TARGET], num_inference_steps=steps, batch_size=batch_size,
+                 generator=torch.Generator(device).manual_seed(0))
         return fn
 
     run_pipeline(dpm, 2)()  # warm-up
     rows = []
 
     def row(name, fn, slices, steps, context=None, scale_to=brain_slices):
-        with torch.no_grad():
-            seconds, peak = timed(device, fn, context)
+        seconds, peak = timed(device, fn, context)
         per_slice = seconds / slices
         floor = (encode_flops + steps * unet_flops + decode_flops) / (rate * 1e9)
         rows.append({"engine": "ldm", "variant": name, "steps": steps, "slices_timed": slices,
@@ -207,19 +203,15 @@ def bench_ldm(path: str, images: dict, dataset: str, device: torch.device, rate:
     row("DPM-Solver++ 10 steps, batch 8 + inference_mode", run_pipeline(dpm, 10), len(chosen), 10,
         torch.inference_mode())
 
-    # naive: every axial slice (brain or not), one per call, DDIM 50
-    naive_stack = torch.from_numpy(case.images[:, :, :, np.linspace(0, total_slices - 1, naive_slices)
-                                              .round().astype(int)])
+    # naive: one pipeline call per axial slice, brain or not (an all-ones mask), DDIM 50
+    naive_index = np.linspace(0, total_slices - 1, naive_slices).round().astype(int)
 
     def naive():
-        for k in range(naive_stack.shape[-1]):
-            batch = naive_stack[..., k][None].to(device)
-            encoded = encode_modalities(pipe.vae, to_network(batch[:, source_index]))
-            source_latents = encoded.new_zeros(batch.shape[:2] + encoded.shape[2:])
-            source_latents[:, source_index] = encoded
-            out = sample_latents(pipe.unet, ddim, source_latents, case.source_mask, case.target_mask,
-                                 dataset_id, 50, torch.Generator(device).manual_seed(0))
-            from_network(decode_modalities(pipe.vae, out[:, target_index]))
+        pipe.scheduler = ddim
+        for k in naive_index:
+            slice_2d = {m: np.ascontiguousarray(v[..., k]) for m, v in arrays.items()}
+            pipe(slice_2d, dataset=dataset, targets=[TARGET], num_inference_steps=50, batch_size=1,
+                 brain_mask=np.ones(slice_2d[SOURCES[0]].shape), generator=torch.Generator(device).manual_seed(0))
 
     row("naive: per-slice loop, all slices, DDIM 50, batch 1", naive, naive_slices, 50, scale_to=total_slices)
     return {"flops_per_slice": {"vae_encode_sources": encode_flops, "unet_step": unet_flops,
