@@ -22,6 +22,8 @@ def build_parser(prog: str = "python -m mmdiff.train") -> argparse.ArgumentParse
     parser.add_argument("--config", required=True, help="YAML config, or a name in configs/ (e.g. gan-tiny)")
     parser.add_argument("--output-dir", help="run folder (default: runs/<config name>)")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    parser.add_argument("--max-minutes", type=float,
+                        help="also stop after this much wall time (minutes); default train.max_minutes")
     parser.add_argument("--resume", help="'latest' (newest checkpoint in the run folder) or a checkpoint path")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=1e-4")
     return parser
@@ -33,7 +35,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m mmdiff.train") ->
     try:
         config = load_config(args.config, args.overrides)
         output_dir = Path(args.output_dir or Path("runs") / Path(args.config).stem)
-        final = train(config, output_dir, max_steps=args.max_steps, resume=args.resume)
+        final = train(config, output_dir, max_steps=args.max_steps, resume=args.resume,
+                      max_minutes=args.max_minutes)
     except (ConfigError, CacheError, FileNotFoundError) as exc:
         print(f"mmdiff train: error: {exc}", file=sys.stderr)
         return 2

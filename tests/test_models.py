@@ -246,6 +246,20 @@ def test_generator_dataset_id_changes_output():
     assert not torch.allclose(outputs[0], outputs[2])
 
 
+def test_generator_without_pfm_ignores_the_dataset():
+    model = tiny_generator(use_pfm=False).eval()
+    perturb_modulations(model)
+    x, sources = images(), mask(T1, T2)
+    with torch.no_grad():
+        outputs = [model(x, sources, dataset_id) for dataset_id in (0, 1, NULL_DATASET_ID)]
+        with_pfm = MultiModalGenerator.from_config({**model.config, "use_pfm": True})
+        with_pfm.load_state_dict(model.state_dict())
+        different = with_pfm.eval()(x, sources, 0)
+    torch.testing.assert_close(outputs[0], outputs[1])
+    torch.testing.assert_close(outputs[0], outputs[2])  # every id gets the null embedding
+    assert not torch.allclose(different, outputs[0])
+
+
 def test_generator_overfits_one_batch_with_l1():
     torch.manual_seed(0)
     model = tiny_generator()

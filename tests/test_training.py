@@ -66,6 +66,14 @@ def test_resume_equals_an_uninterrupted_run(tiny_cache, tmp_path):
     torch.testing.assert_close(state_a["ema"]["shadow_params"], state_b["ema"]["shadow_params"], rtol=0, atol=0)
 
 
+def test_wall_time_budget_ends_training_and_exports(tiny_cache, tmp_path):
+    # a budget already spent at the first step: training stops there, saves and exports as usual
+    assert _train("gan-tiny", tmp_path / "run", tiny_cache, "--max-steps", "50", "--max-minutes", "1e-9") == 0
+    info = json.loads((tmp_path / "run" / "final" / "training_info.json").read_text())
+    assert info["steps"] == 1 and 0 <= info["train_minutes"] < 5
+    assert [p.name for p in (tmp_path / "run").glob("checkpoint-*")] == ["checkpoint-1"]
+
+
 def test_ldm_tiny_needs_no_other_step(tiny_cache, tmp_path):
     assert _train("ldm-tiny", tmp_path / "run", tiny_cache, "--max-steps", "4", "model.vae.max_steps=4",
                   "validation.every=0") == 0

@@ -28,7 +28,7 @@ from monai.networks.nets import PatchDiscriminator
 from torch import nn
 
 from ..modalities import MODALITIES
-from .pfm import check_dataset_names, DatasetEmbedding, FeatureModulation
+from .pfm import NULL_DATASET_ID, check_dataset_names, DatasetEmbedding, FeatureModulation
 
 
 class ModulatedConvBlock(nn.Module):
@@ -116,6 +116,8 @@ class MultiModalGenerator(ModelMixin, ConfigMixin):
         layers_per_block: conv blocks per level, in every encoder and decoder.
         embedding_dim: size of the PFM dataset embedding.
         norm_num_groups: GroupNorm groups (must divide every width).
+        use_pfm: if False (the PFM ablation), every sample gets the null dataset's embedding whatever
+            its dataset id, so the modulation is one learned scale and shift shared by all sites.
     """
 
     @register_to_config
@@ -128,6 +130,7 @@ class MultiModalGenerator(ModelMixin, ConfigMixin):
         layers_per_block: int = 1,
         embedding_dim: int = 128,
         norm_num_groups: int = 8,
+        use_pfm: bool = True,
     ):
         super().__init__()
         check_dataset_names(num_datasets, dataset_names)
@@ -156,7 +159,10 @@ class MultiModalGenerator(ModelMixin, ConfigMixin):
             raise ValueError("every sample needs at least one source modality")
         mask_planes = mask.to(images.dtype)[:, :, None, None].expand_as(images)
         images = images * mask_planes
-        embedding = self.dataset_embedding(torch.as_tensor(dataset_id, device=images.device).long().expand(batch))
+        dataset_id = torch.as_tensor(dataset_id, device=images.device).long().expand(batch)
+        if not self.config.use_pfm:
+            dataset_id = torch.full_like(dataset_id, NULL_DATASET_ID)
+        embedding = self.dataset_embedding(dataset_id)
 
         common = self.common_encoder(torch.cat([images, mask_planes], dim=1), embedding)
         present = [i for i in range(num_modalities) if mask[:, i].any()]

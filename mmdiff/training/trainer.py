@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -76,8 +77,14 @@ def _vae_for_ldm(config: dict, output_dir: Path) -> Path:
     return final
 
 
-def train(config: dict, output_dir: str | Path, max_steps: int | None = None, resume: str | None = None) -> Path:
-    """Train the stage a config names into ``output_dir``; returns the exported ``output_dir/final``."""
+def train(config: dict, output_dir: str | Path, max_steps: int | None = None, resume: str | None = None,
+          max_minutes: float | None = None) -> Path:
+    """Train the stage a config names into ``output_dir``; returns the exported ``output_dir/final``.
+
+    ``max_minutes`` (default ``train.max_minutes``) also ends training, at the first optimizer step
+    after that much wall time in this process (for comparisons at equal wall time); the LR schedule
+    still follows the step count.
+    """
     output_dir = Path(output_dir)
     train_cfg = config["train"]
     accelerator = Accelerator(
@@ -164,6 +171,10 @@ def train(config: dict, output_dir: str | Path, max_steps: int | None = None, re
     batches_per_epoch = len(loader)
     if val_every and step == 0 and total > 0:
         validate(stage, val_samples, accelerator, step, output_dir, ema)  # the baseline the curve starts from
+    if max_minutes is None:
+        max_minutes = train_cfg.get("max_minutes")
+    started = time.monotonic()
+    deadline = started + 60 * float(max_minutes) if max_minutes else None
     while step < total:
         epoch, in_epoch = divmod(batches_done, batches_per_epoch)
         sampler.set_epoch(epoch)
@@ -187,9 +198,13 @@ def train(config: dict, output_dir: str | Path, max_steps: int | None = None, re
                 save()
             if val_every and step % val_every == 0 and step < total:
                 validate(stage, val_samples, accelerator, step, output_dir, ema)
+            if deadline is not None and _past(deadline, accelerator):
+                logger.info("stopping at step %d: the %s-minute budget is spent", step, max_minutes)
+                total = step
             if step >= total:
                 break
     bar.close()
+    train_minutes = round((time.monotonic() - started) / 60, 2)  # the loop only: no export, no final validation
     stage.finish(loader, accelerator)
     save()
     metrics = validate(stage, val_samples, accelerator, step, output_dir, ema)
@@ -205,11 +220,18 @@ def train(config: dict, output_dir: str | Path, max_steps: int | None = None, re
         write_json(final / "training_info.json", {
             "stage": config["stage"], "steps": step, "datasets": dataset.dataset_names,
             "modalities": dataset.modalities, "cache": str(cache), "processes": accelerator.num_processes,
-            "rank_checksums": checksums, "validation": metrics, "config": config})
+            "rank_checksums": checksums, "validation": metrics, "config": config,
+            "train_minutes": train_minutes})
     accelerator.wait_for_everyone()
     for tracker in accelerator.trackers:  # not end_training(): it would end the process group a sub-run shares
         tracker.finish()
     return final
+
+
+def _past(deadline: float, accelerator) -> bool:
+    """Whether any process is past ``deadline`` (so every rank stops at the same step)."""
+    late = torch.tensor([float(time.monotonic() > deadline)], device=accelerator.device)
+    return bool(accelerator.reduce(late, reduction="sum").item() > 0)
 
 
 def rank_checksums(accelerator, model) -> list[float]:
