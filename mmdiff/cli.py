@@ -180,7 +180,8 @@ def cmd_export(args) -> int:
     from .export import export
 
     out = export(args.run_dir, args.out, evaluation=args.evaluation, method=args.method, dtype=args.dtype,
-                 repo_id=args.repo_id, training_note=args.training_note, overwrite=args.overwrite)
+                 repo_id=args.repo_id, training_note=args.training_note, downstream=args.downstream,
+                 overwrite=args.overwrite)
     print(f"pipeline: {out}\nmodel card: {out / 'README.md'}")
     return 0
 
@@ -300,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="pipeline folder to write, e.g. pipelines/mmdiff-gan")
     p.add_argument("--evaluation", help="an `mmdiff evaluate` output folder: its scores fill the card's results")
     p.add_argument("--method", help="the method name in the evaluation (default: the OUT folder's name)")
+    p.add_argument("--downstream", help="an `mmdiff downstream` output folder: its Dice table goes into the card")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="weights (default: %(default)s)")
     p.add_argument("--repo-id", help="the Hub repo id the card's usage examples name")
     p.add_argument("--training-note", help="a sentence for the card's training row (what the run record lacks)")

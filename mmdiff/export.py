@@ -71,6 +71,22 @@ def _results(rows: list[dict], method: str, evaluation: Path | None):
     return results, text
 
 
+def _downstream(downstream: Path | None, method: str) -> str:
+    """The card's downstream section from an ``mmdiff downstream`` folder scored with ``method``."""
+    if downstream is None:
+        return ""
+    record, table = Path(downstream) / "dice.json", Path(downstream) / "dice.md"
+    if not (record.is_file() and table.is_file()):
+        raise FileNotFoundError(f"{downstream} holds no dice.json/dice.md: pass the output folder of `mmdiff downstream`")
+    scored = json.loads(record.read_text())["method"]
+    if scored != method:
+        raise ValueError(f"{downstream} scored {scored!r}, not {method!r}")
+    return ("\n\n### Downstream: tumour segmentation with a synthetic sequence\n\n"
+            "Measured with `mmdiff downstream`: a segmentation network trained on the real sequences is "
+            "run with one of them replaced by this model's synthesis, against a network trained "
+            "without that sequence.\n\n" + table.read_text().strip())
+
+
 def _parameters(pipe) -> str:
     counts = {name: sum(p.numel() for p in module.parameters()) for name, module in pipe.components.items()
               if isinstance(module, torch.nn.Module)}
@@ -79,7 +95,8 @@ def _parameters(pipe) -> str:
 
 
 def render_card(pipe, info: dict, rows: list[dict], method: str, evaluation: Path | None, dtype: str,
-                repo_id: str | None, cache_config: dict | None, training_note: str | None = None) -> str:
+                repo_id: str | None, cache_config: dict | None, training_note: str | None = None,
+                downstream: Path | None = None) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     is_diffusion = hasattr(pipe, "scheduler")
@@ -138,18 +155,20 @@ def render_card(pipe, info: dict, rows: list[dict], method: str, evaluation: Pat
             "- each sequence clipped at the 99.5th percentile of its brain voxels and scaled to [0, 1], "
             "background 0;\n"
             "- outputs come back in that normalised scale, zero outside the brain, on the input grid."),
-        results=results_text,
+        results=results_text + _downstream(downstream, method),
         limits_extra=" (the LDM more than the GAN)" if is_diffusion else "",
     ).content
 
 
 def export(run_dir: str | os.PathLike, out: str | os.PathLike, evaluation: str | os.PathLike | None = None,
            method: str | None = None, dtype: str = "float16", repo_id: str | None = None,
-           training_note: str | None = None, overwrite: bool = False) -> Path:
+           training_note: str | None = None, downstream: str | os.PathLike | None = None,
+           overwrite: bool = False) -> Path:
     """``run_dir/final`` (a trained pipeline) -> ``out``: weights in ``dtype``, ``training_info.json``
     and a ``README.md`` model card; ``evaluation`` (an ``mmdiff evaluate`` folder) fills its results,
     taking the rows of ``method`` (default: the folder name of ``out``); ``training_note`` adds what the
-    run's own record cannot tell (e.g. that it resumed another run on other data)."""
+    run's own record cannot tell (e.g. that it resumed another run on other data); ``downstream`` (an
+    ``mmdiff downstream`` folder scored with this method) adds its segmentation Dice to the card."""
     from .synthesize import load_pipeline
 
     run_dir, out = Path(run_dir), Path(out)
@@ -169,7 +188,7 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, evaluation: str |
     cache_config = json.loads(cache_json.read_text())["config"] if cache_json.is_file() else None
     rows = _evaluation_rows(Path(evaluation) if evaluation else None)
     card = render_card(pipe, info, rows, method or out.name, Path(evaluation) if evaluation else None, dtype,
-                       repo_id, cache_config, training_note)
+                       repo_id, cache_config, training_note, Path(downstream) if downstream else None)
     with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         cast_safetensors(tmp, DTYPES[dtype])

@@ -72,6 +72,22 @@ def test_export_writes_fp16_weights_and_a_card_with_held_out_results(tmp_path):
     assert not (tmp_path / "other").exists()
 
 
+def test_export_card_quotes_the_downstream_dice_of_this_model(tmp_path):
+    run = fake_run(tmp_path / "run", tiny_gan())
+    downstream = tmp_path / "downstream"
+    downstream.mkdir()
+    (downstream / "dice.json").write_text(json.dumps({"replace": "t1c", "method": "mmdiff-gan", "rows": []}))
+    (downstream / "dice.md").write_text("| condition | WT | TC | ET |\n|---|---|---|---|\n| all real | 0.8 | 0.8 | 0.7 |\n")
+    out = tmp_path / "mmdiff-gan"
+    assert main(["export", str(run), str(out), "--downstream", str(downstream)]) == 0
+    card = ModelCard.load(out / "README.md").text
+    assert "### Downstream" in card and "| all real | 0.8 | 0.8 | 0.7 |" in card
+    # another model's downstream scores, or a folder without them, are refused
+    assert main(["export", str(run), str(tmp_path / "other"), "--downstream", str(downstream)]) == 2
+    assert main(["export", str(run), str(tmp_path / "none"), "--downstream", str(tmp_path)]) == 2
+    assert not (tmp_path / "other").exists() and not (tmp_path / "none").exists()
+
+
 def test_export_ldm_without_evaluation_says_so(tmp_path):
     run = fake_run(tmp_path / "run", tiny_ldm())
     out = tmp_path / "ldm"
