@@ -110,6 +110,15 @@ def test_evaluate_writes_scores_summary_and_figures(tiny_cache, tmp_path):
     assert {r["dataset"] for r in written if r["task"] == "flair->adc"} >= {"glioma", "stroke"}
     summary = (tmp_path / "eval" / "summary.md").read_text()
     assert "Normalisation" in summary and "| glioma | t1->t1c | tiny-gan |" in summary
+    # the overview: per method, the mean over each dataset's case-tasks, then over all of them
+    copy_rows = [r for r in written if r["method"] == "copy-nearest"]
+    glioma = [r for r in copy_rows if r["dataset"] == "glioma"]
+    overview = next(line for line in summary.splitlines() if line.startswith("| copy-nearest |")).split(" | ")
+    datasets = next(line for line in summary.splitlines() if line.startswith("| method |")).split(" | ")
+    cell = overview[datasets.index("glioma")]
+    assert cell == (f"{np.mean([float(r['psnr_brain']) for r in glioma]):.2f} / "
+                    f"{np.mean([float(r['ssim_brain']) for r in glioma]):.3f} ({len(glioma)})")
+    assert overview[-1].rstrip(" |").endswith(f"({len(copy_rows)})")
     assert sorted(p.name for p in (tmp_path / "eval" / "figures").iterdir()) == ["flair_to_adc.png", "t1_to_t1c.png"]
     with pytest.raises(FileExistsError):
         evaluate(tiny_cache, methods, tmp_path / "eval", tasks=tasks, progress=False)

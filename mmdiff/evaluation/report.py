@@ -115,6 +115,25 @@ def _cell(stat: tuple[float, float, int], digits: int) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
 
 
+def overview_markdown(rows: list[dict]) -> str:
+    """Brain PSNR / SSIM per method and dataset, mean over that dataset's case-tasks, and over all."""
+    order = list(dict.fromkeys(row["method"] for row in rows))
+    datasets = sorted({row["dataset"] for row in rows})
+    lines = ["| method | " + " | ".join(datasets) + " | all |", "|---" * (len(datasets) + 2) + "|"]
+    for method in order:
+        cells = []
+        for dataset in [*datasets, None]:
+            group = [r for r in rows if r["method"] == method and dataset in (None, r["dataset"])]
+            if not group:
+                cells.append("-")
+                continue
+            psnr_brain = np.mean([float(r["psnr_brain"]) for r in group])
+            ssim_brain = np.mean([float(r["ssim_brain"]) for r in group])
+            cells.append(f"{psnr_brain:.2f} / {ssim_brain:.3f} ({len(group)})")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def summary_markdown(rows: list[dict], slice_stride: int = 1) -> str:
     """Mean ± std over cases per dataset, task and method (methods in the order evaluated); brain-masked
     columns first."""
@@ -128,6 +147,9 @@ def summary_markdown(rows: list[dict], slice_stride: int = 1) -> str:
         + (f"; every {slice_stride}th axial slice" if slice_stride > 1 else "") + ".",
         f"Normalisation: {NORMALISATION}. Mean ± std over cases (a single case: its value).",
         "",
+        "Overview: PSNR brain (dB) / SSIM brain, mean over each dataset's case-tasks (their number in brackets).",
+        "",
+        overview_markdown(rows),
         "| dataset | task | method | PSNR brain (dB) | SSIM brain | MAE brain | PSNR lesion | SSIM lesion "
         "| PSNR whole | SSIM whole |",
         "|---|---|---|---|---|---|---|---|---|---|",
