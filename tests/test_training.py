@@ -72,6 +72,7 @@ def test_wall_time_budget_ends_training_and_exports(tiny_cache, tmp_path):
     info = json.loads((tmp_path / "run" / "final" / "training_info.json").read_text())
     assert info["steps"] == 1 and 0 <= info["train_minutes"] < 5
     assert [p.name for p in (tmp_path / "run").glob("checkpoint-*")] == ["checkpoint-1"]
+    assert _train("gan-tiny", tmp_path / "bad", tiny_cache, "--max-minutes", "0") == 2  # a budget must be positive
 
 
 def test_ldm_tiny_needs_no_other_step(tiny_cache, tmp_path):

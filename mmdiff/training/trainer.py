@@ -29,7 +29,7 @@ from ..io import write_json, write_text
 from ..modalities import mask_key
 from ..viz import montage
 from .checkpoint import load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
-from .config import load_config
+from .config import ConfigError, load_config
 from .data import ensure_cache, training_dataset, training_loader, validation_samples
 from .stages import STAGES, Stage
 
@@ -87,6 +87,10 @@ def train(config: dict, output_dir: str | Path, max_steps: int | None = None, re
     """
     output_dir = Path(output_dir)
     train_cfg = config["train"]
+    if max_minutes is None:
+        max_minutes = train_cfg.get("max_minutes")
+    if max_minutes is not None and float(max_minutes) <= 0:
+        raise ConfigError(f"max_minutes must be positive (or null for no time limit), got {max_minutes}")
     accelerator = Accelerator(
         gradient_accumulation_steps=int(train_cfg.get("gradient_accumulation_steps", 1)),
         mixed_precision=train_cfg.get("mixed_precision", "no"),
@@ -171,8 +175,6 @@ def train(config: dict, output_dir: str | Path, max_steps: int | None = None, re
     batches_per_epoch = len(loader)
     if val_every and step == 0 and total > 0:
         validate(stage, val_samples, accelerator, step, output_dir, ema)  # the baseline the curve starts from
-    if max_minutes is None:
-        max_minutes = train_cfg.get("max_minutes")
     started = time.monotonic()
     deadline = started + 60 * float(max_minutes) if max_minutes else None
     while step < total:
@@ -229,7 +231,10 @@ def train(config: dict, output_dir: str | Path, max_steps: int | None = None, re
 
 
 def _past(deadline: float, accelerator) -> bool:
-    """Whether any process is past ``deadline`` (so every rank stops at the same step)."""
+    """Whether any process is past ``deadline`` (so every rank stops at the same step); a single
+    process only reads its clock (no device sync on the training hot path)."""
+    if accelerator.num_processes == 1:
+        return time.monotonic() > deadline
     late = torch.tensor([float(time.monotonic() > deadline)], device=accelerator.device)
     return bool(accelerator.reduce(late, reduction="sum").item() > 0)
 
