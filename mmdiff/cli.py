@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .modalities import KNOWN_MODALITIES
 
 #: the names of :data:`mmdiff.pipelines.SCHEDULERS`, here so the parser needs no diffusers import
 SCHEDULER_NAMES = ("dpm++", "unipc", "ddim", "euler", "ddpm")
@@ -68,6 +69,7 @@ def cmd_prepare(args) -> int:
     if len(args.spacing) not in (1, 3):
         raise SystemExit("--spacing takes one value (isotropic) or three")
     config = PrepareConfig(size=args.size, spacing=spacing, clip_percentile=args.clip_percentile,
+                           normalisation=args.normalisation, median_scale=args.median_scale,
                            val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
                            **({"modalities": args.modalities} if args.modalities else {}))
     cases = []
@@ -98,7 +100,7 @@ def cmd_quickstart(args) -> int:
 def cmd_synthesize(args) -> int:
     from .synthesize import synthesize
 
-    inputs = {m: getattr(args, m) for m in ("t1", "t2", "t1c", "flair", "dwi", "adc") if getattr(args, m)}
+    inputs = {m: getattr(args, m) for m in KNOWN_MODALITIES if getattr(args, m)}
     written = synthesize(inputs, args.out, pipeline_source=args.pipeline, engine=args.engine, dataset=args.dataset,
                          targets=args.targets, steps=args.steps, scheduler=args.scheduler, samples=args.samples,
                          seed=args.seed,
@@ -234,7 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=192, help="in-plane size in voxels (default: %(default)s)")
     p.add_argument("--spacing", type=float, nargs="+", default=[1.0], help="voxel size in mm (default: 1)")
     p.add_argument("--modalities", nargs="+", help="modality list (default: t1 t2 t1c flair dwi adc)")
-    p.add_argument("--clip-percentile", type=float, default=99.5)
+    p.add_argument("--normalisation", choices=["median", "percentile"], default="median",
+                   help="intensity rule: divide by --median-scale x the brain median, or clip at "
+                        "--clip-percentile inside the brain (default: %(default)s)")
+    p.add_argument("--median-scale", type=float, default=3.0, help="the brain median maps to 1/this (default: 3)")
+    p.add_argument("--clip-percentile", type=float, default=99.5, help="for --normalisation percentile")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--test-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0, help="split seed")
@@ -242,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
     p = sub.add_parser("synthesize", help="synthesize the missing sequences of one exam (NIfTI in, NIfTI out)")
-    for m in ("t1", "t2", "t1c", "flair", "dwi", "adc"):
+    for m in KNOWN_MODALITIES:
         p.add_argument(f"--{m}", metavar="NIFTI", help=f"the {m.upper()} volume, if the exam has one")
     p.add_argument("--dataset", help="the site's dataset name (unknown or none: the null dataset, for unseen sites)")
     p.add_argument("--out", required=True, help="output folder: <target>_synthetic.nii.gz and JSON sidecars")

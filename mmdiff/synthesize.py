@@ -19,7 +19,7 @@ import torch
 
 from .io import (OverwriteError, SYNTHETIC_DESCRIP, check_not_input, provenance_record, save_nifti, sidecar_path,
                  write_json)
-from .modalities import canonical
+from .modalities import KNOWN_MODALITIES, canonical
 
 ENGINES = ("ldm", "gan")
 PUBLISHED = Path(__file__).resolve().parents[1] / "pipelines"
@@ -85,8 +85,9 @@ def synthesize(
 ) -> dict[str, Path]:
     """Synthesize the missing sequences of one exam from NIfTI files; returns the written paths."""
     if not inputs:
-        raise ValueError("no input sequence given: pass at least one of --t1 --t2 --t1c --flair --dwi --adc")
-    inputs = {canonical(k): Path(v) for k, v in inputs.items()}
+        raise ValueError("no input sequence given: pass at least one of "
+                         + " ".join(f"--{m}" for m in KNOWN_MODALITIES))
+    inputs = {canonical(k, KNOWN_MODALITIES): Path(v) for k, v in inputs.items()}
     missing = [str(p) for p in inputs.values() if not p.exists()]
     if missing:
         raise FileNotFoundError(f"input file(s) not found: {', '.join(missing)}")

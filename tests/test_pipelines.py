@@ -313,7 +313,9 @@ def _far_away_nifti(tmp_path):
 
 
 BAD_INPUTS = {
-    "unknown modality": (lambda p: dict(images={"t1": brain_slice(), "pd": brain_slice()}), "unknown modality 'pd'"),
+    "unknown modality": (lambda p: dict(images={"t1": brain_slice(), "swi": brain_slice()}), "unknown modality 'swi'"),
+    "a sequence the model lacks": (lambda p: dict(images={"t1": brain_slice(), "pd": brain_slice()}),
+                                   "input 'pd': the model was not trained on pd"),
     "no input": (lambda p: dict(images={}), "no input images"),
     "target given": (lambda p: dict(images={"t1": brain_slice()}, targets=["t1n"]), "target t1 is also an input"),
     "input not trained": (lambda p: dict(images={"dwi": brain_slice()}), "not trained on dwi"),

@@ -29,6 +29,10 @@ class SliceDataset(Dataset):
     ``crop`` set, each item is a random ``crop x crop`` window, a function of ``(seed, epoch, index)``
     (call :meth:`set_epoch` each epoch), so a resumed run sees the same crops with any number of workers.
 
+    With ``context_slices = k > 0`` (a 2.5D model), items also hold ``context`` float32
+    ``[M, 2k, H, W]``: the ``k`` stored slices below and above (order ``-k .. -1, +1 .. +k``), zeros
+    beyond the case's ends, in the same crop window.
+
     ``modalities`` reorders or narrows the modality axis (a model trained on fewer sequences);
     ``datasets`` keeps only the named datasets; ``split`` is one of train/val/test or a list of them.
     Arrays are memory-mapped and opened lazily in each DataLoader worker.
@@ -43,8 +47,12 @@ class SliceDataset(Dataset):
         crop: int | None = None,
         cases: Sequence[str] | None = None,
         seed: int = 0,
+        context_slices: int = 0,
     ):
         self.cache = Path(cache)
+        if context_slices < 0:
+            raise CacheError(f"context_slices must be >= 0, got {context_slices}")
+        self.context_slices = int(context_slices)
         index_path = self.cache / "index.json"
         if not index_path.exists():
             raise CacheError(f"{self.cache} is not a prepared cache (no index.json): run `mmdiff prepare` first")
@@ -127,7 +135,17 @@ class SliceDataset(Dataset):
             if s >= 0:
                 out[j] = images[k, s][window]
         case = self.cases[case_idx]
-        return {
+        extra = {}
+        if self.context_slices:
+            offsets = [d for d in range(-self.context_slices, self.context_slices + 1) if d]
+            context = np.zeros((len(self.modalities), len(offsets)) + self._shape(), dtype=np.float32)
+            for n, d in enumerate(offsets):
+                if 0 <= k + d < images.shape[0]:
+                    for j, s in enumerate(stored):
+                        if s >= 0:
+                            context[j, n] = images[k + d, s][window]
+            extra["context"] = torch.from_numpy(context)
+        return extra | {
             "images": torch.from_numpy(out),
             "available": torch.from_numpy(available.copy()),
             "dataset_id": self.dataset_names.index(case["dataset"]),

@@ -4,8 +4,9 @@ Per case: every file is read in canonical orientation and resampled by its affin
 (the reference file's field of view at the configured spacing; the lesion mask's grid where there
 is one, else DWI's, else the first modality's), a brain mask is taken from the case or derived, the
 brain is centred and cropped/padded in-plane to ``size x size``, axial slices without brain are
-dropped, and each modality is clipped at a high percentile inside the brain and scaled to [0, 1]
-(background 0). A case-level train/val/test split is kept in ``splits.json``: cases keep their split
+dropped, and each modality is brought to [0, 1] by the cache's
+:class:`~mmdiff.data.preprocessing.MRIPreprocessor` (background 0), the rule a model trained on the
+cache carries into its pipeline. A case-level train/val/test split is kept in ``splits.json``: cases keep their split
 when others are added, and no case is ever in two splits.
 
 Cache layout::
@@ -41,6 +42,7 @@ from .. import __version__
 from ..io import VolumeError, atomic_dir, load_volume, write_json
 from ..modalities import MODALITIES
 from .manifest import MASK_KINDS, Case
+from .preprocessing import MRIPreprocessor
 
 CACHE_FORMAT = 1
 
@@ -52,6 +54,8 @@ class PrepareConfig:
     size: int = 192
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
     modalities: tuple[str, ...] = MODALITIES
+    normalisation: str = "median"
+    median_scale: float = 3.0
     clip_percentile: float = 99.5
     min_brain_pixels: int = 64
     val_fraction: float = 0.1
@@ -66,18 +70,24 @@ class PrepareConfig:
             raise ValueError(f"size must be at least 8, got {self.size}")
         if len(self.spacing) != 3 or min(self.spacing) <= 0:
             raise ValueError(f"spacing must be three positive numbers, got {self.spacing}")
-        if not 50 < self.clip_percentile <= 100:
-            raise ValueError(f"clip_percentile must be in (50, 100], got {self.clip_percentile}")
+        self.preprocessor  # checks the intensity settings
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError("val_fraction + test_fraction must be below 1")
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
+    @property
+    def preprocessor(self) -> MRIPreprocessor:
+        """The intensity rule (the component a model trained on this cache is saved with)."""
+        return MRIPreprocessor(normalisation=self.normalisation, median_scale=self.median_scale,
+                               clip_percentile=self.clip_percentile)
+
     def geometry(self) -> dict:
         """The settings that change the arrays (not the split fractions)."""
         d = self.to_dict()
-        return {k: d[k] for k in ("size", "spacing", "modalities", "clip_percentile", "min_brain_pixels")}
+        return {k: d[k] for k in ("size", "spacing", "modalities", "normalisation", "median_scale",
+                                  "clip_percentile", "min_brain_pixels")}
 
 
 @dataclass
@@ -190,17 +200,6 @@ def derive_brain_mask(images: Iterable[np.ndarray]) -> np.ndarray:
     return mask
 
 
-def normalise(image: np.ndarray, brain: np.ndarray, percentile: float) -> tuple[np.ndarray, float]:
-    """Clip at ``percentile`` of the brain's voxels, scale to [0, 1]; background to 0."""
-    inside = image[brain]
-    top = float(np.percentile(inside, percentile)) if inside.size else 0.0
-    if top <= 0:
-        return np.zeros_like(image, dtype=np.float32), top
-    out = np.clip(image, 0.0, top) / top
-    out[~brain] = 0.0
-    return out.astype(np.float32), top
-
-
 def crop_or_pad(volume: np.ndarray, centre: Sequence[int], size: int) -> np.ndarray:
     """In-plane ``size x size`` window of ``volume[X, Y, ...]`` centred on ``centre``, zero-padded."""
     out = np.zeros((size, size) + volume.shape[2:], dtype=volume.dtype)
@@ -232,8 +231,9 @@ def prepare_case(case: Case, config: PrepareConfig, case_dir: Path) -> CaseResul
         notes.append(f"brain ({extent[0]}x{extent[1]} voxels) is larger than {config.size}: edges cropped")
     scales = {}
     stack = []
+    preprocessor = config.preprocessor
     for m in present:
-        norm, scales[m] = normalise(arrays[m], brain, config.clip_percentile)
+        norm, scales[m] = preprocessor.normalise(arrays[m], brain)
         if scales[m] <= 0:
             notes.append(f"{m} is empty inside the brain")
         stack.append(crop_or_pad(norm[..., keep], centre, config.size))
@@ -301,6 +301,15 @@ def _open_cache(cache: Path, config: PrepareConfig, datasets: list[str]) -> dict
     return info
 
 
+def cache_preprocessor(cache: str | os.PathLike) -> MRIPreprocessor:
+    """The intensity rule a cache was prepared with (caches from before the rule was stored: the
+    percentile rule with their ``clip_percentile``)."""
+    config = json.loads((Path(cache) / "cache.json").read_text())["config"]
+    return MRIPreprocessor(normalisation=config.get("normalisation", "percentile"),
+                           median_scale=config.get("median_scale", 3.0),
+                           clip_percentile=config.get("clip_percentile", 99.5))
+
+
 def assign_splits(keys: list[str], existing: dict[str, str], config: PrepareConfig) -> dict[str, str]:
     """Case-level splits per dataset; existing assignments are kept, new cases fill the fractions.
 
@@ -317,9 +326,10 @@ def assign_splits(keys: list[str], existing: dict[str, str], config: PrepareConf
         for key in new:
             n = sum(1 for k in members if k in splits) + 1
             counts = {s: sum(1 for k in members if splits.get(k) == s) for s in targets}
-            # small datasets still hold out one test case (from 3 cases) and one validation case (from 4)
+            # small datasets still hold out one test case (from 2 cases: a real cohort of two is
+            # scored on one) and one validation case (from 4)
             want = {s: max(np.floor(frac * n + 0.5), 1 if n >= minimum else 0)
-                    for (s, frac), minimum in zip(targets.items(), (4, 3))}
+                    for (s, frac), minimum in zip(targets.items(), (4, 2))}
             short = [s for s in ("test", "val") if counts[s] < want[s]]
             splits[key] = short[0] if short else "train"
     return splits

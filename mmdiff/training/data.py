@@ -73,9 +73,10 @@ def build_cache(cache: Path, build: dict) -> None:
     prepare(cases, cache, config, num_workers=int(build.get("workers", 2)))
 
 
-def training_dataset(data_cfg: dict, cache: Path, seed: int) -> SliceDataset:
+def training_dataset(data_cfg: dict, cache: Path, seed: int, context_slices: int = 0) -> SliceDataset:
     return SliceDataset(cache, split="train", datasets=data_cfg.get("datasets"),
-                        modalities=data_cfg.get("modalities"), crop=data_cfg.get("crop"), seed=seed)
+                        modalities=data_cfg.get("modalities"), crop=data_cfg.get("crop"), seed=seed,
+                        context_slices=context_slices)
 
 
 def training_loader(dataset: SliceDataset, batch_size: int, seed: int, num_workers: int = 0):
@@ -88,14 +89,15 @@ def training_loader(dataset: SliceDataset, batch_size: int, seed: int, num_worke
     return loader, sampler
 
 
-def validation_samples(data_cfg: dict, cache: Path, slices_per_case: int, max_cases: int) -> list[dict]:
+def validation_samples(data_cfg: dict, cache: Path, slices_per_case: int, max_cases: int,
+                       context_slices: int = 0) -> list[dict]:
     """A fixed set of whole validation slices: evenly spaced through the middle of each held-out case.
 
     Uses the ``val`` split, or ``test`` where ``val`` is empty; two or more sequences are needed.
     """
     for split in ("val", "test"):
         dataset = SliceDataset(cache, split=split, datasets=data_cfg.get("datasets"),
-                               modalities=data_cfg.get("modalities"))
+                               modalities=data_cfg.get("modalities"), context_slices=context_slices)
         if len(dataset):
             break
     else:

@@ -24,6 +24,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from ..data.prepare import cache_preprocessor
 from ..evaluation.metrics import psnr, ssim
 from ..io import write_json, write_text
 from ..modalities import mask_key
@@ -106,16 +107,18 @@ def train(config: dict, output_dir: str | Path, max_steps: int | None = None, re
         write_text(output_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
     cache = ensure_cache(config["data"], accelerator.is_main_process)
     accelerator.wait_for_everyone()
-    dataset = training_dataset(config["data"], cache, seed)
+    context_slices = int(config.get("model", {}).get("context_slices", 0) or 0)  # a 2.5D model's neighbours
+    dataset = training_dataset(config["data"], cache, seed, context_slices)
     loader, sampler = training_loader(dataset, int(train_cfg["batch_size"]), seed,
                                       int(config["data"].get("num_workers", 0)))
     val_cfg = config.get("validation", {})
     val_samples = validation_samples(config["data"], cache, int(val_cfg.get("slices_per_case", 2)),
-                                     int(val_cfg.get("cases_per_dataset", 1)))
+                                     int(val_cfg.get("cases_per_dataset", 1)), context_slices)
 
     stage_cls = STAGES[config["stage"]]
     extra = {"vae_path": _vae_for_ldm(config, output_dir)} if config["stage"] == "ldm" else {}
     stage: Stage = stage_cls(config, dataset.dataset_names, dataset.modalities, accelerator.device, **extra)
+    stage.preprocessor = cache_preprocessor(cache)  # exported with the model: it is fed as it was trained
     names = list(stage.models)
     for name in names:
         stage.models[name].to(accelerator.device).train()
@@ -292,7 +295,9 @@ def validate(stage: Stage, samples: list[dict], accelerator, step: int, output_d
         sources = torch.stack([c[0] for c in conditions]).to(device)
         targets = torch.stack([c[1] for c in conditions]).to(device)
         dataset_id = torch.tensor([samples[i]["dataset_id"] for i in indices], device=device)
-        pred = stage.predict(images, sources, targets, dataset_id, generator=generator).float()
+        extra = {"context": torch.stack([samples[i]["context"] for i in indices]).to(device)} \
+            if "context" in samples[indices[0]] else {}
+        pred = stage.predict(images, sources, targets, dataset_id, generator=generator, **extra).float()
         for row, i in enumerate(indices):
             brain = samples[i]["brain_mask"][None].to(device)
             for m in targets[row].nonzero().flatten().tolist():
