@@ -41,12 +41,16 @@ def ensure_cache(data_cfg: dict, is_main_process: bool = True) -> Path:
             f"run `mmdiff prepare SOURCES --out {cache}` first, or set data.cache"
         )
     if is_main_process:
-        build_cache(cache, build)
+        build_cache(cache, {"modalities": data_cfg.get("modalities"), **build})
     return cache
 
 
 def build_cache(cache: Path, build: dict) -> None:
-    """Phantom cohorts (inside ``cache/sources``) plus any listed sources, prepared into ``cache``."""
+    """Phantom cohorts (inside ``cache/sources``) plus any listed sources, prepared into ``cache``.
+
+    ``build`` may name the cache's ``modalities`` (default: the data config's) and its intensity rule
+    (``normalisation``, ``median_scale``, ``clip_percentile``; default: :class:`PrepareConfig`'s).
+    """
     from ..data.phantom import write_cohorts
 
     cases = []
@@ -68,7 +72,8 @@ def build_cache(cache: Path, build: dict) -> None:
         cases += scan(path, dataset=source.get("name"))
     if not cases:
         raise ConfigError("data.build names no phantom cohorts and no sources")
-    config = PrepareConfig(size=int(build.get("size", 192)), spacing=build.get("spacing", 1.0),
+    intensity = {k: build[k] for k in ("normalisation", "median_scale", "clip_percentile") if k in build}
+    config = PrepareConfig(size=int(build.get("size", 192)), spacing=build.get("spacing", 1.0), **intensity,
                            **({"modalities": tuple(build["modalities"])} if build.get("modalities") else {}))
     prepare(cases, cache, config, num_workers=int(build.get("workers", 2)))
 
