@@ -176,9 +176,11 @@ def derive_brain_mask(images: Iterable[np.ndarray]) -> np.ndarray:
     Each modality is thresholded at 5 % of its 99th percentile (above Rician background noise),
     the union is opened, its largest component kept and holes filled slice by slice. The axial ends
     are padded with edge copies first: the 3D opening and closing would otherwise erode brain in the
-    first and last slices (and all of a single slice).
+    first and last slices (and all of a single slice). The morphology runs on the union's bounding box
+    grown by a margin wider than the closing reaches, which gives the same mask as the whole grid in
+    a fraction of the time (a head fills a third of its grid).
     """
-    images = [np.pad(img, ((0, 0), (0, 0), (2, 2)), mode="edge") for img in images]
+    images = [np.asarray(img) for img in images]
     union = None
     for img in images:
         positive = img[img > 0]
@@ -186,17 +188,24 @@ def derive_brain_mask(images: Iterable[np.ndarray]) -> np.ndarray:
             continue
         fg = img > 0.05 * np.percentile(positive, 99)
         union = fg if union is None else union | fg
-    if union is None:
+    if union is None or not union.any():
         raise VolumeError("every image is empty")
-    mask = ndimage.binary_opening(union, iterations=1)
-    labels, n = ndimage.label(mask)
+    margin = 4  # > the closing's 2 iterations: nothing outside the box can change
+    box = tuple(slice(max(int(idx.min()) - margin, 0), int(idx.max()) + margin + 1)
+                for idx in (np.flatnonzero(union.any(axis=(1, 2))), np.flatnonzero(union.any(axis=(0, 2)))))
+    part = np.pad(union[box], ((0, 0), (0, 0), (2, 2)), mode="edge")
+    part = ndimage.binary_opening(part, iterations=1)
+    labels, n = ndimage.label(part)
     if n > 1:
-        sizes = ndimage.sum(mask, labels, index=range(1, n + 1))
-        mask = labels == (int(np.argmax(sizes)) + 1)
-    mask = ndimage.binary_closing(mask, iterations=2)
-    mask = mask[..., 2:-2]
-    for k in range(mask.shape[2]):
-        mask[..., k] = ndimage.binary_fill_holes(mask[..., k])
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        part = labels == int(np.argmax(sizes))
+    part = ndimage.binary_closing(part, iterations=2)[..., 2:-2]
+    in_plane = np.zeros((3, 3, 3), bool)
+    in_plane[:, :, 1] = ndimage.generate_binary_structure(2, 1)  # holes are filled per axial slice
+    part = ndimage.binary_fill_holes(part, structure=in_plane)
+    mask = np.zeros(union.shape, dtype=bool)
+    mask[box] = part
     return mask
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import nibabel as nib
@@ -297,7 +298,8 @@ def prepare_inputs(
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
 
-    read = {name: _read(name, value) for name, value in zip(sources, images.values())}
+    with ThreadPoolExecutor(max_workers=len(sources)) as pool:  # gzip inflation releases the GIL
+        read = dict(zip(sources, pool.map(_read, sources, images.values())))
     kinds = {isinstance(v, Volume) for v in read.values()}
     if len(kinds) > 1:
         raise ValueError("inputs mix NIfTI paths and arrays: pass every input the same way")
