@@ -127,3 +127,16 @@ def test_gan_pipeline_runs_a_2_5d_model_on_a_volume_with_its_neighbours():
     assert not np.allclose(other[..., 3], one[..., 3], atol=1e-4)
     for k in (0, 6):  # slices whose neighbours did not change
         np.testing.assert_allclose(other[..., k], one[..., k], atol=1e-5)
+
+
+def test_training_validation_reports_the_lesion_contrast_error(tiny_cache, tmp_path):
+    """Checkpoints are chosen by lesions too: validation logs |synthetic / real lesion contrast - 1|."""
+    import json
+
+    from mmdiff.cli import main
+
+    assert main(["train", "--config", "gan-tiny", "--output-dir", str(tmp_path / "run"), "--max-steps", "2",
+                 f"data.cache={tiny_cache}", "validation.every=0", "checkpoint.every=0"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in records if "val/psnr" in r][-1]
+    assert final["val/contrast_error"] >= 0 and any(k.startswith("val/contrast_error_") for k in final)

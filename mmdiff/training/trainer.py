@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..data.prepare import cache_preprocessor
 from ..evaluation.metrics import psnr, ssim
+from ..evaluation.protocol import lesion_contrast
 from ..io import write_json, write_text
 from ..modalities import mask_key
 from ..viz import montage
@@ -269,7 +270,8 @@ def validation_condition(available: torch.Tensor, index: int, reconstruct: bool)
 
 @torch.no_grad()
 def validate(stage: Stage, samples: list[dict], accelerator, step: int, output_dir: Path, ema) -> dict:
-    """PSNR/SSIM inside the brain per target sequence, on fixed slices, with the EMA weights.
+    """PSNR/SSIM inside the brain per target sequence, and the lesion-contrast error where a slice has
+    a lesion, on fixed slices, with the EMA weights.
 
     Every process runs it (a DDP forward may synchronise); the main process logs and writes the grid.
     """
@@ -300,10 +302,17 @@ def validate(stage: Stage, samples: list[dict], accelerator, step: int, output_d
         pred = stage.predict(images, sources, targets, dataset_id, generator=generator, **extra).float()
         for row, i in enumerate(indices):
             brain = samples[i]["brain_mask"][None].to(device)
+            lesion = (samples[i]["seg"] > 0).numpy() & samples[i]["brain_mask"].numpy()
             for m in targets[row].nonzero().flatten().tolist():
                 name = stage.modalities[m]
                 scores[name]["psnr"].append(psnr(pred[row, m][None], images[row, m][None], brain).item())
                 scores[name]["ssim"].append(ssim(pred[row, m][None], images[row, m][None], brain).item())
+                if lesion.sum() >= 20:  # lesion contrast, synthetic against real (1 is faithful)
+                    healthy = samples[i]["brain_mask"].numpy()
+                    real = lesion_contrast(images[row, m].cpu().numpy(), healthy, lesion)
+                    synthetic = lesion_contrast(pred[row, m].cpu().numpy(), healthy, lesion)
+                    if np.isfinite(real) and np.isfinite(synthetic):
+                        scores[name]["contrast_error"].append(abs(synthetic / real - 1))
             if len(rows) < 8:
                 rows.append(_grid_row(stage.modalities, images[row], pred[row], sources[row], targets[row],
                                       samples[i]["case_id"], samples[i]["slice"]))
@@ -315,6 +324,9 @@ def validate(stage: Stage, samples: list[dict], accelerator, step: int, output_d
     if metrics:
         metrics["val/psnr"] = float(np.mean([v for k, v in metrics.items() if k.startswith("val/psnr_")]))
         metrics["val/ssim"] = float(np.mean([v for k, v in metrics.items() if k.startswith("val/ssim_")]))
+        errors = [v for k, v in metrics.items() if k.startswith("val/contrast_error_")]
+        if errors:  # |synthetic / real lesion contrast - 1|, for choosing checkpoints by lesions too
+            metrics["val/contrast_error"] = float(np.mean(errors))
     if accelerator.is_main_process:
         _log(accelerator, output_dir, step, metrics)
         montage(rows, output_dir / "validation" / f"step-{step:07d}.png", cell=128,
