@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .io import atomic_dir
+from .resources import model_card_template
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "pipeline.md"
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 SYNTHESIS_TASK = "image-to-image"
 
@@ -99,8 +99,8 @@ def render_card(pipe, info: dict, rows: list[dict], method: str, evaluation: Pat
                 downstream: Path | None = None) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
-    is_diffusion = hasattr(pipe, "scheduler")
-    engine = "ldm" if is_diffusion else "gan"
+    engine = pipe.engine
+    is_diffusion = engine == "ldm"
     eval_results, results_text = _results(rows, method, evaluation)
     name = repo_id.split("/")[-1] if repo_id else f"mmdiff-{engine}"
     datasets = info.get("datasets", [])
@@ -123,7 +123,7 @@ def render_card(pipe, info: dict, rows: list[dict], method: str, evaluation: Pat
         "adversarially against per-modality patch discriminators, with selective supervision of the "
         "missing sequences and reconstruction of the given ones. Deterministic: one forward pass per slice.")
     return ModelCard.from_template(
-        card_data, template_path=str(TEMPLATE),
+        card_data, template_path=str(model_card_template()),
         title=f"{name}: {'latent diffusion' if is_diffusion else 'GAN'} synthesis of missing MRI sequences",
         summary=("Given any subset of T1, T2, T1C, FLAIR, DWI and ADC of a brain MRI exam, this "
                  f"mmdiff pipeline (`{type(pipe).__name__}`) synthesises "
@@ -169,7 +169,7 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, evaluation: str |
     taking the rows of ``method`` (default: the folder name of ``out``); ``training_note`` adds what the
     run's own record cannot tell (e.g. that it resumed another run on other data); ``downstream`` (an
     ``mmdiff downstream`` folder scored with this method) adds its segmentation Dice to the card."""
-    from .synthesize import load_pipeline
+    from .pipelines import load_pipeline
 
     run_dir, out = Path(run_dir), Path(out)
     final = run_dir / "final"
@@ -181,8 +181,7 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, evaluation: str |
         raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
     if out.resolve() in (run_dir.resolve(), final.resolve()):
         raise ValueError("the export folder must differ from the run folder")
-    index = json.loads((final / "model_index.json").read_text())
-    pipe = load_pipeline(final, "gan" if index["_class_name"] == "MMGANPipeline" else "ldm")
+    pipe = load_pipeline(final)
     info = json.loads((final / "training_info.json").read_text())
     cache_json = Path(info.get("cache", "")) / "cache.json"
     cache_config = json.loads(cache_json.read_text())["config"] if cache_json.is_file() else None

@@ -220,7 +220,7 @@ class PipelineMethod:
                  scheduler: str | None = None):
         self.pipeline, self.name = pipeline, name
         self.steps, self.samples, self.seed, self.batch_size = steps, samples, seed, batch_size
-        self.is_diffusion = hasattr(pipeline, "scheduler")
+        self.is_diffusion = pipeline.engine == "ldm"
         self.scheduler = scheduler
         if scheduler is not None and scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")

@@ -23,6 +23,7 @@ class MMGANPipeline(DiffusionPipeline):
         generator: the :class:`~mmdiff.models.MultiModalGenerator`.
     """
 
+    engine = "gan"
     model_cpu_offload_seq = "generator"
 
     def __init__(self, generator: MultiModalGenerator):
