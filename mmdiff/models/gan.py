@@ -162,7 +162,7 @@ class MultiModalGenerator(ModelMixin, ConfigMixin):
         dataset_id = torch.as_tensor(dataset_id, device=images.device).long().expand(batch)
         if not self.config.use_pfm:
             dataset_id = torch.full_like(dataset_id, NULL_DATASET_ID)
-        embedding = self.dataset_embedding(dataset_id)
+        embedding = self.dataset_embedding(dataset_id, images.dtype)
 
         common = self.common_encoder(torch.cat([images, mask_planes], dim=1), embedding)
         present = [i for i in range(num_modalities) if mask[:, i].any()]
