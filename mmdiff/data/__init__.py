@@ -1,7 +1,8 @@
 """Data: real-layout adapters, phantom cohorts, preparation, the slice cache, batch scheduling."""
 
 from .conditions import MODES, SynthesisConditionSampler, apply_condition, loss_weights, task
-from .dataset import CacheError, SliceDataset
+from .cache import CacheError
+from .dataset import SliceDataset
 from .layouts import LayoutError, detect_layout, scan
 from .manifest import Case, ManifestError, read_manifest, write_manifest
 from .prepare import PrepareConfig, prepare

@@ -12,7 +12,6 @@ high percentile, the median does not stretch a smooth prediction that regresses 
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.cache import BRAIN_MASK, IMAGES, SEG, case_folder, read_index
 from ..modalities import MODALITIES
 from ..pipelines.ldm import SCHEDULERS, use_scheduler
 from .metrics import mae, masked_ssim, psnr, ssim_map
@@ -85,17 +85,14 @@ class EvalCase:
 def load_cases(cache: str | Path, split: str | Sequence[str] = "test", datasets: Sequence[str] | None = None,
                slice_stride: int = 1) -> Iterator[EvalCase]:
     """The cases of ``split`` in a prepared cache, every ``slice_stride``-th axial slice."""
-    cache = Path(cache)
-    if not (cache / "index.json").exists():
-        raise FileNotFoundError(f"{cache} is not a prepared cache (no index.json): run `mmdiff prepare` first")
     splits = {split} if isinstance(split, str) else set(split)
-    for entry in json.loads((cache / "index.json").read_text())["cases"]:
+    for entry in read_index(cache)["cases"]:
         if entry["split"] not in splits or (datasets is not None and entry["dataset"] not in datasets):
             continue
-        folder = cache / entry["path"]
-        images = np.load(folder / "images.npy", mmap_mode="r")[::slice_stride]
-        brain = np.load(folder / "brain_mask.npy", mmap_mode="r")[::slice_stride]
-        seg = np.load(folder / "seg.npy", mmap_mode="r")[::slice_stride] if entry.get("has_seg") else None
+        folder = case_folder(cache, entry)
+        images = np.load(folder / IMAGES, mmap_mode="r")[::slice_stride]
+        brain = np.load(folder / BRAIN_MASK, mmap_mode="r")[::slice_stride]
+        seg = np.load(folder / SEG, mmap_mode="r")[::slice_stride] if entry.get("has_seg") else None
         yield EvalCase(
             dataset=entry["dataset"], case_id=entry["case_id"], split=entry["split"],
             images={m: np.ascontiguousarray(images[:, i].transpose(1, 2, 0), dtype=np.float32)
