@@ -1,6 +1,6 @@
 """Data: real-layout adapters, phantom cohorts, preparation, the slice cache, batch scheduling."""
 
-from .conditions import MODES, SynthesisConditionSampler, apply_condition, loss_weights, task
+from .conditions import MODES, SynthesisConditionSampler, loss_weights
 from .cache import CacheError
 from .dataset import SliceDataset
 from .layouts import LayoutError, detect_layout, scan
@@ -9,7 +9,7 @@ from .prepare import PrepareConfig, prepare
 from .sampler import ModalityConsistentBatchSampler, group_keys
 
 __all__ = [
-    "MODES", "SynthesisConditionSampler", "apply_condition", "loss_weights", "task",
+    "MODES", "SynthesisConditionSampler", "loss_weights",
     "CacheError", "SliceDataset",
     "LayoutError", "detect_layout", "scan",
     "Case", "ManifestError", "read_manifest", "write_manifest",
