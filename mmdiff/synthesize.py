@@ -68,10 +68,14 @@ def synthesize(
         raise FileNotFoundError(f"input file(s) not found: {', '.join(missing)}")
     from .pipelines import load_pipeline, resolve_source
 
-    source = resolve_source(pipeline_source, engine) if pipeline is None or pipeline_source is not None else None
-    pipe = pipeline if pipeline is not None else load_pipeline(source, engine)
-    if engine is not None and pipe.engine != engine:
-        raise ValueError(f"the pipeline is {type(pipe).__name__} (engine {pipe.engine}), not the {engine} engine")
+    if pipeline is None:
+        source = resolve_source(pipeline_source, engine)
+        pipe = load_pipeline(source, engine)  # checks that it is of `engine`, when given
+    else:
+        source = resolve_source(pipeline_source) if pipeline_source is not None else None
+        pipe = pipeline
+        if engine is not None and pipe.engine != engine:
+            raise ValueError(f"the pipeline is {type(pipe).__name__} (engine {pipe.engine}), not the {engine} engine")
     diffusion = pipe.engine == "ldm"
     if scheduler is not None:
         if not diffusion:
