@@ -128,14 +128,13 @@ def _evaluation_data(text: str) -> Path:
 
 
 def _named_pipeline(source: str):
-    """``(folder, pipeline)`` for ``ldm``/``gan`` (the published ones) or a pipeline folder; no progress bars."""
-    from .synthesize import DEFAULT_PIPELINES, PUBLISHED, load_pipeline
+    """``(source, pipeline)`` for ``ldm``/``gan`` (the published ones), a folder or a Hub repo; no progress bars."""
+    from .pipelines import load_pipeline, resolve_source
 
-    engine = source if source in DEFAULT_PIPELINES else None
-    path = PUBLISHED / DEFAULT_PIPELINES[engine] if engine else Path(source)
-    pipe = load_pipeline(path, engine or "ldm")
+    source = resolve_source(source)
+    pipe = load_pipeline(source)
     pipe.set_progress_bar_config(disable=True)
-    return path, pipe
+    return Path(str(source)), pipe
 
 
 def cmd_evaluate(args) -> int:
@@ -147,7 +146,7 @@ def cmd_evaluate(args) -> int:
     for source in args.pipeline or []:
         path, pipe = _named_pipeline(source)
         settings = [(None, 1)]
-        if hasattr(pipe, "scheduler"):  # diffusion: one method per scheduler and step count
+        if pipe.engine == "ldm":  # diffusion: one method per scheduler and step count
             settings = [(name, steps) for name in args.scheduler or [None] for steps in args.steps]
         for scheduler, steps in settings:
             name = path.name if len(settings) == 1 else f"{path.name} ({scheduler or 'default'}, {steps} steps)"
@@ -252,8 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{m}", metavar="NIFTI", help=f"the {m.upper()} volume, if the exam has one")
     p.add_argument("--dataset", help="the site's dataset name (unknown or none: the null dataset, for unseen sites)")
     p.add_argument("--out", required=True, help="output folder: <target>_synthetic.nii.gz and JSON sidecars")
-    p.add_argument("--engine", choices=["ldm", "gan"], default="ldm", help="latent diffusion or the one-step GAN")
-    p.add_argument("--pipeline", help="pipeline folder or Hub repo id (default: the published one in pipelines/)")
+    p.add_argument("--engine", choices=["ldm", "gan"],
+                   help="the published pipeline to use: latent diffusion (default) or the one-step GAN; with "
+                        "--pipeline, a check that it is of that engine")
+    p.add_argument("--pipeline", help="pipeline folder or Hub repo id (default: the published one of --engine)")
     p.add_argument("--targets", nargs="+", help="sequences to make (default: every one not given)")
     p.add_argument("--steps", type=int, default=20, help="diffusion steps (ldm; default: %(default)s)")
     p.add_argument("--scheduler", choices=list(SCHEDULER_NAMES), help="diffusion scheduler (ldm; default: the pipeline's)")

@@ -151,12 +151,20 @@ def check_not_input(path: str | os.PathLike, inputs: Iterable[str | os.PathLike]
             raise OverwriteError(f"refusing to write {path}: it is an input file")
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, overwrite: bool = False, inputs: Iterable = ()):
     """Yield a temporary path next to ``path``; on success it is renamed onto ``path``.
 
     The temporary name keeps the final suffix (``.nii.gz`` etc.) so writers that pick a format from
-    the name behave. Nothing is left behind on failure.
+    the name behave. Nothing is left behind on failure. The file gets the mode any writer would
+    give it (0666 less the umask), not the temporary file's 0600.
     """
     path = Path(path)
     check_not_input(path, inputs)
@@ -165,6 +173,7 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = False, inputs: Iterab
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if str(path).lower().endswith(".nii.gz") else path.suffix
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     try:
         yield Path(tmp)
@@ -178,10 +187,12 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = False, inputs: Iterab
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike):
     """Yield a temporary folder next to ``path``; on success it replaces ``path`` (a finished folder
-    appears whole or not at all). Nothing is left behind on failure."""
+    appears whole or not at all). Nothing is left behind on failure. The folder gets the mode
+    ``mkdir`` would give it (0777 less the umask), not the temporary folder's 0700."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp.chmod(0o777 & ~_umask())
     try:
         yield tmp
         if path.exists():
@@ -243,36 +254,6 @@ def save_nifti(
     with atomic_path(path, overwrite, inputs) as tmp:
         nib.save(img, str(tmp))
     return Path(path)
-
-
-def save_like(
-    reference: Volume,
-    array: np.ndarray,
-    path: str | os.PathLike,
-    provenance: dict | None = None,
-    overwrite: bool = False,
-    inputs: Iterable = (),
-    dtype=np.float32,
-) -> Path:
-    """Write ``array`` (on ``reference``'s canonical grid) back on the reference file's own grid.
-
-    With ``provenance`` the volume is marked synthetic: ``descrip`` says so, and a JSON sidecar
-    records the provenance plus mmdiff's version and the time. Inputs are never overwritten.
-    """
-    inputs = list(inputs) + ([reference.path] if reference.path is not None else [])
-    out = reference.to_source(np.asarray(array))
-    affine = reference.source_affine if reference.source_affine is not None else reference.affine
-    descrip = SYNTHETIC_DESCRIP if provenance is not None else None
-    sidecar = sidecar_path(path)
-    if provenance is not None:
-        check_not_input(sidecar, inputs)
-        if sidecar.exists() and not overwrite:
-            raise OverwriteError(f"{sidecar} exists (pass overwrite=True / --overwrite to replace it)")
-    written = save_nifti(out, affine, path, reference.header, dtype=dtype, descrip=descrip,
-                         overwrite=overwrite, inputs=inputs)
-    if provenance is not None:
-        write_json(sidecar, provenance_record(provenance), overwrite=True, inputs=inputs)
-    return written
 
 
 def provenance_record(fields: dict) -> dict:

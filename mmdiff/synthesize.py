@@ -10,7 +10,6 @@ standard deviation. Nothing is written over an input, and nothing over an existi
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -20,32 +19,6 @@ import torch
 from .io import (OverwriteError, SYNTHETIC_DESCRIP, check_not_input, provenance_record, save_nifti, sidecar_path,
                  write_json)
 from .modalities import KNOWN_MODALITIES, canonical
-
-ENGINES = ("ldm", "gan")
-PUBLISHED = Path(__file__).resolve().parents[1] / "pipelines"
-DEFAULT_PIPELINES = {"ldm": "mmdiff-ldm", "gan": "mmdiff-gan"}
-
-
-def load_pipeline(source: str | os.PathLike | None, engine: str):
-    """A pipeline folder (or Hub repo id); ``None`` picks the published pipeline of ``engine``."""
-    from .pipelines import MMDiffPipeline, MMGANPipeline
-
-    if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}: choose {' or '.join(ENGINES)}")
-    if source is None:
-        source = PUBLISHED / DEFAULT_PIPELINES[engine]
-        if not (Path(source) / "model_index.json").exists():
-            raise FileNotFoundError(f"no published {engine} pipeline at {source}: pass --pipeline PATH_OR_REPO")
-    path = Path(source)
-    if path.exists():
-        index = json.loads((path / "model_index.json").read_text()) if (path / "model_index.json").exists() else None
-        if index is None:
-            raise FileNotFoundError(f"{path} is not a pipeline folder (no model_index.json)")
-        cls = MMGANPipeline if index["_class_name"] == "MMGANPipeline" else MMDiffPipeline
-    else:  # a Hub repo id (offline: from the local cache)
-        cls = MMGANPipeline if engine == "gan" else MMDiffPipeline
-    return cls.from_pretrained(source)
-
 
 def revision(source: str | os.PathLike) -> str:
     """A short content hash of a local pipeline folder's index and weights (or the repo id itself)."""
@@ -72,7 +45,7 @@ def synthesize(
     out: str | os.PathLike,
     pipeline=None,
     pipeline_source: str | os.PathLike | None = None,
-    engine: str = "ldm",
+    engine: str | None = None,
     dataset: str | None = None,
     targets: list[str] | None = None,
     steps: int = 20,
@@ -83,7 +56,10 @@ def synthesize(
     batch_size: int = 8,
     overwrite: bool = False,
 ) -> dict[str, Path]:
-    """Synthesize the missing sequences of one exam from NIfTI files; returns the written paths."""
+    """Synthesize the missing sequences of one exam from NIfTI files; returns the written paths.
+
+    ``pipeline_source`` (a folder or Hub repo id; default: the published pipeline of ``engine``,
+    else the LDM) is loaded unless ``pipeline`` is given; the provenance records the engine that ran."""
     if not inputs:
         raise ValueError("no input sequence given: pass at least one of "
                          + " ".join(f"--{m}" for m in KNOWN_MODALITIES))
@@ -91,10 +67,20 @@ def synthesize(
     missing = [str(p) for p in inputs.values() if not p.exists()]
     if missing:
         raise FileNotFoundError(f"input file(s) not found: {', '.join(missing)}")
-    pipe = pipeline if pipeline is not None else load_pipeline(pipeline_source, engine)
+    from .pipelines import load_pipeline, resolve_source
+
+    if pipeline is None:
+        source = resolve_source(pipeline_source, engine)
+        pipe = load_pipeline(source, engine)  # checks that it is of `engine`, when given
+    else:
+        source = resolve_source(pipeline_source) if pipeline_source is not None else None
+        pipe = pipeline
+        if engine is not None and pipe.engine != engine:
+            raise ValueError(f"the pipeline is {type(pipe).__name__} (engine {pipe.engine}), not the {engine} engine")
+    diffusion = pipe.engine == "ldm"
     if scheduler is not None:
-        if not hasattr(pipe, "scheduler"):
-            raise ValueError(f"--scheduler is for the diffusion engine; the {engine} pipeline has no scheduler")
+        if not diffusion:
+            raise ValueError(f"--scheduler is for the diffusion engine; the {pipe.engine} pipeline has no scheduler")
         from .pipelines import use_scheduler
 
         use_scheduler(pipe, scheduler)
@@ -109,16 +95,17 @@ def synthesize(
             if file.exists() and not overwrite:
                 raise OverwriteError(f"{file} exists (pass --overwrite to replace it)")
     generator = torch.Generator().manual_seed(seed)
-    kwargs = {"num_inference_steps": steps, "num_samples": samples, "generator": generator} if engine == "ldm" else {}
+    kwargs = {"num_inference_steps": steps, "num_samples": samples, "generator": generator} if diffusion else {}
     result = pipe({m: str(p) for m, p in inputs.items()}, dataset=dataset, targets=targets, output_type="nifti",
                   brain_mask=str(brain_mask) if brain_mask else None, batch_size=batch_size, **kwargs)
-    source = pipeline_source if pipeline_source is not None else PUBLISHED / DEFAULT_PIPELINES[engine]
     provenance = {
-        "model": str(source), "model_revision": revision(source), "engine": engine, "pipeline": type(pipe).__name__,
+        "model": str(source if source is not None else getattr(pipe, "name_or_path", None) or type(pipe).__name__),
+        "model_revision": revision(source) if source is not None else None, "engine": pipe.engine,
+        "pipeline": type(pipe).__name__,
         "dataset": dataset, "inputs": {m: str(p.resolve()) for m, p in inputs.items()},
         "brain_mask": str(Path(brain_mask).resolve()) if brain_mask else "derived from the inputs",
-        "targets": targets, "seed": seed, "steps": steps if engine == "ldm" else 1, "samples": samples,
-        "scheduler": type(pipe.scheduler).__name__ if hasattr(pipe, "scheduler") else None,
+        "targets": targets, "seed": seed,
+        **({"steps": steps, "samples": samples, "scheduler": type(pipe.scheduler).__name__} if diffusion else {}),
         "intensity_units": "mmdiff normalised [0, 1] (99.5th percentile inside the brain = 1)",
     }
     written = {}

@@ -71,7 +71,8 @@ def test_copy_nearest_picks_the_closest_contrast_that_is_given():
     image, brain, _ = _case()
     case = EvalCase("d", "c", "test", {"t1": image, "t2": 2 * image, "flair": 3 * image}, brain, None)
     prediction, uncertainty = CopyNearest()(case, Task(("t2", "t1", "flair"), "t1c"))
-    np.testing.assert_array_equal(prediction, image) and uncertainty is None
+    np.testing.assert_array_equal(prediction, image)
+    assert uncertainty is None
     np.testing.assert_array_equal(CopyNearest()(case, Task(("t1", "t2"), "flair"))[0], 2 * image)
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from mmdiff.cli import main
-from mmdiff.data.prepare import PrepareConfig, cache_preprocessor
+from mmdiff.data.cache import cache_preprocessor
+from mmdiff.data.prepare import PrepareConfig
 from mmdiff.data.preprocessing import MRIPreprocessor
 from mmdiff.pipelines import MMGANPipeline
 from mmdiff.pipelines.common import brain_window, prepare_inputs

@@ -1,8 +1,7 @@
-"""A torch ``Dataset`` over a prepared slice cache (see :mod:`mmdiff.data.prepare`)."""
+"""A torch ``Dataset`` over a prepared slice cache (format: :mod:`mmdiff.data.cache`)."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,13 +10,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .cache import BRAIN_MASK, IMAGES, SEG, CacheError, case_folder, dataset_id, read_index
 from .sampler import group_keys
 
 SPLITS = ("train", "val", "test")
-
-
-class CacheError(ValueError):
-    """A cache that is missing, unfinished or lacks what the caller asked for."""
 
 
 class SliceDataset(Dataset):
@@ -53,10 +49,7 @@ class SliceDataset(Dataset):
         if context_slices < 0:
             raise CacheError(f"context_slices must be >= 0, got {context_slices}")
         self.context_slices = int(context_slices)
-        index_path = self.cache / "index.json"
-        if not index_path.exists():
-            raise CacheError(f"{self.cache} is not a prepared cache (no index.json): run `mmdiff prepare` first")
-        index = json.loads(index_path.read_text())
+        index = read_index(self.cache)
         self.dataset_names: list[str] = index["datasets"]
         cache_modalities: list[str] = index["modalities"]
         self.modalities = list(modalities) if modalities is not None else cache_modalities
@@ -109,7 +102,7 @@ class SliceDataset(Dataset):
     @property
     def dataset_ids(self) -> np.ndarray:
         """Dataset id ``[N]`` of every sample (its position in the cache's dataset list)."""
-        ids = np.array([self.dataset_names.index(c["dataset"]) for c in self.cases], dtype=np.int64)
+        ids = np.array([dataset_id(self.dataset_names, c["dataset"]) for c in self.cases], dtype=np.int64)
         return ids[self._case_of]
 
     @property
@@ -120,8 +113,8 @@ class SliceDataset(Dataset):
     def _open(self, case_idx: int):
         arrays = self._arrays.get(case_idx)
         if arrays is None:
-            folder = self.cache / self.cases[case_idx]["path"]
-            arrays = tuple(np.load(folder / f"{name}.npy", mmap_mode="r") for name in ("images", "brain_mask", "seg"))
+            folder = case_folder(self.cache, self.cases[case_idx])
+            arrays = tuple(np.load(folder / name, mmap_mode="r") for name in (IMAGES, BRAIN_MASK, SEG))
             self._arrays[case_idx] = arrays
         return arrays
 
@@ -148,7 +141,7 @@ class SliceDataset(Dataset):
         return extra | {
             "images": torch.from_numpy(out),
             "available": torch.from_numpy(available.copy()),
-            "dataset_id": self.dataset_names.index(case["dataset"]),
+            "dataset_id": dataset_id(self.dataset_names, case["dataset"]),
             "brain_mask": torch.from_numpy(np.array(brain[k][window], dtype=bool)),
             "seg": torch.from_numpy(np.array(seg[k][window], dtype=np.uint8)),
             "case_id": case["case_id"],

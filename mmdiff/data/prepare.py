@@ -9,15 +9,7 @@ dropped, and each modality is brought to [0, 1] by the cache's
 cache carries into its pipeline. A case-level train/val/test split is kept in ``splits.json``: cases keep their split
 when others are added, and no case is ever in two splits.
 
-Cache layout::
-
-    CACHE/cache.json                  the preparation config and the dataset names (ids = positions)
-    CACHE/splits.json                 {"<dataset>/<case_id>": "train" | "val" | "test"}
-    CACHE/index.json                  every prepared case with its modalities, slices and split
-    CACHE/summary.json                what the last run read, skipped and why
-    CACHE/cases/<dataset>/<case_id>/  images.npy float16 [S, A, H, W] (A = available modalities),
-                                      brain_mask.npy uint8 [S, H, W], seg.npy uint8 [S, H, W],
-                                      meta.json (written last: a case without it is unfinished)
+The cache layout is owned by :mod:`mmdiff.data.cache`.
 """
 
 from __future__ import annotations
@@ -25,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import traceback
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -41,6 +32,9 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..io import VolumeError, atomic_dir, load_volume, write_json
 from ..modalities import MODALITIES
+from .cache import (BRAIN_MASK, CACHE_JSON, IMAGES, INDEX_JSON, META, SEG, SPLITS_JSON, SUMMARY_JSON, dataset_id,
+                    finished_cases, read_info)
+from .cache import case_dir as case_dir_for
 from .manifest import MASK_KINDS, Case
 from .preprocessing import MRIPreprocessor
 
@@ -98,11 +92,6 @@ class CaseResult:
     reason: str = ""
     slices: int = 0
     warnings: list[str] = field(default_factory=list)
-
-
-def safe_name(name: str) -> str:
-    """A file-system-safe version of a case or dataset name."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "case"
 
 
 def _reference_kind(files: dict[str, Path]) -> str:
@@ -268,10 +257,10 @@ def prepare_case(case: Case, config: PrepareConfig, case_dir: Path) -> CaseResul
         "notes": notes,
     }
     with atomic_dir(case_dir) as tmp:
-        np.save(tmp / "images.npy", images.astype(np.float16))
-        np.save(tmp / "brain_mask.npy", brain_c.astype(np.uint8))
-        np.save(tmp / "seg.npy", seg)
-        write_json(tmp / "meta.json", meta)
+        np.save(tmp / IMAGES, images.astype(np.float16))
+        np.save(tmp / BRAIN_MASK, brain_c.astype(np.uint8))
+        np.save(tmp / SEG, seg)
+        write_json(tmp / META, meta)
     return CaseResult(case.dataset, case.case_id, "prepared", slices=int(keep.size), warnings=notes)
 
 
@@ -286,13 +275,9 @@ def _prepare_worker(case: Case, config: PrepareConfig, case_dir: Path) -> CaseRe
                           reason=f"{type(exc).__name__}: {exc} ({Path(where.filename).name}:{where.lineno})")
 
 
-def case_dir_for(cache: Path, dataset: str, case_id: str) -> Path:
-    return cache / "cases" / safe_name(dataset) / safe_name(case_id)
-
-
 def _open_cache(cache: Path, config: PrepareConfig, datasets: list[str]) -> dict:
     """Create ``cache.json`` or check that an existing cache was made with the same geometry."""
-    path = cache / "cache.json"
+    path = cache / CACHE_JSON
     if path.exists():
         info = json.loads(path.read_text())
         if info["config"]["geometry"] != config.geometry():
@@ -308,15 +293,6 @@ def _open_cache(cache: Path, config: PrepareConfig, datasets: list[str]) -> dict
             info["datasets"].append(name)  # append only: dataset ids never change
     write_json(path, info)
     return info
-
-
-def cache_preprocessor(cache: str | os.PathLike) -> MRIPreprocessor:
-    """The intensity rule a cache was prepared with (caches from before the rule was stored: the
-    percentile rule with their ``clip_percentile``)."""
-    config = json.loads((Path(cache) / "cache.json").read_text())["config"]
-    return MRIPreprocessor(normalisation=config.get("normalisation", "percentile"),
-                           median_scale=config.get("median_scale", 3.0),
-                           clip_percentile=config.get("clip_percentile", 99.5))
 
 
 def assign_splits(keys: list[str], existing: dict[str, str], config: PrepareConfig) -> dict[str, str]:
@@ -368,7 +344,7 @@ def prepare(
     results: list[CaseResult] = []
     todo = []
     for case in cases:
-        meta_path = case_dir_for(cache, case.dataset, case.case_id) / "meta.json"
+        meta_path = case_dir_for(cache, case.dataset, case.case_id) / META
         if meta_path.exists():
             meta = json.loads(meta_path.read_text())
             results.append(CaseResult(case.dataset, case.case_id, "cached", slices=meta["slices"]))
@@ -392,9 +368,9 @@ def prepare(
 
 def _finish(cache: Path, config: PrepareConfig, results: list[CaseResult]) -> dict:
     """Write splits, index and summary from every finished case in the cache."""
-    info = json.loads((cache / "cache.json").read_text())
-    metas = [json.loads(p.read_text()) for p in sorted((cache / "cases").glob("*/*/meta.json"))]
-    splits_path = cache / "splits.json"
+    info = read_info(cache)
+    metas = finished_cases(cache)
+    splits_path = cache / SPLITS_JSON
     existing = json.loads(splits_path.read_text()) if splits_path.exists() else {}
     keys = [f"{m['dataset']}/{m['case_id']}" for m in metas]
     splits = assign_splits(keys, existing, config)
@@ -403,7 +379,7 @@ def _finish(cache: Path, config: PrepareConfig, results: list[CaseResult]) -> di
     for meta, key in zip(metas, keys):
         index.append({
             "dataset": meta["dataset"],
-            "dataset_id": info["datasets"].index(meta["dataset"]),
+            "dataset_id": dataset_id(info["datasets"], meta["dataset"]),
             "case_id": meta["case_id"],
             "path": str(case_dir_for(cache, meta["dataset"], meta["case_id"]).relative_to(cache)),
             "modalities": meta["modalities"],
@@ -411,7 +387,7 @@ def _finish(cache: Path, config: PrepareConfig, results: list[CaseResult]) -> di
             "has_seg": meta["has_seg"],
             "split": splits[key],
         })
-    write_json(cache / "index.json", {"datasets": info["datasets"], "modalities": info["config"]["modalities"],
+    write_json(cache / INDEX_JSON, {"datasets": info["datasets"], "modalities": info["config"]["modalities"],
                                       "size": info["config"]["size"], "cases": index})
     summary = {
         "cache": str(cache),
@@ -424,7 +400,7 @@ def _finish(cache: Path, config: PrepareConfig, results: list[CaseResult]) -> di
         "slices_in_cache": int(sum(c["slices"] for c in index)),
         "splits": {s: sum(c["split"] == s for c in index) for s in ("train", "val", "test")},
     }
-    write_json(cache / "summary.json", summary)
+    write_json(cache / SUMMARY_JSON, summary)
     return summary
 
 

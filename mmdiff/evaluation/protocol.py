@@ -17,7 +17,6 @@ scores about 1 where the real one scores 1.4-1.5 however good its PSNR is.
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.cache import BRAIN_MASK, IMAGES, SEG, case_folder, read_index
 from ..modalities import KNOWN_MODALITIES
 from ..pipelines.ldm import SCHEDULERS, use_scheduler
 from .metrics import mae, masked_ssim, psnr, ssim_map
@@ -96,17 +96,14 @@ class EvalCase:
 def load_cases(cache: str | Path, split: str | Sequence[str] = "test", datasets: Sequence[str] | None = None,
                slice_stride: int = 1) -> Iterator[EvalCase]:
     """The cases of ``split`` in a prepared cache; every ``slice_stride``-th axial slice is scored."""
-    cache = Path(cache)
-    if not (cache / "index.json").exists():
-        raise FileNotFoundError(f"{cache} is not a prepared cache (no index.json): run `mmdiff prepare` first")
     splits = {split} if isinstance(split, str) else set(split)
-    for entry in json.loads((cache / "index.json").read_text())["cases"]:
+    for entry in read_index(cache)["cases"]:
         if entry["split"] not in splits or (datasets is not None and entry["dataset"] not in datasets):
             continue
-        folder = cache / entry["path"]
-        images = np.load(folder / "images.npy", mmap_mode="r")
-        brain = np.load(folder / "brain_mask.npy", mmap_mode="r")
-        seg = np.load(folder / "seg.npy", mmap_mode="r") if entry.get("has_seg") else None
+        folder = case_folder(cache, entry)
+        images = np.load(folder / IMAGES, mmap_mode="r")
+        brain = np.load(folder / BRAIN_MASK, mmap_mode="r")
+        seg = np.load(folder / SEG, mmap_mode="r") if entry.get("has_seg") else None
         yield EvalCase(
             dataset=entry["dataset"], case_id=entry["case_id"], split=entry["split"],
             images={m: np.ascontiguousarray(images[:, i].transpose(1, 2, 0), dtype=np.float32)
@@ -266,7 +263,7 @@ class PipelineMethod:
                  scheduler: str | None = None):
         self.pipeline, self.name = pipeline, name
         self.steps, self.samples, self.seed, self.batch_size = steps, samples, seed, batch_size
-        self.is_diffusion = hasattr(pipeline, "scheduler")
+        self.is_diffusion = pipeline.engine == "ldm"
         self.scheduler = scheduler
         if scheduler is not None and scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")

@@ -204,7 +204,7 @@ class MultiModalGenerator(ModelMixin, ConfigMixin):
         dataset_id = torch.as_tensor(dataset_id, device=images.device).long().expand(batch)
         if not self.config.use_pfm:
             dataset_id = torch.full_like(dataset_id, NULL_DATASET_ID)
-        embedding = self.dataset_embedding(dataset_id)
+        embedding = self.dataset_embedding(dataset_id, images.dtype)
 
         k = self.config.context_slices
         planes = [images]

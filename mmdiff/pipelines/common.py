@@ -51,6 +51,11 @@ ImageInput = np.ndarray | torch.Tensor | str | os.PathLike
 class MMDiffPipelineOutput(BaseOutput):
     """Output of the mmdiff pipelines.
 
+    Unlike most diffusers pipelines, whose ``images`` is a batch (a list or a stacked array), an
+    mmdiff call is one exam and ``images`` is a dict keyed by sequence name (``out.images["t1c"]``):
+    the targets are different images of one subject, each on the input's own grid, and a NIfTI
+    output carries its own header. One call is one exam; a list of exams is refused.
+
     Args:
         images: target modality -> synthetic image, shaped like the input, in the model's [0, 1] scale.
         uncertainty: target -> per-voxel standard deviation over the samples (``num_samples > 1``), else None.
@@ -282,6 +287,9 @@ def prepare_inputs(
     rule of pipelines saved without one). Every problem raises a ``ValueError`` that names it."""
     preprocessor = preprocessor or MRIPreprocessor.legacy()
     modalities = list(modalities)
+    if not isinstance(images, Mapping):  # e.g. a list of cases: one call is one exam
+        raise ValueError(f"images must be one exam, a mapping sequence -> image ({{'t1': ..., 'flair': ...}}), "
+                         f"not a {type(images).__name__}: call the pipeline once per case")
     if not images:
         raise ValueError("no input images: pass images={'t1': ..., 'flair': ...}")
     sources = _canonical_names(images, modalities, "input")

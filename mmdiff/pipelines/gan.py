@@ -27,6 +27,7 @@ class MMGANPipeline(DiffusionPipeline):
             pipelines saved before it was stored).
     """
 
+    engine = "gan"
     model_cpu_offload_seq = "generator"
     _optional_components = ["preprocessor"]
 

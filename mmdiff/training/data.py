@@ -16,10 +16,10 @@ from ..data.layouts import scan
 from ..data.manifest import read_manifest
 from ..data.prepare import PrepareConfig, prepare
 from ..data.sampler import ModalityConsistentBatchSampler
-from .config import CONFIG_DIR, ConfigError
+from .config import ConfigError
 
 logger = logging.getLogger(__name__)
-REPO_ROOT = CONFIG_DIR.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # relative data sources: from a checkout's root
 
 
 def cache_path(data_cfg: dict) -> Path:

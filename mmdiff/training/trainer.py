@@ -24,7 +24,8 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from ..data.prepare import cache_preprocessor
+from ..data.cache import cache_preprocessor
+from ..data.cache import describe as describe_cache
 from ..evaluation.metrics import psnr, ssim
 from ..evaluation.protocol import lesion_contrast
 from ..io import write_json, write_text
@@ -225,13 +226,23 @@ def train(config: dict, output_dir: str | Path, max_steps: int | None = None, re
         stage.export(unwrapped, final)
         write_json(final / "training_info.json", {
             "stage": config["stage"], "steps": step, "datasets": dataset.dataset_names,
-            "modalities": dataset.modalities, "cache": str(cache), "processes": accelerator.num_processes,
-            "rank_checksums": checksums, "validation": metrics, "config": config,
+            "modalities": dataset.modalities, "data": describe_cache(cache, config["data"].get("datasets")),
+            "processes": accelerator.num_processes, "device": accelerator.device.type,
+            "rank_checksums": checksums, "validation": metrics, "config": portable_config(config),
             "train_minutes": train_minutes})
     accelerator.wait_for_everyone()
     for tracker in accelerator.trackers:  # not end_training(): it would end the process group a sub-run shares
         tracker.finish()
     return final
+
+
+def portable_config(config: dict) -> dict:
+    """The config for a published record: an absolute ``data.cache`` (this machine's path) is left out;
+    the record's ``data`` section identifies the data instead."""
+    cache = str(config.get("data", {}).get("cache", ""))
+    if not Path(cache).is_absolute():
+        return config
+    return {**config, "data": {k: v for k, v in config["data"].items() if k != "cache"}}
 
 
 def _past(deadline: float, accelerator) -> bool:
