@@ -14,8 +14,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -329,12 +331,44 @@ def main(argv: list[str] | None = None) -> int:
         return train_main(argv[1:], prog="mmdiff train")
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as exc:
-        # the error types mmdiff raises for bad input: say what is wrong, no traceback
-        print(f"mmdiff {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning  # one line per warning, no source line
+        try:
+            return args.func(args)
+        except (ValueError, FileExistsError, FileNotFoundError) as exc:
+            # the error types mmdiff raises for bad input: say what is wrong, no traceback
+            return _error(args.command, exc, 2)
+        except KeyboardInterrupt:
+            return _error(args.command, "interrupted (nothing half-written is left behind)", 130)
+        except OSError as exc:  # the disk or the system said no
+            return _error(args.command, _os_error(exc), 1)
+        except Exception as exc:  # a bug: still one line, the traceback on request
+            if os.environ.get("MMDIFF_DEBUG"):
+                raise
+            return _error(args.command, f"unexpected {type(exc).__name__}: {exc} (this is a bug in mmdiff: "
+                          "please report it; MMDIFF_DEBUG=1 shows the traceback)", 1)
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
+def _error(command: str, message, code: int) -> int:
+    print(f"mmdiff {command}: error: {_one_line(message)}", file=sys.stderr)
+    return code
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"mmdiff: warning: {_one_line(message)}", file=sys.stderr)
+
+
+def _os_error(exc: OSError) -> str:
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno == errno.ENOSPC:
+        return f"no space left on the device{where}: free some space or choose another folder; nothing was left half-written"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"not allowed to write{where} ({exc.strerror}): choose a folder you can write to"
+    return f"{exc.strerror or exc}{where}"
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ import torch
 from .io import (OverwriteError, SYNTHETIC_DESCRIP, check_not_input, provenance_record, save_nifti, sidecar_path,
                  write_json)
 from .modalities import canonical
+from .validation import check_input_files, check_output_folder, check_pipeline_source, check_synthesize_options
 
 ENGINES = ("ldm", "gan")
 PUBLISHED = Path(__file__).resolve().parents[1] / "pipelines"
@@ -83,13 +86,21 @@ def synthesize(
     batch_size: int = 8,
     overwrite: bool = False,
 ) -> dict[str, Path]:
-    """Synthesize the missing sequences of one exam from NIfTI files; returns the written paths."""
-    if not inputs:
-        raise ValueError("no input sequence given: pass at least one of --t1 --t2 --t1c --flair --dwi --adc")
-    inputs = {canonical(k): Path(v) for k, v in inputs.items()}
-    missing = [str(p) for p in inputs.values() if not p.exists()]
-    if missing:
-        raise FileNotFoundError(f"input file(s) not found: {', '.join(missing)}")
+    """Synthesize the missing sequences of one exam from NIfTI files; returns the written paths.
+
+    Every file and option is checked before the model loads; the outputs are written to a hidden
+    folder inside ``out`` and moved into place together, so a failure leaves no new file behind.
+    """
+    check_synthesize_options(engine, steps, samples, batch_size, seed, scheduler, targets, inputs or {})
+    inputs = check_input_files(inputs, brain_mask)
+    input_files = list(inputs.values()) + ([Path(brain_mask)] if brain_mask else [])
+    out = check_output_folder(out, input_files)
+    if pipeline is None:
+        source = pipeline_source if pipeline_source is not None else PUBLISHED / DEFAULT_PIPELINES[engine]
+        index = check_pipeline_source(source) if pipeline_source is not None or Path(source).exists() else None
+        if index is not None:  # a pipeline folder says which engine it is
+            engine = "gan" if index["_class_name"] == "MMGANPipeline" else "ldm"
+            check_synthesize_options(engine, steps, samples, batch_size, seed, scheduler, targets, inputs)
     pipe = pipeline if pipeline is not None else load_pipeline(pipeline_source, engine)
     if scheduler is not None:
         if not hasattr(pipe, "scheduler"):
@@ -99,9 +110,7 @@ def synthesize(
         use_scheduler(pipe, scheduler)
     modalities = pipe.modalities
     targets = [canonical(t, modalities) for t in targets] if targets else [m for m in modalities if m not in inputs]
-    out = Path(out)
     paths = output_paths(out, targets, samples)
-    input_files = list(inputs.values()) + ([Path(brain_mask)] if brain_mask else [])
     for path in paths.values():
         check_not_input(path, input_files)
         for file in (path, sidecar_path(path)):
@@ -120,15 +129,45 @@ def synthesize(
         "scheduler": type(pipe.scheduler).__name__ if hasattr(pipe, "scheduler") else None,
         "intensity_units": "mmdiff normalised [0, 1] (99.5th percentile inside the brain = 1)",
     }
-    written = {}
-    for name, path in paths.items():
-        target, _, kind = name.partition("_")
-        image = (result.uncertainty if kind else result.images)[target]
-        save_nifti(np.asarray(image.dataobj, dtype=np.float32), image.affine, path, header=image.header,
-                   descrip=SYNTHETIC_DESCRIP, overwrite=overwrite, inputs=input_files)
-        write_json(sidecar_path(path), provenance_record({**provenance, "target": target,
-                                                          "map": "uncertainty (std over samples)" if kind else
-                                                          "synthetic image"}),
-                   overwrite=True, inputs=input_files)
-        written[name] = path
-    return written
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".mmdiff-synthesize-", dir=out))
+    try:
+        staged = {}
+        for name, path in paths.items():
+            target, _, kind = name.partition("_")
+            image = (result.uncertainty if kind else result.images)[target]
+            save_nifti(np.asarray(image.dataobj, dtype=np.float32), image.affine, staging / path.name,
+                       header=image.header, descrip=SYNTHETIC_DESCRIP, inputs=input_files)
+            write_json(staging / sidecar_path(path).name,
+                       provenance_record({**provenance, "target": target,
+                                          "map": "uncertainty (std over samples)" if kind else "synthetic image"}),
+                       inputs=input_files)
+            staged[staging / path.name] = path
+            staged[staging / sidecar_path(path).name] = sidecar_path(path)
+        move_into_place(staged, staging / "replaced")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+    return dict(paths)
+
+
+def move_into_place(staged: dict[Path, Path], backup: Path) -> None:
+    """Rename every staged file onto its final path (same folder, so each rename is atomic); files
+    replaced on the way are kept in ``backup`` until all are in place, and put back if one fails."""
+    moved, replaced = [], []
+    try:
+        for source, final in staged.items():
+            if final.exists():
+                backup.mkdir(exist_ok=True)
+                os.replace(final, backup / final.name)
+                replaced.append(final)
+            os.replace(source, final)
+            moved.append(final)
+    except BaseException:
+        for final in moved:
+            final.unlink(missing_ok=True)
+        for final in replaced:
+            os.replace(backup / final.name, final)
+        raise
