@@ -189,9 +189,16 @@ def cmd_export(args) -> int:
 
 
 def cmd_push(args) -> int:
-    from .export import push
+    from .export import format_publish_list, publish_list, push
 
-    url = push(args.folder, args.repo_id, private=args.private, commit_message=args.message, revision=args.revision)
+    files, left_out = publish_list(args.folder)
+    print(f"{'would upload' if args.dry_run else 'uploading'} to {args.repo_id}: "
+          + format_publish_list(args.folder, files, left_out), flush=True)
+    if args.dry_run:
+        print("dry run: nothing uploaded")
+        return 0
+    url = push(args.folder, args.repo_id, private=args.private, commit_message=args.message, revision=args.revision,
+               files=files)
     print(f"pushed {args.folder} to {args.repo_id}: {url}")
     return 0
 
@@ -310,12 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("push", help="upload a pipeline folder to the Hugging Face Hub")
+    p = sub.add_parser("push", help="upload a pipeline (components, model_index.json, card, training_info) to the Hub")
     p.add_argument("folder", help="pipeline folder written by `mmdiff export`")
     p.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub (created if missing)")
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument("--revision", help="branch to commit to (default: main)")
     p.add_argument("--message", help="commit message")
+    p.add_argument("--dry-run", action="store_true", help="list what would be uploaded, upload nothing")
     p.set_defaults(func=cmd_push)
 
     # listed for --help; main() hands `mmdiff train ...` to mmdiff.train before parsing
