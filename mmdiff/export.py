@@ -235,8 +235,7 @@ def publish_list(folder: str | os.PathLike) -> tuple[list[str], list[str]]:
     for component in components:
         for pattern in COMPONENT_PATTERNS:
             allowed |= {p.relative_to(folder).as_posix() for p in (folder / component).glob(pattern) if p.is_file()}
-    files = [f for f in everything if f in allowed]
-    return files, [f for f in everything if f not in allowed]
+    return sorted(f for f in everything if f in allowed), sorted(f for f in everything if f not in allowed)
 
 
 def format_publish_list(folder: str | os.PathLike, files: list[str], left_out: list[str]) -> str:

@@ -129,7 +129,7 @@ def synthesize(
         "scheduler": type(pipe.scheduler).__name__ if hasattr(pipe, "scheduler") else None,
         "intensity_units": "mmdiff normalised [0, 1] (99.5th percentile inside the brain = 1)",
     }
-    created = not out.exists()
+    created = [folder for folder in (out, *out.parents) if not folder.exists()]  # innermost first
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".mmdiff-synthesize-", dir=out))
     try:
@@ -148,8 +148,9 @@ def synthesize(
         move_into_place(staged, staging / "replaced")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        if created and not any(out.iterdir()):
-            out.rmdir()
+        for folder in created:  # folders made for a run that wrote nothing
+            if not any(folder.iterdir()):
+                folder.rmdir()
     return dict(paths)
 
 

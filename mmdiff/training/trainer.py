@@ -160,10 +160,10 @@ def train(config: dict, output_dir: str | Path, max_steps: int | None = None, re
             continue
         step, batches_done = int(state["step"]), int(state["batches_done"])
         set_rng_state(state["rng"])
-        if accelerator.is_main_process:
-            _forget_metrics_after(output_dir / "metrics.jsonl", step, finished=step >= total)
         logger.info("resumed from %s at step %d", checkpoint, step)
         break
+    if accelerator.is_main_process:  # a run that starts over (step 0) forgets every record of the one before
+        _forget_metrics_after(output_dir / "metrics.jsonl", step if step else -1, finished=step >= total)
 
     if accelerator.is_main_process and accelerator.log_with:
         accelerator.init_trackers("mmdiff", config=_flat(config))
@@ -261,9 +261,9 @@ def _restore(state: dict, names, stage: Stage, schedulers: dict, ema) -> None:
 
 
 def _forget_metrics_after(path: Path, step: int, finished: bool) -> None:
-    """Drop the ``metrics.jsonl`` records a resumed run will write again: those after ``step`` (and,
-    when the run resumes at its last step, that step's final validation); a line a killed run left
-    half-written goes too."""
+    """Drop the ``metrics.jsonl`` records a resumed run will write again: those after ``step`` (all
+    for ``step=-1``, and when the run resumes at its last step, that step's final validation); a line
+    a killed run left half-written goes too."""
     if not path.exists():
         return
     kept = []
