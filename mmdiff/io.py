@@ -112,9 +112,7 @@ def load_volume(path: str | os.PathLike, canonical: bool = True) -> Volume:
     except Exception as exc:  # nibabel raises several types for corrupt files
         raise VolumeError(f"{path}: cannot be read as NIfTI ({exc})") from exc
     shape = img.shape
-    if len(shape) == 4 and shape[3] == 1:
-        img = img.slicer[..., 0]
-    elif len(shape) != 3:
+    if len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] != 1):
         raise VolumeError(
             f"{path}: has shape {shape}; mmdiff needs a 3D volume (a 4D file is accepted only with "
             "a singleton last axis). Split 4D series first, e.g. keep the b=1000 trace of a DWI."
@@ -122,6 +120,8 @@ def load_volume(path: str | os.PathLike, canonical: bool = True) -> Volume:
     if min(img.shape) < 1:
         raise VolumeError(f"{path}: empty volume of shape {img.shape}")
     _check_image(path, img)
+    if len(shape) == 4:
+        img = img.slicer[..., 0]
     source_affine = img.affine.copy()
     source_shape = tuple(img.shape)
     to_source = None
@@ -130,7 +130,10 @@ def load_volume(path: str | os.PathLike, canonical: bool = True) -> Volume:
         ras = nib.orientations.axcodes2ornt(("R", "A", "S"))
         if not np.array_equal(src_ornt, ras):
             to_source = nib.orientations.ornt_transform(ras, src_ornt)
-        img = nib.as_closest_canonical(img)
+        try:  # reorienting reads the voxels
+            img = nib.as_closest_canonical(img)
+        except Exception as exc:
+            raise VolumeError(f"{path}: voxel data cannot be read ({exc})") from exc
     try:
         data = np.asarray(img.dataobj, dtype=np.float32)
     except MemoryError as exc:
@@ -148,8 +151,8 @@ def load_volume(path: str | os.PathLike, canonical: bool = True) -> Volume:
 
 #: the largest volume mmdiff reads (2^28 voxels: 1 GiB as float32); a bigger declared shape is a broken header
 MAX_VOXELS = 2**28
-#: axial slices smaller than this (in either in-plane direction) hold no brain to work with
-MIN_INPLANE = 8
+#: axial slices smaller than this (in either in-plane direction) hold no brain to work with (a 1x1x1 "volume")
+MIN_INPLANE = 2
 
 
 def _check_image(path: Path, img) -> None:
