@@ -131,8 +131,11 @@ def _named_pipeline(source: str):
     """``(folder, pipeline)`` for ``ldm``/``gan`` (the published ones) or a pipeline folder; no progress bars."""
     from .synthesize import DEFAULT_PIPELINES, PUBLISHED, load_pipeline
 
+    from .validation import check_pipeline_source
+
     engine = source if source in DEFAULT_PIPELINES else None
     path = PUBLISHED / DEFAULT_PIPELINES[engine] if engine else Path(source)
+    check_pipeline_source(path)  # a broken or foreign folder: one line before anything loads
     pipe = load_pipeline(path, engine or "ldm")
     pipe.set_progress_bar_config(disable=True)
     return path, pipe
@@ -373,9 +376,12 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def _os_error(exc: OSError) -> str:
     where = f" ({exc.filename})" if exc.filename else ""
     if exc.errno == errno.ENOSPC:
-        return f"no space left on the device{where}: free some space or choose another folder; nothing was left half-written"
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"not allowed to write{where} ({exc.strerror}): choose a folder you can write to"
+        return (f"no space left on the device{where}: free some space or choose another folder; "
+                "nothing was left half-written")
+    if exc.errno == errno.EROFS:
+        return f"read-only file system{where}: choose a folder you can write to"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied{where}: check its permissions, or choose a folder you can write to"
     return f"{exc.strerror or exc}{where}"
 
 

@@ -27,6 +27,8 @@ from .validation import check_input_files, check_output_folder, check_pipeline_s
 ENGINES = ("ldm", "gan")
 PUBLISHED = Path(__file__).resolve().parents[1] / "pipelines"
 DEFAULT_PIPELINES = {"ldm": "mmdiff-ldm", "gan": "mmdiff-gan"}
+#: the hidden folder inside ``--out`` that a run's outputs are written to before they move into place
+STAGING_PREFIX = ".mmdiff-synthesize-"
 
 
 def load_pipeline(source: str | os.PathLike | None, engine: str):
@@ -131,7 +133,8 @@ def synthesize(
     }
     created = [folder for folder in (out, *out.parents) if not folder.exists()]  # innermost first
     out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".mmdiff-synthesize-", dir=out))
+    remove_dead_staging(out)
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=out))
     try:
         staged = {}
         for name, path in paths.items():
@@ -152,6 +155,25 @@ def synthesize(
             if not any(folder.iterdir()):
                 folder.rmdir()
     return dict(paths)
+
+
+def remove_dead_staging(out: Path) -> None:
+    """Remove the staging folders that runs killed before their outputs were moved into place left
+    in ``out`` (their process is gone; a live run's folder is left alone)."""
+    for folder in out.glob(f"{STAGING_PREFIX}*"):
+        pid = folder.name[len(STAGING_PREFIX):].split("-")[0]
+        if pid.isdigit() and folder.is_dir() and not folder.is_symlink() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 def move_into_place(staged: dict[Path, Path], backup: Path) -> None:

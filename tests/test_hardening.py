@@ -222,7 +222,7 @@ def test_output_folder_made_read_only_during_synthesis_leaves_nothing(open_folde
     with unprivileged():
         code, err = run_cli(["synthesize", "--t1", exam["t1"], "--pipeline", pipeline, "--out", out,
                              "--overwrite"], capsys)
-    assert code == 1 and "not allowed to write" in error_line(err)
+    assert code == 1 and "permission denied" in error_line(err)
     assert snapshot(out) == {"t2_synthetic.nii.gz": b"an earlier output"}
 
 
@@ -247,6 +247,22 @@ def test_full_disk_during_writes_leaves_no_partial_output_set(exam, gan_folder, 
     calls.clear()
     code, err = run_cli(args[:-1] + [tmp_path / "new" / "out"], capsys)
     assert code == 1 and not (tmp_path / "new").exists()  # the folders made for it are gone too
+
+
+def test_staging_folders_of_killed_runs_are_removed(exam, gan_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed = out / f"{mmdiff.synthesize.STAGING_PREFIX}{dead.pid}-abc123"  # what kill -9 mid-write leaves
+    live = out / f"{mmdiff.synthesize.STAGING_PREFIX}{os.getpid()}-def456"  # another run, still going
+    for folder in (killed, live):
+        folder.mkdir(parents=True)
+        (folder / "t2_synthetic.nii.gz").write_bytes(b"half")
+    code, err = run_cli(["synthesize", "--t1", exam["t1"], "--pipeline", gan_folder, "--targets", "t2",
+                         "--out", out], capsys)
+    assert code == 0, err
+    assert not killed.exists() and live.exists()
+    assert sorted(p.name for p in out.iterdir() if p != live) == ["t2_synthetic.json", "t2_synthetic.nii.gz"]
 
 
 def test_a_failed_rename_puts_every_earlier_output_back(exam, gan_folder, tmp_path, monkeypatch, capsys):
@@ -278,7 +294,8 @@ def test_bad_volumes_get_messages_naming_the_file(exam, tmp_path, no_model_load,
     tiny = tmp_path / "voxel.nii.gz"
     nib.save(nib.Nifti1Image(np.ones((1, 1, 1), np.float32), np.eye(4)), tiny)
     cases = [(complex_path, "complex-valued voxels"),
-             (broken_header(tmp_path / "nan.nii.gz", [np.nan, 0, 0, 0]), "affine (voxel-to-world matrix) is not finite"),
+             (broken_header(tmp_path / "nan.nii.gz", [np.nan, 0, 0, 0]), "affine (voxel-to-world matrix) is not finite"
+              ),
              (broken_header(tmp_path / "singular.nii.gz", [0, 0, 0, 0]), "affine (voxel-to-world matrix) is singular"),
              (tiny, "axial slices of 1 x 1 voxels"),
              (huge_declared_shape(tmp_path / "huge.nii"), "declares shape (30000, 30000, 30000)")]

@@ -43,9 +43,10 @@ VOLUME_FAULTS = {
     "file": ["truncated", "garbage", "empty", "txt", "folder", "missing"],
 }
 #: what varies among good volumes
-VOLUME_VARIANTS = {"shape": [GOOD_SHAPE, (16, 18, 4, 1), (16, 18, 1)], "dtype": ["int16", "float32", "float64", "uint8"],
-                   "affine": ["ras", "lps", "oblique", "anisotropic"]}
-volume_faults = st.one_of(st.none(), st.sampled_from([(k, v) for k, vs in VOLUME_FAULTS.items() for v in vs]))
+VOLUME_VARIANTS = {"shape": [GOOD_SHAPE, (16, 18, 4, 1), (16, 18, 1)],
+                   "dtype": ["int16", "float32", "float64", "uint8"], "affine": ["ras", "lps", "oblique", "anisotropic"]}
+volume_faults = st.one_of(st.none(), st.sampled_from([(k, v) for k, vs in VOLUME_FAULTS.items()
+                                                      for v in vs]))
 
 
 @st.composite
@@ -280,9 +281,11 @@ def arrays(draw, shape):
 def pipeline_calls(draw):
     shape = draw(st.sampled_from([(20, 18), (20, 18, 3), (20, 18, 1)]))
     engine = draw(st.sampled_from(["gan", "gan", "ldm"]))
-    call = {"specs": [draw(arrays(shape)), draw(arrays(shape))], "engine": engine, "batch_size": draw(st.sampled_from([4, 1])),
+    call = {"specs": [draw(arrays(shape)), draw(arrays(shape))], "engine": engine,
+            "batch_size": draw(st.sampled_from([4, 1])),
             "samples": draw(st.sampled_from([1, 2])) if engine == "ldm" else 1,
-            "targets": draw(st.sampled_from([None, "t2", ["adc", "T1CE"]])), "output_type": draw(st.sampled_from(["np", "pt"]))}
+            "targets": draw(st.sampled_from([None, "t2", ["adc", "T1CE"]])),
+            "output_type": draw(st.sampled_from(["np", "pt"]))}
     fault = draw(st.one_of(st.none(), st.sampled_from([("batch_size", 0), ("batch_size", -1), ("samples", 0),
                                                        ("samples", 3), ("targets", ["t1"]), ("targets", ["pd"]),
                                                        ("targets", []), ("output_type", "nifti"),

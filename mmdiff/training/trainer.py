@@ -256,8 +256,8 @@ def _restore(state: dict, names, stage: Stage, schedulers: dict, ema) -> None:
         if missing:
             raise KeyError(", ".join(missing))
     except (KeyError, ValueError, RuntimeError, TypeError) as exc:
-        raise CheckpointError(f"its state.pt does not hold this run's training state ({type(exc).__name__}: {exc})"
-                              ) from None
+        raise CheckpointError("its state.pt does not hold this run's training state "
+                              f"({type(exc).__name__}: {exc})") from None
 
 
 def _forget_metrics_after(path: Path, step: int, finished: bool) -> None:
