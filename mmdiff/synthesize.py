@@ -4,7 +4,9 @@ Each target becomes ``OUT/<target>_synthetic.nii.gz`` on the inputs' own grid an
 synthetic in its NIfTI header, with a JSON sidecar recording the model, its revision, the inputs, the
 seed and the steps; with several samples, ``OUT/<target>_uncertainty.nii.gz`` holds the per-voxel
 standard deviation. Nothing is written over an input, and nothing over an existing file unless
-``overwrite``; every output path is checked before the model runs.
+``overwrite``. Files, options and the output folder are checked (:mod:`mmdiff.validation`) before
+the model loads; the outputs are written to a hidden staging folder inside the output folder and
+moved into place together, so a failed run leaves no new file and no partial output set.
 """
 
 from __future__ import annotations
