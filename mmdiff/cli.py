@@ -14,8 +14,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -130,8 +132,10 @@ def _evaluation_data(text: str) -> Path:
 def _named_pipeline(source: str):
     """``(source, pipeline)`` for ``ldm``/``gan`` (the published ones), a folder or a Hub repo; no progress bars."""
     from .pipelines import load_pipeline, resolve_source
+    from .validation import check_pipeline_source
 
     source = resolve_source(source)
+    check_pipeline_source(source)  # a broken or foreign folder: one line before anything loads
     pipe = load_pipeline(source)
     pipe.set_progress_bar_config(disable=True)
     return Path(str(source)), pipe
@@ -188,9 +192,16 @@ def cmd_export(args) -> int:
 
 
 def cmd_push(args) -> int:
-    from .export import push
+    from .export import format_publish_list, publish_list, push
 
-    url = push(args.folder, args.repo_id, private=args.private, commit_message=args.message, revision=args.revision)
+    files, left_out = publish_list(args.folder)
+    print(f"{'would upload' if args.dry_run else 'uploading'} to {args.repo_id}: "
+          + format_publish_list(args.folder, files, left_out), flush=True)
+    if args.dry_run:
+        print("dry run: nothing uploaded")
+        return 0
+    url = push(args.folder, args.repo_id, private=args.private, commit_message=args.message, revision=args.revision,
+               files=files)
     print(f"pushed {args.folder} to {args.repo_id}: {url}")
     return 0
 
@@ -315,12 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("push", help="upload a pipeline folder to the Hugging Face Hub")
+    p = sub.add_parser("push", help="upload a pipeline (components, model_index.json, card, training_info) to the Hub")
     p.add_argument("folder", help="pipeline folder written by `mmdiff export`")
     p.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub (created if missing)")
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument("--revision", help="branch to commit to (default: main)")
     p.add_argument("--message", help="commit message")
+    p.add_argument("--dry-run", action="store_true", help="list what would be uploaded, upload nothing")
     p.set_defaults(func=cmd_push)
 
     # listed for --help; main() hands `mmdiff train ...` to mmdiff.train before parsing
@@ -336,12 +348,47 @@ def main(argv: list[str] | None = None) -> int:
         return train_main(argv[1:], prog="mmdiff train")
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as exc:
-        # the error types mmdiff raises for bad input: say what is wrong, no traceback
-        print(f"mmdiff {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning  # one line per warning, no source line
+        try:
+            return args.func(args)
+        except (ValueError, FileExistsError, FileNotFoundError) as exc:
+            # the error types mmdiff raises for bad input: say what is wrong, no traceback
+            return _error(args.command, exc, 2)
+        except KeyboardInterrupt:
+            return _error(args.command, "interrupted (nothing half-written is left behind)", 130)
+        except OSError as exc:  # the disk or the system said no
+            return _error(args.command, _os_error(exc), 1)
+        except Exception as exc:  # a bug: still one line, the traceback on request
+            if os.environ.get("MMDIFF_DEBUG"):
+                raise
+            return _error(args.command, f"unexpected {type(exc).__name__}: {exc} (this is a bug in mmdiff: "
+                          "please report it; MMDIFF_DEBUG=1 shows the traceback)", 1)
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
+def _error(command: str, message, code: int) -> int:
+    print(f"mmdiff {command}: error: {_one_line(message)}", file=sys.stderr)
+    return code
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"mmdiff: warning: {_one_line(message)}", file=sys.stderr)
+
+
+def _os_error(exc: OSError) -> str:
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno == errno.ENOSPC:
+        return (f"no space left on the device{where}: free some space or choose another folder; "
+                "nothing was left half-written")
+    if exc.errno == errno.EROFS:
+        return f"read-only file system{where}: choose a folder you can write to"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied{where}: check its permissions, or choose a folder you can write to"
+    return f"{exc.strerror or exc}{where}"
 
 
 if __name__ == "__main__":

@@ -278,24 +278,84 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, evaluation: str |
     return out
 
 
-def push(folder: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None,
-         commit_message: str | None = None, revision: str | None = None) -> str:
-    """Upload a pipeline folder to the Hub (creating the repo if needed); returns the commit URL."""
-    from huggingface_hub import HfApi
+#: what a pipeline folder publishes besides its components' configs and safetensors weights
+PUBLISHED_FILES = ("model_index.json", "README.md", "training_info.json")
+COMPONENT_PATTERNS = ("config.json", "scheduler_config.json", "*.safetensors", "*.safetensors.index.json")
+
+
+def publish_list(folder: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """``(files to publish, files left out)`` of a pipeline folder, as relative POSIX paths.
+
+    Only the pipeline is published: ``model_index.json``, the ``README.md`` card, ``training_info.json``
+    and, for each component ``model_index.json`` lists, its config and safetensors weights. The folder
+    is checked as ``mmdiff synthesize`` checks a pipeline (components from diffusers and mmdiff only,
+    readable safetensors, no pickles), and any symbolic link in it is refused.
+    """
+    from .validation import PipelineError, check_pipeline_folder
 
     folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder: pass the pipeline folder `mmdiff export` wrote")
+    everything = []
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        for name in sorted(dirs) + sorted(files):
+            path = Path(root) / name
+            if path.is_symlink():
+                raise PipelineError(f"{path} is a symbolic link: mmdiff push publishes regular files only; "
+                                    "replace the link with the file, or remove it")
+            if name in files:
+                everything.append(path.relative_to(folder).as_posix())
     if not (folder / "model_index.json").exists():
         raise FileNotFoundError(f"{folder} is not a pipeline folder (no model_index.json): run `mmdiff export` first")
     if not (folder / "README.md").exists():
         raise FileNotFoundError(f"{folder} has no README.md model card: run `mmdiff export` to write one")
+    index = check_pipeline_folder(folder)
+    components = [name for name, entry in index.items()
+                  if not name.startswith("_") and entry != [None, None]]
+    allowed = set(PUBLISHED_FILES)
+    for component in components:
+        for pattern in COMPONENT_PATTERNS:
+            allowed |= {p.relative_to(folder).as_posix() for p in (folder / component).glob(pattern) if p.is_file()}
+    return sorted(f for f in everything if f in allowed), sorted(f for f in everything if f not in allowed)
+
+
+def format_publish_list(folder: str | os.PathLike, files: list[str], left_out: list[str]) -> str:
+    """What ``mmdiff push`` will upload, and what it leaves out, as lines for the terminal."""
+    folder = Path(folder)
+    sizes = {f: (folder / f).stat().st_size for f in files}
+    lines = [f"{len(files)} file(s), {sum(sizes.values()) / 1e6:.2f} MB, from {folder}:"]
+    lines += [f"  {f}  ({sizes[f]:,} bytes)" for f in files]
+    if left_out:
+        lines.append(f"left out (not part of the pipeline): {', '.join(left_out)}")
+    return "\n".join(lines)
+
+
+def push(folder: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None,
+         commit_message: str | None = None, revision: str | None = None, files: list[str] | None = None) -> str:
+    """Upload a pipeline folder's :func:`publish_list` to the Hub (creating the repo if needed); returns
+    the commit URL. ``files`` is a list :func:`publish_list` gave (default: made here)."""
+    import contextlib
+
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    folder = Path(folder)
+    allowed, _ = publish_list(folder)
+    if files is None:
+        files = allowed
+    elif not set(files) <= set(allowed):
+        raise ValueError(f"not part of the pipeline, never published: {sorted(set(files) - set(allowed))}")
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     api = HfApi(token=token)
     try:
-        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        commit = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision,
-                                   commit_message=commit_message or f"Upload {folder.name} with mmdiff push",
-                                   allow_patterns=["*.json", "*.safetensors", "*.md"])
+        with contextlib.ExitStack() as stack:
+            # opened without following links: a file swapped for a link after the check is refused
+            operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=stack.enter_context(
+                os.fdopen(os.open(folder / name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), "rb")))
+                for name in files]
+            api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+            commit = api.create_commit(repo_id=repo_id, operations=operations, repo_type="model", revision=revision,
+                                       commit_message=commit_message or f"Upload {folder.name} with mmdiff push")
     except OfflineModeIsEnabled as exc:
         raise ValueError("HF_HUB_OFFLINE is set: unset it to push") from exc
     except HfHubHTTPError as exc:  # no or wrong token, no write access, hub unreachable

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import traceback
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -333,13 +334,17 @@ def prepare(
     """
     config = config or PrepareConfig()
     cache = Path(cache)
-    cache.mkdir(parents=True, exist_ok=True)
     seen = set()
     for case in cases:
         key = (case.dataset, case.case_id)
         if key in seen:
             raise ValueError(f"case {case.case_id!r} appears twice in dataset {case.dataset!r}")
         seen.add(key)
+    _check_case_folders(cases, cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    for stale in cache.glob("cases/*/.*"):  # case folders a killed run left half-written (atomic_dir's names)
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
     _open_cache(cache, config, list(dict.fromkeys(c.dataset for c in cases)))
     results: list[CaseResult] = []
     todo = []
@@ -364,6 +369,25 @@ def prepare(
             bar.update()
     bar.close()
     return _finish(cache, config, results)
+
+
+def _check_case_folders(cases: list[Case], cache: Path) -> None:
+    """Refuse, before any work, two cases that :func:`safe_name` puts in one folder (``a/b`` and ``a_b``),
+    or a case whose folder in the cache holds another case: one would silently replace the other."""
+    owners: dict[Path, Case] = {}
+    for case in cases:
+        folder = case_dir_for(cache, case.dataset, case.case_id)
+        other = owners.setdefault(folder, case)
+        if other is not case:
+            raise ValueError(f"cases {other.dataset}/{other.case_id!r} and {case.dataset}/{case.case_id!r} would share "
+                             f"the cache folder {folder.relative_to(cache)}: rename one of them (in the manifest)")
+        meta = folder / "meta.json"
+        if meta.exists():
+            found = json.loads(meta.read_text())
+            if (found.get("dataset"), found.get("case_id")) != (case.dataset, case.case_id):
+                raise ValueError(f"case {case.dataset}/{case.case_id!r} would use the cache folder "
+                                 f"{folder.relative_to(cache)}, which holds {found.get('dataset')}/"
+                                 f"{found.get('case_id')!r}: rename the case, or use another --out")
 
 
 def _finish(cache: Path, config: PrepareConfig, results: list[CaseResult]) -> dict:

@@ -110,7 +110,11 @@ def _read(name: str, value) -> np.ndarray | Volume:
     if isinstance(value, (str, os.PathLike)):
         return load_volume(value)
     if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().float().numpy()
+        value = value.detach().cpu()
+    if np.iscomplexobj(value) or (isinstance(value, torch.Tensor) and value.is_complex()):
+        raise ValueError(f"{name}: complex values; pass real images (the magnitude, e.g. abs(image))")
+    if isinstance(value, torch.Tensor):
+        value = value.float().numpy()
     array = np.array(value, dtype=np.float32)
     if array.ndim not in (2, 3):
         raise ValueError(f"{name}: expected a 2D slice [H, W] or a volume [X, Y, Z], got shape {array.shape}")
@@ -171,6 +175,8 @@ class PreparedInputs:
         return self.brain.shape[2]
 
     def num_batches(self, batch_size: int) -> int:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
         return -(-len(self.slices) // batch_size)
 
     def batches(self, batch_size: int, generator=None) -> Iterator[tuple[np.ndarray, torch.Tensor, object]]:

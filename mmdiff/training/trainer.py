@@ -31,7 +31,8 @@ from ..evaluation.protocol import lesion_contrast
 from ..io import write_json, write_text
 from ..modalities import mask_key
 from ..viz import montage
-from .checkpoint import load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (CheckpointError, clean_temporaries, load_checkpoint, resume_candidates, rng_state,
+                         save_checkpoint, set_rng_state)
 from .config import ConfigError, load_config
 from .data import ensure_cache, training_dataset, training_loader, validation_samples
 from .stages import STAGES, Stage
@@ -144,18 +145,30 @@ def train(config: dict, output_dir: str | Path, max_steps: int | None = None, re
         ema.to(accelerator.device)
 
     step, batches_done = 0, 0
-    checkpoint = resolve_resume(output_dir, resume)
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, {n: accelerator.unwrap_model(stage.models[n]) for n in names})
-        for n in names:
-            stage.optimizers[n].load_state_dict(state["optimizers"][n])
-            schedulers[n].load_state_dict(state["schedulers"][n])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        stage.load_state_dict(state["stage"])
+    if accelerator.is_main_process:
+        for stale in clean_temporaries(output_dir):
+            logger.info("removed %s, a checkpoint a killed run left half-written", stale.name)
+    candidates = resume_candidates(output_dir, resume)
+    for i, checkpoint in enumerate(candidates):
+        try:
+            state = load_checkpoint(checkpoint, {n: accelerator.unwrap_model(stage.models[n]) for n in names})
+            _restore(state, names, stage, schedulers, ema)
+        except CheckpointError as exc:
+            if i + 1 == len(candidates):
+                raise CheckpointError(f"cannot resume from {checkpoint}: {exc}. "
+                                      + ("Resume from another checkpoint with --resume PATH, or start again "
+                                         "without --resume" if resume != "latest" else
+                                         "No earlier complete checkpoint is left: start again without --resume")
+                                      ) from None
+            logger.warning("cannot resume from %s (%s): falling back to %s, the previous complete checkpoint",
+                           checkpoint.name, exc, candidates[i + 1].name)
+            continue
         step, batches_done = int(state["step"]), int(state["batches_done"])
         set_rng_state(state["rng"])
         logger.info("resumed from %s at step %d", checkpoint, step)
+        break
+    if accelerator.is_main_process:  # a run that starts over (step 0) forgets every record of the one before
+        _forget_metrics_after(output_dir / "metrics.jsonl", step if step else -1, finished=step >= total)
 
     if accelerator.is_main_process and accelerator.log_with:
         accelerator.init_trackers("mmdiff", config=_flat(config))
@@ -243,6 +256,42 @@ def portable_config(config: dict) -> dict:
     if not Path(cache).is_absolute():
         return config
     return {**config, "data": {k: v for k, v in config["data"].items() if k != "cache"}}
+
+
+def _restore(state: dict, names, stage: Stage, schedulers: dict, ema) -> None:
+    """Optimizers, LR schedules, EMA and stage state from a checkpoint's ``state.pt``."""
+    try:
+        for n in names:
+            stage.optimizers[n].load_state_dict(state["optimizers"][n])
+            schedulers[n].load_state_dict(state["schedulers"][n])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        stage.load_state_dict(state["stage"])
+        missing = [key for key in ("batches_done", "rng") if key not in state]
+        if missing:
+            raise KeyError(", ".join(missing))
+    except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+        raise CheckpointError("its state.pt does not hold this run's training state "
+                              f"({type(exc).__name__}: {exc})") from None
+
+
+def _forget_metrics_after(path: Path, step: int, finished: bool) -> None:
+    """Drop the ``metrics.jsonl`` records a resumed run will write again: those after ``step`` (all
+    for ``step=-1``, and when the run resumes at its last step, that step's final validation); a line
+    a killed run left half-written goes too."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) > step or (finished and record.get("step") == step
+                                            and any(k.startswith("val/") for k in record)):
+            continue
+        kept.append(line)
+    write_text(path, "".join(f"{line}\n" for line in kept))
 
 
 def _past(deadline: float, accelerator) -> bool:
