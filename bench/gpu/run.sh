@@ -7,13 +7,14 @@
 # grid, the exported pipeline as mmdiff-gan-gpu.tar.gz (split into .part-NN files if over 15 MiB).
 #
 # Settings (environment): CONFIG (gan-gpu), TOTAL_MIN (8.3: the whole command's budget),
-# RESERVE_MIN (1.3: kept for the final validation, export and copying), STEPS (the run's max_steps;
+# RESERVE_MIN (1.8: kept for the training process's start-up and initial validation, which come before
+# its clock starts, and for the final validation, export and copying), STEPS (the run's max_steps;
 # default: the config's), WORKERS (16), PACK (.gpu), WORK (/tmp/mmdiff-gpu), PYTHON (python3),
 # OUT (./gpu-out where unset). Further arguments are config overrides (KEY=VALUE) for training.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 : "${OUT:=$PWD/gpu-out}"
-: "${CONFIG:=gan-gpu}" "${TOTAL_MIN:=8.3}" "${RESERVE_MIN:=1.3}" "${STEPS:=}" "${WORKERS:=16}"
+: "${CONFIG:=gan-gpu}" "${TOTAL_MIN:=8.3}" "${RESERVE_MIN:=1.8}" "${STEPS:=}" "${WORKERS:=16}"
 : "${PACK:=.gpu}" "${WORK:=/tmp/mmdiff-gpu}" "${PYTHON:=python3}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TQDM_MININTERVAL=20
 mkdir -p "$OUT"
