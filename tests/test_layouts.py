@@ -50,8 +50,8 @@ def test_manifest_round_trip_relative_paths(tmp_path):
 
 def test_bad_manifests(tmp_path):
     bad = tmp_path / "m.csv"
-    bad.write_text("case_id,dataset,modality,path\na,d,pd,x.nii.gz\n")
-    with pytest.raises(ManifestError, match="row 2: unknown modality 'pd'"):
+    bad.write_text("case_id,dataset,modality,path\na,d,swi,x.nii.gz\n")
+    with pytest.raises(ManifestError, match="row 2: unknown modality 'swi'"):
         read_manifest(bad)
     bad.write_text("case,path\n")
     with pytest.raises(ManifestError, match="needs the columns"):
