@@ -3,7 +3,7 @@
 Loading with ``DiffusionPipeline.from_pretrained``
 -------------------------------------------------
 ``save_pretrained`` writes ``"_class_name": "MMDiffPipeline"`` and the components as
-``["mmdiff.models.unet", "ConditionalLatentUNet"]``, ``["diffusers", "AutoencoderKL"]``, ... In
+``["mmdiff.models.unet", "ResidualUNet"]``, ``["mmdiff.models.wavelet", "HaarWavelet"]``, ... In
 diffusers 0.42, ``MMDiffPipeline.from_pretrained`` loads that as is. The generic
 ``DiffusionPipeline.from_pretrained`` looks the class up as ``getattr(diffusers, _class_name)``
 (``pipeline_loading_utils._get_pipeline_class``), and a component's module only in ``sys.modules``
@@ -27,12 +27,12 @@ import diffusers
 
 from .common import MMDiffPipelineOutput, prepare_inputs, resolve_dataset_id
 from .gan import MMGANPipeline
-from .ldm import SCHEDULERS, MMDiffPipeline, sample_latents, use_scheduler
+from .ldm import SCHEDULERS, MMDiffPipeline, MMDiffSamplesOutput, denoise, sample_residuals, use_scheduler
 
 for _pipeline in (MMDiffPipeline, MMGANPipeline):
     if getattr(diffusers, _pipeline.__name__, None) is None:
         setattr(diffusers, _pipeline.__name__, _pipeline)
 del _pipeline
 
-__all__ = ["SCHEDULERS", "MMDiffPipeline", "MMDiffPipelineOutput", "MMGANPipeline", "prepare_inputs",
-           "resolve_dataset_id", "sample_latents", "use_scheduler"]
+__all__ = ["SCHEDULERS", "MMDiffPipeline", "MMDiffPipelineOutput", "MMDiffSamplesOutput", "MMGANPipeline", "denoise",
+           "prepare_inputs", "resolve_dataset_id", "sample_residuals", "use_scheduler"]
