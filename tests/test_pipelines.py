@@ -90,13 +90,14 @@ def seeded(seed: int = 0, count: int | None = None):
     return [torch.Generator().manual_seed(seed + k) for k in range(count)]
 
 
-def test_ldm_default_scheduler_and_determinism():
+def test_ldm_scheduler_kept_as_given_and_determinism():
     pipe = tiny_ldm()
-    assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler)  # the DDPM training scheduler, converted
+    kept = MMDiffPipeline(pipe.vae, pipe.unet, DDPMScheduler.from_config(TRAINING_SCHEDULER), pipe.predictor)
+    assert type(kept.scheduler) is DDPMScheduler  # no silent swap: the sampler is chosen at export or call time
     volume = brain_volume()
-    first = pipe(inputs(volume), dataset="brats", num_inference_steps=STEPS, generator=seeded(1))
-    second = pipe(inputs(volume), dataset="brats", num_inference_steps=STEPS, generator=seeded(1))
-    other = pipe(inputs(volume), dataset="brats", num_inference_steps=STEPS, generator=seeded(2))
+    first = pipe(inputs(volume), dataset="brats", num_inference_steps=STEPS, generator=seeded(1), num_samples=1)
+    second = pipe(inputs(volume), dataset="brats", num_inference_steps=STEPS, generator=seeded(1), num_samples=1)
+    other = pipe(inputs(volume), dataset="brats", num_inference_steps=STEPS, generator=seeded(2), num_samples=1)
     assert isinstance(first, MMDiffPipelineOutput)
     assert list(first.images) == ["t2", "t1c", "dwi", "adc"]  # every modality not given, in model order
     assert first.uncertainty is None
@@ -118,13 +119,15 @@ def test_save_load_roundtrip(tmp_path, kind):
     loaded = type(pipe).from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
     if kind == "ldm":
-        assert index["unet"] == ["mmdiff.models.unet", "ConditionalLatentUNet"]
+        assert index["unet"] == ["mmdiff.models.unet", "ResidualUNet"]
+        assert index["vae"] == ["mmdiff.models.wavelet", "HaarWavelet"]
+        assert index["predictor"] == ["mmdiff.models.gan", "MultiModalGenerator"]
         assert index["scheduler"] == ["diffusers", "DPMSolverMultistepScheduler"]
         public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
         assert public(loaded.scheduler.config) == public(pipe.scheduler.config)
     else:
         assert index["generator"] == ["mmdiff.models.gan", "MultiModalGenerator"]
-    kwargs = dict(dataset="ixi", num_inference_steps=STEPS)
+    kwargs = dict(dataset="ixi", num_inference_steps=STEPS) if kind == "ldm" else dict(dataset="ixi")
     before = pipe(inputs(brain_volume()), generator=seeded(3), **kwargs)
     after = loaded(inputs(brain_volume()), generator=seeded(3), **kwargs)
     for name in before.images:
