@@ -209,7 +209,8 @@ def diffusion_loss(
     Args:
         unet: the UNet (or its DDP wrapper).
         scheduler: the training scheduler (``prediction_type="sample"``).
-        residual: ``[B, M, C, h, w]`` unscaled residual latents ``latent(y) - latent(mu)``.
+        residual: ``[B, M, C, h, w]`` unscaled residual latents ``latent(y) - latent(mu)``; entries
+            with ``weight == 0`` are replaced by zeros (the model input there is pure noise).
         condition, source_mask, dataset_id: as for :meth:`ResidualUNet.forward`.
         weight: ``[B, M]`` loss weights, ``(1 - sc) * m``.
     """
@@ -217,7 +218,9 @@ def diffusion_loss(
         raise ValueError(f"the residual UNet predicts the clean sample; the scheduler says "
                          f"{scheduler.config.prediction_type!r}")
     scale = float(getattr(unet, "module", unet).config.residual_scale)
-    clean = residual * scale
+    scored = torch.as_tensor(weight, device=residual.device)[:, :, None, None, None] > 0
+    # unscored residuals (no ground truth, or a source) are zero, whatever the placeholder held
+    clean = torch.where(scored, residual * scale, torch.zeros_like(residual))
     batch, device = clean.shape[0], clean.device
     t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator,
                       device="cpu" if generator is None else generator.device).to(device)

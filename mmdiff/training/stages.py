@@ -240,9 +240,8 @@ class LDMStage(Stage):
             mu_latents = encode_modalities(self.vae, mu)
             latents = encode_modalities(self.vae, x)
             condition = torch.where(sources[:, :, None, None, None], latents, mu_latents)
-            residual = (latents - mu_latents) * (weight > 0)[:, :, None, None, None]
         with accelerator.accumulate(unet):
-            loss = diffusion_loss(unet, self.scheduler, residual, condition, sources, weight, dataset_id)
+            loss = diffusion_loss(unet, self.scheduler, latents - mu_latents, condition, sources, weight, dataset_id)
             accelerator.backward(loss)
             if accelerator.sync_gradients and self.train_cfg.get("grad_clip"):
                 accelerator.clip_grad_norm_(unet.parameters(), float(self.train_cfg["grad_clip"]))
