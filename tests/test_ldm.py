@@ -94,17 +94,24 @@ def test_sample_mean_converges_to_mu_plus_expected_residual():
     expected = torch.sin(torch.arange(16.0))[None, None, None] * 0.2 * torch.ones(2, 6, 16, 16)  # E[residual]
     scale, std = 2.0, 0.5  # scaled latents ~ N(scale * latent(expected), std^2)
     oracle = GaussianOracle(scheduler, wavelet.encode(expected) * scale, std, scale)
-    errors, target = {}, ~sources
+    errors, posterior_errors, target = {}, {}, ~sources
     for k in (4, 64):
-        mu, residuals = sample_residuals(predictor, wavelet, oracle, scheduler, images, sources, 0, k, 30,
-                                         torch.Generator().manual_seed(k))
-        point, spread = point_and_spread(mu, residuals)
+        mu, residuals, posterior = sample_residuals(predictor, wavelet, oracle, scheduler, images, sources, 0, k, 30,
+                                                    torch.Generator().manual_seed(k))
+        point, spread = point_and_spread(mu, residuals, posterior, "sample_mean")
         assert torch.all(residuals[:, :, sources] == 0)  # sources are not resampled
         errors[k] = (point - mu - expected)[:, target].square().mean().sqrt().item()
+        posterior_point, _ = point_and_spread(mu, residuals, posterior, "posterior_mean")
+        posterior_errors[k] = (posterior_point - mu - expected)[:, target].square().mean().sqrt().item()
     assert spread[:, target].mean().item() == pytest.approx(std / scale, rel=0.15)  # K = 64
     expected_rms = std / scale / np.sqrt(64)
     assert errors[64] == pytest.approx(expected_rms, rel=0.3)
     assert errors[64] < errors[4] / 2.5  # 1 / sqrt(K): 4x fewer samples, 2x the error
+    # the first-step clean prediction estimates E[residual] almost without sampling noise: at K = 4 it
+    # beats the mean of 64 samples
+    assert posterior_errors[4] < errors[64] / 2
+    with pytest.raises(ValueError, match="point_estimate"):
+        point_and_spread(mu, residuals, posterior, "median")
 
 
 def test_interval_scale_calibrates_coverage():
@@ -142,7 +149,7 @@ def test_individual_samples_on_request():
     volume = square_volume(2)
     images, uncertainty, mask, samples = pipe(inputs(volume), dataset="brats", num_inference_steps=3, num_samples=3,
                                               generator=torch.Generator().manual_seed(0), return_dict=False,
-                                              return_samples=True)
+                                              return_samples=True, point_estimate="sample_mean")
     assert list(samples) == list(images) and all(len(v) == 3 for v in samples.values())
     for name, draws in samples.items():
         stack = np.stack(draws)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,13 +67,19 @@ def denoise(
     generator: torch.Generator | list[torch.Generator] | None = None,
     callback: StepCallback | None = None,
     interrupted: Callable[[], bool] | None = None,
-) -> torch.Tensor:
-    """One reverse process: a sample of the scaled residual latents ``[B, M, C, h, w]`` (zero at sources).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One reverse process over the scaled residual latents ``[B, M, C, h, w]`` (zero at sources).
 
     Noise is drawn in every non-source channel (as in training, where every non-source is noised;
     the caller keeps the targets it wants). The UNet predicts the clean residual; the scheduler turns
     it into the next latents. ``callback(step_index, timestep, latents)`` runs after each step and may
     return replacement latents; once ``interrupted()`` is true the remaining steps are skipped.
+
+    Returns:
+        ``(sample, first_prediction)``: the sample, and the UNet's clean prediction at the first
+        (noisiest) step. At that step the input is almost pure noise (signal-to-noise ratio ~0.005 at
+        t = 999), so an MSE-trained x0 predictor outputs about ``E[residual | conditions]``: the
+        posterior mean, without the sampling variance a mean of K samples keeps (``1/K`` of the MMSE).
     """
     batch, device, dtype = condition.shape[0], condition.device, condition.dtype
     noised = (~torch.as_tensor(sources, device=device).bool().expand(batch, -1))[:, :, None, None, None].to(dtype)
@@ -81,17 +87,20 @@ def denoise(
     scheduler.set_timesteps(num_inference_steps, device=device)
     latents = randn_tensor(condition.shape, generator=generator, device=device, dtype=dtype)
     latents = latents * scheduler.init_noise_sigma * noised
+    first = torch.zeros_like(latents)
     for index, t in enumerate(scheduler.timesteps):
         if interrupted is not None and interrupted():
             break
         model_input = scheduler.scale_model_input(latents.flatten(1, 2), t).view_as(latents)
         prediction = unet(model_input, t.expand(batch), condition, sources, dataset_id).sample
+        if index == 0:
+            first = prediction * noised
         latents = scheduler.step(prediction.flatten(1, 2), t, latents.flatten(1, 2), **step_kwargs).prev_sample
         latents = latents.view_as(condition) * noised
         if callback is not None:
             replaced = callback(index, t, latents)
             latents = latents if replaced is None else replaced
-    return latents
+    return latents, first
 
 
 @torch.no_grad()
@@ -108,7 +117,7 @@ def sample_residuals(
     generator: torch.Generator | list[torch.Generator] | None = None,
     callback: StepCallback | None = None,
     interrupted: Callable[[], bool] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The predictor's mean and ``num_samples`` residuals, for a batch of slices (the pipeline's maths).
 
     Args:
@@ -117,8 +126,10 @@ def sample_residuals(
         dataset_id: an int or ``[B]`` (``-1``: null), for the predictor and the UNet alike.
 
     Returns:
-        ``(mu [B, M, H, W], residuals [K, B, M, H, W])`` in [-1, 1] units; a sample is ``mu + residual``.
-        An untrained (zero-output) UNet gives residuals that are exactly zero.
+        ``(mu [B, M, H, W], residuals [K, B, M, H, W], expected [B, M, H, W])`` in [-1, 1] units: a
+        sample is ``mu + residual``; ``expected`` is the posterior-mean residual (the mean over the K
+        runs of the UNet's first-step clean prediction, see :func:`denoise`). An untrained
+        (zero-output) UNet gives residuals and ``expected`` that are exactly zero.
     """
     batch = images.shape[0]
     sources = torch.as_tensor(sources, device=images.device).bool().expand(batch, -1)
@@ -128,20 +139,42 @@ def sample_residuals(
     condition = torch.where(planes, encode_modalities(vae, images), mu_latents)
     base = decode_modalities(vae, mu_latents)  # decode(latent(mu)): mu itself, up to the latent's loss
     scale = float(unet.config.residual_scale)
-    residuals = []
-    for _ in range(num_samples):
-        latents = denoise(unet, scheduler, condition.to(unet.dtype), sources, dataset_id, num_inference_steps,
-                          generator, callback, interrupted)
+
+    def to_image(latents):
         # residual in image space: decode(latent(mu) + r) - decode(latent(mu)), exactly 0 for r = 0 (and
         # decode(r) for a linear latent such as the wavelet)
         residual = decode_modalities(vae, mu_latents + latents.to(mu_latents.dtype) / scale) - base
-        residuals.append(torch.where(sources[:, :, None, None], torch.zeros_like(residual), residual))
-    return mu, torch.stack(residuals)
+        return torch.where(sources[:, :, None, None], torch.zeros_like(residual), residual)
+
+    residuals, firsts = [], []
+    for _ in range(num_samples):
+        latents, first = denoise(unet, scheduler, condition.to(unet.dtype), sources, dataset_id,
+                                 num_inference_steps, generator, callback, interrupted)
+        residuals.append(to_image(latents))
+        firsts.append(first)
+    return mu, torch.stack(residuals), to_image(torch.stack(firsts).mean(0))
 
 
-def point_and_spread(mu: torch.Tensor, residuals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(mu + mean residual, per-voxel std of the samples or None for one sample)``, in [-1, 1] units."""
-    point = mu + residuals.mean(0)
+#: how the pipeline's image is formed from the K runs (see :func:`point_and_spread`)
+POINT_ESTIMATES = ("posterior_mean", "sample_mean")
+
+
+def point_and_spread(mu: torch.Tensor, residuals: torch.Tensor, expected: torch.Tensor | None = None,
+                     point_estimate: str = "sample_mean") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(point estimate, per-voxel std of the samples or None for one sample)``, in [-1, 1] units.
+
+    ``"sample_mean"``: ``mu`` + the mean of the K residual samples (MSE ``MMSE * (1 + 1/K)`` for a
+    perfect sampler); ``"posterior_mean"``: ``mu + expected``, the UNet's own estimate of the residual's
+    posterior mean (no ``1/K`` term; needs ``expected`` from :func:`sample_residuals`).
+    """
+    if point_estimate not in POINT_ESTIMATES:
+        raise ValueError(f"point_estimate must be one of {', '.join(POINT_ESTIMATES)}, got {point_estimate!r}")
+    if point_estimate == "posterior_mean":
+        if expected is None:
+            raise ValueError("the posterior_mean point estimate needs the expected residual")
+        point = mu + expected
+    else:
+        point = mu + residuals.mean(0)
     return point, residuals.std(0) if len(residuals) > 1 else None
 
 
@@ -158,6 +191,40 @@ def fit_interval_scale(errors: np.ndarray, spread: np.ndarray, coverage: float) 
         raise ValueError("no voxels to calibrate on")
     level = min(1.0, math.ceil((ratio.size + 1) * coverage) / ratio.size)
     return float(np.quantile(ratio, level, method="higher"))
+
+
+@torch.no_grad()
+def calibrate_interval(
+    predictor: MultiModalGenerator,
+    vae: Latent,
+    unet: ResidualUNet,
+    scheduler: SchedulerMixin,
+    slices: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]],
+    num_samples: int,
+    num_inference_steps: int,
+    coverage: float,
+    point_estimate: str = "posterior_mean",
+    generator: torch.Generator | None = None,
+) -> float:
+    """The interval scale (:func:`fit_interval_scale`) over validation slices, sampled as the pipeline samples.
+
+    Each slice is ``(images [M, H, W] in [0, 1], sources [M], targets [M], dataset_id, brain [H, W])``;
+    every brain voxel of every target (with ground truth) is one calibration point.
+    """
+    if num_samples < 2:
+        raise ValueError("calibration needs num_samples >= 2 (a spread)")
+    errors, spreads = [], []
+    device = unet.device
+    for images, sources, targets, dataset_id, brain in slices:
+        images = to_network(images[None].to(device=device, dtype=unet.dtype))
+        mu, residuals, expected = sample_residuals(predictor, vae, unet, scheduler, images, sources[None].to(device),
+                                                   dataset_id, num_samples, num_inference_steps, generator)
+        point, std = point_and_spread(mu, residuals, expected, point_estimate)
+        brain = torch.as_tensor(brain, device=device).bool()
+        for m in torch.as_tensor(targets).nonzero().flatten().tolist():
+            errors.append((point[0, m] - images[0, m])[brain].cpu().numpy())
+            spreads.append(std[0, m][brain].cpu().numpy())
+    return fit_interval_scale(np.concatenate(errors), np.concatenate(spreads), coverage)
 
 
 @dataclass
@@ -181,17 +248,23 @@ class MMDiffPipeline(DiffusionPipeline):
         coverage: the fraction of brain voxels ``image +- uncertainty`` is calibrated to cover.
         interval_scale: the fitted scale (``None``: uncalibrated, the uncertainty is the raw std).
         calibration_samples: the ``num_samples`` the scale was fitted with.
+        point_estimate: the default image: ``"posterior_mean"`` (``mu`` + the UNet's posterior-mean
+            residual) or ``"sample_mean"`` (``mu`` + the mean of the K sampled residuals); see
+            :func:`point_and_spread`. The scale is fitted for this choice.
     """
 
     model_cpu_offload_seq = "predictor->vae->unet"
     _callback_tensor_inputs = ["latents"]
 
     def __init__(self, vae: Latent, unet: ResidualUNet, scheduler: SchedulerMixin, predictor: MultiModalGenerator,
-                 coverage: float = 0.9, interval_scale: float | None = None, calibration_samples: int | None = None):
+                 coverage: float = 0.9, interval_scale: float | None = None, calibration_samples: int | None = None,
+                 point_estimate: str = "posterior_mean"):
         super().__init__()
+        if point_estimate not in POINT_ESTIMATES:
+            raise ValueError(f"point_estimate must be one of {', '.join(POINT_ESTIMATES)}, got {point_estimate!r}")
         self.register_modules(vae=vae, unet=unet, scheduler=scheduler, predictor=predictor)
         self.register_to_config(coverage=coverage, interval_scale=interval_scale,
-                                calibration_samples=calibration_samples)
+                                calibration_samples=calibration_samples, point_estimate=point_estimate)
         self._interrupt = False
 
     @property
@@ -225,6 +298,7 @@ class MMDiffPipeline(DiffusionPipeline):
         affine: np.ndarray | None = None,
         return_dict: bool = True,
         return_samples: bool = False,
+        point_estimate: str | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> MMDiffSamplesOutput | tuple:
@@ -239,8 +313,8 @@ class MMDiffPipeline(DiffusionPipeline):
             num_inference_steps: denoising steps per sample (8-20 is the designed range).
             generator: a generator, or a list with one per axial slice (the same slice then gets the
                 same noise whatever ``batch_size``); makes the output reproducible.
-            num_samples: residual samples per slice (K). The image is ``mu`` + their mean; with K > 1,
-                ``uncertainty`` holds their per-voxel std times the calibrated ``interval_scale``.
+            num_samples: residual samples per slice (K). With K > 1, ``uncertainty`` holds their
+                per-voxel std times the calibrated ``interval_scale``.
             output_type: ``"np"``, ``"pt"`` or ``"nifti"`` (NIfTI inputs, or 3D arrays with ``affine``).
             brain_mask: like the inputs; default: derived from them.
             batch_size: slices per network call.
@@ -248,6 +322,8 @@ class MMDiffPipeline(DiffusionPipeline):
             return_dict: return :class:`MMDiffSamplesOutput`, else ``(images, uncertainty, mask)``
                 (and ``samples`` last with ``return_samples``).
             return_samples: also return the K individual samples per target.
+            point_estimate: ``"posterior_mean"`` or ``"sample_mean"`` (see :func:`point_and_spread`);
+                default: the pipeline config's.
             callback_on_step_end: ``callback(pipe, step_index, timestep, callback_kwargs) -> dict``
                 after each denoising step (diffusers' convention); ``callback_kwargs["latents"]`` is the
                 current batch's scaled residual latents, and a returned ``"latents"`` replaces them. Set
@@ -286,11 +362,11 @@ class MMDiffPipeline(DiffusionPipeline):
                 if self.interrupt:
                     break
                 batch = to_network(batch.to(device=device, dtype=self.unet.dtype))
-                mu, residuals = sample_residuals(self.predictor, self.vae, self.unet, self.scheduler, batch,
-                                                 torch.as_tensor(case.source_mask, device=device), dataset_id,
-                                                 num_samples, num_inference_steps, batch_generator, callback,
-                                                 lambda: self.interrupt)
-                mean, std = point_and_spread(mu, residuals)
+                mu, residuals, expected = sample_residuals(
+                    self.predictor, self.vae, self.unet, self.scheduler, batch,
+                    torch.as_tensor(case.source_mask, device=device), dataset_id, num_samples, num_inference_steps,
+                    batch_generator, callback, lambda: self.interrupt)
+                mean, std = point_and_spread(mu, residuals, expected, point_estimate or self.config.point_estimate)
                 case.put(point, index, from_network(mean[:, target_index]))
                 if spread is not None:
                     case.put(spread, index, std[:, target_index] * (scale / 2))  # [-1, 1] -> [0, 1] units

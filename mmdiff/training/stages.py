@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import DDPMScheduler
 from monai.networks.nets import PatchDiscriminator
@@ -19,7 +18,7 @@ from ..models import (HaarWavelet, ModalityDiscriminators, MultiModalGenerator, 
                       diffusion_loss, drop_dataset_id, encode_modalities, latent_channels, measure_scaling_factor)
 from ..pipelines import MMDiffPipeline, MMGANPipeline
 from ..pipelines.common import from_network, to_network
-from ..pipelines.ldm import SCHEDULERS, TRAINING_SCHEDULER, fit_interval_scale, point_and_spread, sample_residuals
+from ..pipelines.ldm import SCHEDULERS, TRAINING_SCHEDULER, calibrate_interval, point_and_spread, sample_residuals
 from .config import ConfigError
 
 
@@ -196,6 +195,7 @@ class LDMStage(Stage):
         self.sampler_name = model_cfg.pop("sampler", "dpm++")
         self.sampling_steps = int(model_cfg.pop("validation_steps", 10))
         self.validation_count = int(model_cfg.pop("validation_samples", 2))
+        self.point_estimate = model_cfg.pop("point_estimate", "posterior_mean")
         calibration = dict(model_cfg.pop("calibration", None) or {})
         self.coverage = float(calibration.get("coverage", 0.9))
         self.calibration_count = int(calibration.get("samples", 4))
@@ -249,45 +249,37 @@ class LDMStage(Stage):
             self.optimizers["unet"].zero_grad(set_to_none=True)
         return {"loss": loss.item()}
 
-    def _sample(self, unet, images, sources, dataset_id, num_samples, generator=None):
-        return sample_residuals(self.predictor, self.vae, accelerator_free(unet), self.sampler, to_network(images),
-                                sources, self._predictor_ids(dataset_id), num_samples, self.sampling_steps, generator)
-
     @torch.no_grad()
     def predict(self, images, sources, targets, dataset_id, generator=None):
-        """The pipeline's point estimate (``mu`` + the mean of ``model.validation_samples`` residuals)."""
-        mu, residuals = self._sample(self.models["unet"], images, sources, dataset_id, self.validation_count,
-                                     generator)
-        return from_network(point_and_spread(mu, residuals)[0])
+        """The pipeline's point estimate (``model.point_estimate`` over ``model.validation_samples`` runs)."""
+        mu, residuals, expected = sample_residuals(
+            self.predictor, self.vae, accelerator_free(self.models["unet"]), self.sampler, to_network(images), sources,
+            self._predictor_ids(dataset_id), self.validation_count, self.sampling_steps, generator)
+        return from_network(point_and_spread(mu, residuals, expected, self.point_estimate)[0])
 
-    @torch.no_grad()
     def calibrate(self, unet) -> float | None:
         """The interval scale fitted on the validation slices (all-but-one conditions), or None without any."""
         from .trainer import validation_condition
 
         if not self.calibration_slices or self.calibration_count < 2:
             return None
-        errors, spreads = [], []
-        generator = torch.Generator(device="cpu").manual_seed(1)
-        unet.eval()
+        slices = []
         for i, sample in enumerate(self.calibration_slices):
             sources, targets = validation_condition(sample["available"], i, reconstruct=False)
-            images = sample["images"][None].to(self.device)
-            mu, residuals = self._sample(unet, images, sources[None].to(self.device), [sample["dataset_id"]],
-                                         self.calibration_count, generator)
-            point, std = point_and_spread(mu, residuals)
-            brain = sample["brain_mask"].to(self.device).bool()
-            for m in targets.nonzero().flatten().tolist():
-                errors.append((point[0, m] - to_network(images)[0, m])[brain].cpu().numpy())
-                spreads.append(std[0, m][brain].cpu().numpy())
-        return fit_interval_scale(np.concatenate(errors), np.concatenate(spreads), self.coverage)
+            slices.append((sample["images"], sources, targets, int(self._predictor_ids(sample["dataset_id"])),
+                           sample["brain_mask"]))
+        unet.eval()
+        return calibrate_interval(self.predictor, self.vae, unet, self.sampler, slices, self.calibration_count,
+                                  self.sampling_steps, self.coverage, self.point_estimate,
+                                  torch.Generator(device="cpu").manual_seed(1))
 
     def export(self, models, out):
         unet = models["unet"]
         scale = self.calibrate(unet)
         MMDiffPipeline(vae=self.vae, unet=unet, scheduler=self.sampler, predictor=self.predictor,
                        coverage=self.coverage, interval_scale=scale,
-                       calibration_samples=self.calibration_count if scale is not None else None).save_pretrained(out)
+                       calibration_samples=self.calibration_count if scale is not None else None,
+                       point_estimate=self.point_estimate).save_pretrained(out)
 
 
 def accelerator_free(model: torch.nn.Module) -> torch.nn.Module:
