@@ -209,3 +209,21 @@ def test_scheduler_given_to_from_pretrained_is_kept(tmp_path):
     pipe = MMDiffPipeline.from_pretrained(tmp_path, scheduler=ddim)
     assert pipe.scheduler is ddim
     assert type(MMDiffPipeline.from_pretrained(tmp_path).scheduler) is DPMSolverMultistepScheduler
+
+
+def test_single_posterior_mean_runs_one_unet_step():
+    """K = 1 with the posterior-mean point estimate needs only the first denoising step: the same image
+    as a full run, at one UNet pass per batch instead of one per step."""
+    pipe = tiny_ldm()
+    calls = []
+    pipe.unet.register_forward_hook(lambda module, args, output: calls.append(1))
+    volume = square_volume(2)
+    kwargs = dict(dataset="brats", num_inference_steps=5, num_samples=1, generator=torch.Generator().manual_seed(0))
+    fast = pipe(inputs(volume), **kwargs)
+    assert len(calls) == 1 and fast.uncertainty is None
+    kwargs["generator"] = torch.Generator().manual_seed(0)
+    full = pipe(inputs(volume), return_samples=True, **kwargs)
+    assert len(calls) == 1 + 5
+    for name, image in fast.images.items():
+        np.testing.assert_array_equal(image, full.images[name])
+        assert not np.array_equal(full.samples[name][0], image)  # the sample itself differs from the mean

@@ -67,6 +67,7 @@ def denoise(
     generator: torch.Generator | list[torch.Generator] | None = None,
     callback: StepCallback | None = None,
     interrupted: Callable[[], bool] | None = None,
+    first_only: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One reverse process over the scaled residual latents ``[B, M, C, h, w]`` (zero at sources).
 
@@ -80,6 +81,7 @@ def denoise(
         (noisiest) step. At that step the input is almost pure noise (signal-to-noise ratio ~0.005 at
         t = 999), so an MSE-trained x0 predictor outputs about ``E[residual | conditions]``: the
         posterior mean, without the sampling variance a mean of K samples keeps (``1/K`` of the MMSE).
+        With ``first_only`` the process stops there and returns that prediction twice.
     """
     batch, device, dtype = condition.shape[0], condition.device, condition.dtype
     noised = (~torch.as_tensor(sources, device=device).bool().expand(batch, -1))[:, :, None, None, None].to(dtype)
@@ -95,6 +97,8 @@ def denoise(
         prediction = unet(model_input, t.expand(batch), condition, sources, dataset_id).sample
         if index == 0:
             first = prediction * noised
+            if first_only:
+                return first, first
         latents = scheduler.step(prediction.flatten(1, 2), t, latents.flatten(1, 2), **step_kwargs).prev_sample
         latents = latents.view_as(condition) * noised
         if callback is not None:
@@ -117,6 +121,7 @@ def sample_residuals(
     generator: torch.Generator | list[torch.Generator] | None = None,
     callback: StepCallback | None = None,
     interrupted: Callable[[], bool] | None = None,
+    first_only: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The predictor's mean and ``num_samples`` residuals, for a batch of slices (the pipeline's maths).
 
@@ -124,6 +129,8 @@ def sample_residuals(
         images: ``[B, M, H, W]`` in the networks' [-1, 1]; non-sources are ignored.
         sources: bool ``[M]`` or ``[B, M]``: each row is conditioned on its own sources.
         dataset_id: an int or ``[B]`` (``-1``: null), for the predictor and the UNet alike.
+        first_only: run only the first denoising step (enough for the posterior-mean point estimate
+            when no sample is wanted); the "residuals" are then those first-step predictions.
 
     Returns:
         ``(mu [B, M, H, W], residuals [K, B, M, H, W], expected [B, M, H, W])`` in [-1, 1] units: a
@@ -149,7 +156,7 @@ def sample_residuals(
     residuals, firsts = [], []
     for _ in range(num_samples):
         latents, first = denoise(unet, scheduler, condition.to(unet.dtype), sources, dataset_id,
-                                 num_inference_steps, generator, callback, interrupted)
+                                 num_inference_steps, generator, callback, interrupted, first_only)
         residuals.append(to_image(latents))
         firsts.append(first)
     return mu, torch.stack(residuals), to_image(torch.stack(firsts).mean(0))
@@ -314,7 +321,9 @@ class MMDiffPipeline(DiffusionPipeline):
             generator: a generator, or a list with one per axial slice (the same slice then gets the
                 same noise whatever ``batch_size``); makes the output reproducible.
             num_samples: residual samples per slice (K). With K > 1, ``uncertainty`` holds their
-                per-voxel std times the calibrated ``interval_scale``.
+                per-voxel std times the calibrated ``interval_scale``. With K = 1, the posterior-mean
+                point estimate and no ``return_samples``, only the first denoising step runs (the
+                point estimate needs no sample): one predictor pass plus one UNet pass per slice.
             output_type: ``"np"``, ``"pt"`` or ``"nifti"`` (NIfTI inputs, or 3D arrays with ``affine``).
             brain_mask: like the inputs; default: derived from them.
             batch_size: slices per network call.
@@ -350,6 +359,8 @@ class MMDiffPipeline(DiffusionPipeline):
         spread = case.canvas() if num_samples > 1 else None
         samples = [case.canvas() for _ in range(num_samples)] if return_samples else None
         scale = self.config.interval_scale if self.config.interval_scale is not None else 1.0
+        point_estimate = point_estimate or self.config.point_estimate
+        first_only = num_samples == 1 and point_estimate == "posterior_mean" and not return_samples
 
         callback = None
         if callback_on_step_end is not None:
@@ -365,8 +376,8 @@ class MMDiffPipeline(DiffusionPipeline):
                 mu, residuals, expected = sample_residuals(
                     self.predictor, self.vae, self.unet, self.scheduler, batch,
                     torch.as_tensor(case.source_mask, device=device), dataset_id, num_samples, num_inference_steps,
-                    batch_generator, callback, lambda: self.interrupt)
-                mean, std = point_and_spread(mu, residuals, expected, point_estimate or self.config.point_estimate)
+                    batch_generator, callback, lambda: self.interrupt, first_only)
+                mean, std = point_and_spread(mu, residuals, expected, point_estimate)
                 case.put(point, index, from_network(mean[:, target_index]))
                 if spread is not None:
                     case.put(spread, index, std[:, target_index] * (scale / 2))  # [-1, 1] -> [0, 1] units
