@@ -1,4 +1,7 @@
-"""Coverage of the calibrated interval and uncertainty/error correlation on held-out cases."""
+"""Coverage of the calibrated interval and uncertainty/error correlation on held-out cases.
+
+    python coverage.py PIPELINE CACHE OUT.json SLICE_STRIDE K [DATASETS,COMMA,SEPARATED]
+"""
 import json, sys, time
 import numpy as np, torch
 from scipy.stats import spearmanr
@@ -21,7 +24,7 @@ for case in load_cases(cache, "test", only, stride):
                generator=[torch.Generator().manual_seed(k) for k in range(case.brain.shape[2])])
     pred, unc = res.images[task.target], res.uncertainty[task.target]
     ref = case.images[task.target]
-    brain = case.brain & (ref > 0) if False else case.brain
+    brain = case.brain
     err = np.abs(pred - ref)[brain]; u = unc[brain]
     cov = float(np.mean(err <= u))
     # in the evaluation's units: each volume / (3 x its healthy-brain median); the interval scales with the image
