@@ -135,7 +135,9 @@ def test_evaluate_command_with_baselines(tiny_cache, tmp_path, capsys):
 
 
 def test_evaluate_command_compares_schedulers_and_steps(tiny_cache, tmp_path, capsys):
-    tiny_ldm().save_pretrained(tmp_path / "ldm")
+    pipe = tiny_ldm()
+    pipe.register_to_config(point_estimate="sample_mean")  # the posterior mean needs only the (shared) first step
+    pipe.save_pretrained(tmp_path / "ldm")
     code = main(["evaluate", "--data", str(tiny_cache), "--datasets", "glioma", "--tasks", "t1->t1c",
                  "--pipeline", str(tmp_path / "ldm"), "--steps", "3", "1", "--scheduler", "ddim", "dpm++",
                  "--baselines", "--slice-stride", "4", "--out", str(tmp_path / "e"), "--quiet"])

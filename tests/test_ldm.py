@@ -191,13 +191,13 @@ def test_callback_on_step_end_and_interrupt():
             pipeline._interrupt = True
         return {"latents": kwargs["latents"]}
 
-    out = pipe(inputs(volume), num_inference_steps=5, num_samples=1, batch_size=1,
+    out = pipe(inputs(volume), num_inference_steps=5, num_samples=2, batch_size=1,
                generator=torch.Generator().manual_seed(0), callback_on_step_end=stop_after_two)
     assert [s[0] for s in seen] == [0, 1]  # stopped mid-way through the first slice's sampling
     assert seen[0][2] == (1, 6, 4, 16, 14)  # the scaled residual latents of one slice
     assert all(np.all(image[..., 1:] == 0) for image in out.images.values())  # later slices not run
     assert pipe.interrupt  # left set for the caller to see that the call was interrupted
-    full = pipe(inputs(volume), num_inference_steps=5, num_samples=1, generator=torch.Generator().manual_seed(0))
+    full = pipe(inputs(volume), num_inference_steps=5, num_samples=2, generator=torch.Generator().manual_seed(0))
     assert not pipe.interrupt and all(image[..., 1:].any() for image in full.images.values())  # reset per call
     with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
         pipe(inputs(volume), callback_on_step_end=stop_after_two, callback_on_step_end_tensor_inputs=["noise"])
@@ -221,9 +221,13 @@ def test_single_posterior_mean_runs_one_unet_step():
     kwargs = dict(dataset="brats", num_inference_steps=5, num_samples=1, generator=torch.Generator().manual_seed(0))
     fast = pipe(inputs(volume), **kwargs)
     assert len(calls) == 1 and fast.uncertainty is None
+    steps = []
+    pipe(inputs(volume), callback_on_step_end=lambda p, i, t, kw: steps.append(i) or {}, **{
+        **kwargs, "generator": torch.Generator().manual_seed(0)})
+    assert steps == [0] and len(calls) == 2  # the callback sees the one step of this path
     kwargs["generator"] = torch.Generator().manual_seed(0)
     full = pipe(inputs(volume), return_samples=True, **kwargs)
-    assert len(calls) == 1 + 5
+    assert len(calls) == 2 + 5
     for name, image in fast.images.items():
         np.testing.assert_array_equal(image, full.images[name])
         assert not np.array_equal(full.samples[name][0], image)  # the sample itself differs from the mean

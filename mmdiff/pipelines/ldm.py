@@ -81,7 +81,8 @@ def denoise(
         (noisiest) step. At that step the input is almost pure noise (signal-to-noise ratio ~0.005 at
         t = 999), so an MSE-trained x0 predictor outputs about ``E[residual | conditions]``: the
         posterior mean, without the sampling variance a mean of K samples keeps (``1/K`` of the MMSE).
-        With ``first_only`` the process stops there and returns that prediction twice.
+        With ``first_only`` the process stops there and returns that prediction twice (the callback
+        then sees that prediction as step 0).
     """
     batch, device, dtype = condition.shape[0], condition.device, condition.dtype
     noised = (~torch.as_tensor(sources, device=device).bool().expand(batch, -1))[:, :, None, None, None].to(dtype)
@@ -97,7 +98,9 @@ def denoise(
         prediction = unet(model_input, t.expand(batch), condition, sources, dataset_id).sample
         if index == 0:
             first = prediction * noised
-            if first_only:
+            if first_only:  # the one "step" of this path is the prediction itself
+                replaced = callback(index, t, first) if callback is not None else None
+                first = first if replaced is None else replaced
                 return first, first
         latents = scheduler.step(prediction.flatten(1, 2), t, latents.flatten(1, 2), **step_kwargs).prev_sample
         latents = latents.view_as(condition) * noised
