@@ -7,10 +7,11 @@ on a phantom glioma case, this measures in one run:
   (``torch.utils.flop_counter``), which give the compute floor: FLOPs x steps / matmul rate;
 - the GAN pipeline on the whole volume, then one fast-path change at a time: batch 1 / 8 / 32,
   ``torch.inference_mode``, channels-last weights, ``torch.compile`` (``--compile``);
-- the LDM pipeline at 5 / 10 / 20 / 50 DPM-Solver++ steps (and DDIM at 50), on ``--ldm-slices``
-  brain slices (0: the whole volume), reported per slice and scaled to the case's brain slices;
-- the naive baseline the issue names: a Python loop over all 155 axial slices, one slice per call,
-  DDIM 50 steps, no skipping of empty slices (timed on ``--naive-slices`` slices, scaled to 155);
+- the diffusion pipeline at its default 10 DPM-Solver++ steps for K = 1 / 4 / 8 samples, on
+  ``--ldm-slices`` brain slices (0: the whole volume), reported per slice and scaled to the case's
+  brain slices;
+- the naive baseline: a Python loop over all 155 axial slices, one slice per call, K = 4, no
+  skipping of empty slices (timed on ``--naive-slices`` slices, scaled to 155; 0 skips it);
 - peak memory of each row: CUDA ``max_memory_allocated`` on a GPU; on CPU the process's peak
   resident set (``VmHWM``), reset before each row by writing 5 to ``/proc/self/clear_refs``.
 
@@ -32,10 +33,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
-from mmdiff.models.vae import decode_modalities, encode_modalities
+from mmdiff.models.vae import encode_modalities
 from mmdiff.pipelines import MMDiffPipeline, MMGANPipeline
 from mmdiff.pipelines.common import prepare_inputs, to_network
 
@@ -152,24 +152,20 @@ def bench_gan(path: str, images: dict, dataset: str, device: torch.device, rate:
 
 def bench_ldm(path: str, images: dict, dataset: str, device: torch.device, rate: float,
               ldm_slices: int, naive_slices: int) -> dict:
+    """The residual diffusion pipeline at its default steps for K = 1, 4, 8 samples (K = 1: the
+    posterior-mean point estimate, one UNet step), and the naive per-slice loop at K = 4."""
     pipe = MMDiffPipeline.from_pretrained(path).to(device)
     pipe.set_progress_bar_config(disable=True)
-    dpm = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    ddim = DDIMScheduler.from_config(pipe.scheduler.config)
+    steps = 10
     case = prepare_inputs(images, pipe.modalities, [TARGET], None, pipe.downsampling, "np", None)
     brain_slices, total_slices = len(case.slices), case.num_slices
-    source_index = np.flatnonzero(case.source_mask).tolist()
-    target_index = np.flatnonzero(case.target_mask).tolist()
     dataset_id = pipe.unet.config.dataset_names.index(dataset)
+    source_mask = torch.as_tensor(case.source_mask, device=device)
 
     image = torch.zeros(1, len(pipe.modalities), *case.images.shape[1:3], device=device)
-    encode_flops = flops(lambda: encode_modalities(pipe.vae, to_network(image[:, source_index])))
-    latents = encode_modalities(pipe.vae, to_network(image[:, :1]))
-    latents = latents.new_zeros(1, len(pipe.modalities), *latents.shape[2:])
-    t = torch.tensor([500], device=device)
-    unet_flops = flops(lambda: pipe.unet(latents, t, latents, torch.as_tensor(case.source_mask, device=device),
-                                         dataset_id))
-    decode_flops = flops(lambda: decode_modalities(pipe.vae, latents[:, target_index]))
+    predictor_flops = flops(lambda: pipe.predictor(to_network(image), source_mask, dataset_id))
+    latents = encode_modalities(pipe.vae, image)
+    unet_flops = flops(lambda: pipe.unet(latents, torch.tensor([500], device=device), latents, source_mask, dataset_id))
 
     # the pipeline itself on a sub-volume of evenly spaced brain slices, so the per-slice time scales to the volume
     arrays = {m: v if isinstance(v, np.ndarray) else nib.as_closest_canonical(nib.load(v)).get_fdata(dtype=np.float32)
@@ -178,67 +174,69 @@ def bench_ldm(path: str, images: dict, dataset: str, device: torch.device, rate:
         np.linspace(0, brain_slices - 1, min(ldm_slices, brain_slices)).round().astype(int)]
     sub_volume = {m: np.ascontiguousarray(v[..., chosen]) for m, v in arrays.items()}
 
-    def run_pipeline(scheduler, steps, batch_size=8):
+    def run_pipeline(samples, batch_size=8):
         def fn():
-            pipe.scheduler = scheduler
-            pipe(sub_volume, dataset=dataset, targets=[TARGET], num_inference_steps=steps, batch_size=batch_size,
-                 generator=torch.Generator(device).manual_seed(0))
+            pipe(sub_volume, dataset=dataset, targets=[TARGET], num_inference_steps=steps, num_samples=samples,
+                 batch_size=batch_size, generator=torch.Generator(device).manual_seed(0))
         return fn
 
-    run_pipeline(dpm, 2)()  # warm-up
+    run_pipeline(1)()  # warm-up
     rows = []
 
-    def row(name, fn, slices, steps, context=None, scale_to=brain_slices):
+    def row(name, fn, slices, unet_steps, context=None, scale_to=brain_slices):
         seconds, peak = timed(device, fn, context)
         per_slice = seconds / slices
-        floor = (encode_flops + steps * unet_flops + decode_flops) / (rate * 1e9)
-        rows.append({"engine": "ldm", "variant": name, "steps": steps, "slices_timed": slices,
+        floor = (predictor_flops + unet_steps * unet_flops) / (rate * 1e9)
+        rows.append({"engine": "ldm", "variant": name, "steps": unet_steps, "slices_timed": slices,
                      "seconds_per_slice": per_slice, "seconds_per_volume": per_slice * scale_to,
                      "volume_slices": scale_to, "floor_seconds_per_volume": floor * scale_to, "peak_mib": peak})
         print(f"ldm {name}: {per_slice:.2f} s/slice, {per_slice * scale_to:.0f} s/volume, {peak:.0f} MiB", flush=True)
 
-    for steps in (5, 10, 20, 50):
-        row(f"DPM-Solver++ {steps} steps, batch 8", run_pipeline(dpm, steps), len(chosen), steps)
-    row("DDIM 50 steps, batch 8", run_pipeline(ddim, 50), len(chosen), 50)
-    row("DPM-Solver++ 10 steps, batch 8 + inference_mode", run_pipeline(dpm, 10), len(chosen), 10,
-        torch.inference_mode())
+    row("K = 1 (posterior mean: predictor + 1 UNet step), batch 8", run_pipeline(1), len(chosen), 1)
+    for samples in (4, 8):
+        row(f"K = {samples}, {steps} DPM-Solver++ steps, batch 8", run_pipeline(samples), len(chosen), samples * steps)
 
-    # naive: one pipeline call per axial slice, brain or not (an all-ones mask), DDIM 50
+    # naive: one pipeline call per axial slice, brain or not (an all-ones mask), K = 4
     naive_index = np.linspace(0, total_slices - 1, naive_slices).round().astype(int)
 
     def naive():
-        pipe.scheduler = ddim
         for k in naive_index:
             slice_2d = {m: np.ascontiguousarray(v[..., k]) for m, v in arrays.items()}
-            pipe(slice_2d, dataset=dataset, targets=[TARGET], num_inference_steps=50, batch_size=1,
+            pipe(slice_2d, dataset=dataset, targets=[TARGET], num_inference_steps=steps, num_samples=4, batch_size=1,
                  brain_mask=np.ones(slice_2d[SOURCES[0]].shape), generator=torch.Generator(device).manual_seed(0))
 
-    row("naive: per-slice loop, all slices, DDIM 50, batch 1", naive, naive_slices, 50, scale_to=total_slices)
-    return {"flops_per_slice": {"vae_encode_sources": encode_flops, "unet_step": unet_flops,
-                                "vae_decode_target": decode_flops},
+    if naive_slices > 0:
+        row("naive: per-slice loop, all slices, K = 4, batch 1", naive, naive_slices, 4 * steps,
+            scale_to=total_slices)
+    return {"flops_per_slice": {"predictor": predictor_flops, "unet_step": unet_flops},
             "brain_slices": brain_slices, "slices": total_slices, "rows": rows}
 
 
 def markdown(result: dict) -> str:
-    """The result as the tables BENCHMARKS.md shows."""
-    gan, ldm = result["gan"], result["ldm"]
-    lines = [f"Case: {result['case']} ({gan['brain_slices']} of {gan['slices']} axial slices hold brain). "
+    """The result as the tables BENCHMARKS.md shows (the engines that were timed)."""
+    gan, ldm = result.get("gan"), result.get("ldm")
+    counted = gan or ldm
+    lines = [f"Case: {result['case']} ({counted['brain_slices']} of {counted['slices']} axial slices hold brain). "
              f"Machine: {result['machine']}; float32 matmul {result['matmul_gflops']:.0f} GFLOP/s. "
              f"Date: {result['date'][:10]}. Command: `{result['command']}`", "",
              "| engine | variant | s / volume | s / brain slice | compute floor s / volume | peak memory MiB |",
              "|---|---|---|---|---|---|"]
-    for row in gan["rows"]:
+    for row in gan["rows"] if gan else []:
         floor = "" if "preprocessing" in row["variant"] else f"{gan['floor_seconds_per_volume']:.1f}"
         lines.append(f"| GAN | {row['variant']} | {row['seconds_per_volume']:.1f} | "
                      f"{row['seconds_per_brain_slice']:.3f} | {floor} | {row['peak_mib']:.0f} |")
-    for row in ldm["rows"]:
+    for row in ldm["rows"] if ldm else []:
         lines.append(f"| LDM | {row['variant']} | {row['seconds_per_volume']:.0f} ({row['volume_slices']} slices, "
                      f"{row['slices_timed']} timed) | {row['seconds_per_slice']:.2f} | "
                      f"{row['floor_seconds_per_volume']:.0f} | {row['peak_mib']:.0f} |")
-    flops = ldm["flops_per_slice"]
-    lines += ["", f"FLOPs per slice: GAN generator {gan['flops_per_slice'] / 1e9:.1f} G; LDM VAE encoding of the "
-              f"sources {flops['vae_encode_sources'] / 1e9:.1f} G, UNet {flops['unet_step'] / 1e9:.1f} G per step, "
-              f"VAE decoding of the target {flops['vae_decode_target'] / 1e9:.1f} G."]
+    notes = []
+    if gan:
+        notes.append(f"GAN generator {gan['flops_per_slice'] / 1e9:.1f} G")
+    if ldm:
+        flops = ldm["flops_per_slice"]
+        notes.append(f"LDM predictor {flops['predictor'] / 1e9:.1f} G, residual UNet {flops['unet_step'] / 1e9:.1f} G "
+                     "per step (the Haar latent is free)")
+    lines += ["", "FLOPs per slice: " + "; ".join(notes) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -252,6 +250,8 @@ def main() -> None:
     parser.add_argument("--ldm-slices", type=int, default=16, help="brain slices timed for the LDM (0: all)")
     parser.add_argument("--naive-slices", type=int, default=4, help="slices timed for the naive loop")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile for the GAN")
+    parser.add_argument("--engines", nargs="+", choices=["gan", "ldm"], default=["gan", "ldm"],
+                        help="the engines to time (default: both)")
     parser.add_argument("--out", default=str(root / "bench" / "results" / "inference.json"))
     args = parser.parse_args()
     if args.threads:
@@ -270,9 +270,11 @@ def main() -> None:
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
             if k in ("threads", "ldm_slices", "naive_slices") and v is not None) + (" --compile" if args.compile else ""),
         "matmul_gflops": rate,
-        "gan": bench_gan(args.gan, images, dataset, device, rate, args.compile),
-        "ldm": bench_ldm(args.ldm, images, dataset, device, rate, args.ldm_slices, args.naive_slices),
     }
+    if "gan" in args.engines:
+        result["gan"] = bench_gan(args.gan, images, dataset, device, rate, args.compile)
+    if "ldm" in args.engines:
+        result["ldm"] = bench_ldm(args.ldm, images, dataset, device, rate, args.ldm_slices, args.naive_slices)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

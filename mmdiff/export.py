@@ -206,11 +206,17 @@ def render_card(pipe, info: dict, rows: list[dict], method: str, evaluation: Pat
     train_cfg = info["config"]["train"]
     steps = info["steps"]
     model_description = (
-        "A latent diffusion model: a single-channel `AutoencoderKL` shared by all sequences, and a "
-        "conditional UNet denoising the latents of the missing sequences given the latents of the "
-        "available ones, a modality mask and a learned dataset embedding (feature modulation in every "
-        f"block). Sampled with `{type(pipe.scheduler).__name__}` (any diffusers scheduler can be swapped in); "
-        "with several samples per slice the pipeline also returns a per-voxel standard deviation."
+        "Residual diffusion on a one-step predictor (as CorrDiff), in a lossless Haar wavelet latent: the "
+        "predictor (the mmdiff GAN generator, a pipeline component) gives the mean `mu` of every missing "
+        "sequence; a UNet conditioned on the source latents, `mu`, the availability mask, the timestep and "
+        "a learned dataset embedding (feature modulation in every block, as the GAN) samples the residual "
+        "`y - mu` in the two-level Haar latent, predicting the clean residual (a zero-initialised output: "
+        "untrained, it returns `mu` exactly). The image is `mu` plus the UNet's posterior-mean residual; "
+        "with `num_samples=K > 1` the pipeline also returns the per-voxel standard deviation of K sampled "
+        "residuals, scaled so that `image +- uncertainty` covers the stated fraction of brain voxels on "
+        "validation slices (`interval_scale`, `coverage` in `model_index.json`), and `return_samples=True` "
+        "gives the samples themselves. Sampled with the scheduler saved here (any diffusers scheduler "
+        "can be swapped in)."
         if is_diffusion else
         "A one-step multi-modal generator (UNet with dataset-embedding feature modulation) trained "
         "adversarially against per-modality patch discriminators, with selective supervision of the "
@@ -222,7 +228,7 @@ def render_card(pipe, info: dict, rows: list[dict], method: str, evaluation: Pat
                  f"mmdiff pipeline (`{type(pipe).__name__}`) synthesises "
                  "the others, slice by slice, on the input's own grid."),
         engine=engine, pipeline_ref=repo_id or f"pipelines/{name}", pipeline_class=type(pipe).__name__,
-        call_extra=", num_inference_steps=20, num_samples=4" if is_diffusion else "",
+        call_extra=", num_inference_steps=10, num_samples=4" if is_diffusion else "",
         model_description=model_description,
         modalities=", ".join(pipe.modalities), datasets=", ".join(datasets), parameters=parameters,
         weights=f"safetensors, {dtype} (loaded into float32 by diffusers)",

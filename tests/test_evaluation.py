@@ -140,9 +140,11 @@ def test_evaluate_command_with_baselines(tiny_cache, tmp_path, capsys):
 
 
 def test_evaluate_command_compares_schedulers_and_steps(tiny_cache, tmp_path, capsys):
-    tiny_ldm().save_pretrained(tmp_path / "ldm")
+    pipe = tiny_ldm()
+    pipe.register_to_config(point_estimate="sample_mean")  # the posterior mean needs only the (shared) first step
+    pipe.save_pretrained(tmp_path / "ldm")
     code = main(["evaluate", "--data", str(tiny_cache), "--datasets", "glioma", "--tasks", "t1->t1c",
-                 "--pipeline", str(tmp_path / "ldm"), "--steps", "2", "1", "--scheduler", "ddim", "dpm++",
+                 "--pipeline", str(tmp_path / "ldm"), "--steps", "3", "1", "--scheduler", "ddim", "dpm++",
                  "--baselines", "--slice-stride", "4", "--out", str(tmp_path / "e"), "--quiet"])
     assert code == 0, capsys.readouterr().err
     with open(tmp_path / "e" / "scores.csv") as f:
@@ -150,11 +152,12 @@ def test_evaluate_command_compares_schedulers_and_steps(tiny_cache, tmp_path, ca
     by_method = {}
     for row in rows:
         by_method.setdefault(row["method"], []).append(float(row["psnr_brain"]))
-    assert sorted(by_method) == ["ldm (ddim, 1 steps)", "ldm (ddim, 2 steps)", "ldm (dpm++, 1 steps)",
-                                 "ldm (dpm++, 2 steps)"]
-    assert by_method["ldm (ddim, 2 steps)"] != by_method["ldm (dpm++, 2 steps)"]  # really another sampler
+    assert sorted(by_method) == ["ldm (ddim, 1 steps)", "ldm (ddim, 3 steps)", "ldm (dpm++, 1 steps)",
+                                 "ldm (dpm++, 3 steps)"]
+    # really another sampler (at 2 steps DPM-Solver++'s first-order start and final step equal DDIM's)
+    assert by_method["ldm (ddim, 3 steps)"] != by_method["ldm (dpm++, 3 steps)"]
     summary = (tmp_path / "e" / "summary.md").read_text()
-    assert summary.index("(ddim, 2 steps)") < summary.index("(ddim, 1 steps)") < summary.index("(dpm++, 2 steps)")
+    assert summary.index("(ddim, 3 steps)") < summary.index("(ddim, 1 steps)") < summary.index("(dpm++, 3 steps)")
 
 
 def test_evaluate_data_by_config_name_builds_that_cache(tmp_path, monkeypatch, capsys):

@@ -1,4 +1,4 @@
-"""The networks: PFM, the shared VAE, the conditional latent UNet, the GAN generator and discriminators."""
+"""The networks: PFM, the latents (Haar wavelet, VAE), the residual diffusion UNet, the GAN generator and discriminators."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import torch
 from mmdiff.losses import selective_l1
 from mmdiff.models import (
     NULL_DATASET_ID,
-    ConditionalLatentUNet,
     DatasetEmbedding,
     FeatureModulation,
     ModalityDiscriminators,
     MultiModalGenerator,
+    ResidualUNet,
     build_vae,
     decode_modalities,
     downsampling_factor,
@@ -22,20 +22,17 @@ from mmdiff.models import (
     encode_modalities,
     measure_scaling_factor,
 )
-from mmdiff.models import gan, unet, vae
+from mmdiff.models import gan, unet, vae, wavelet
 from mmdiff.modalities import MODALITIES
 
 M = len(MODALITIES)
 T1, T2, T1C, FLAIR, DWI, ADC = range(M)
 
 
-def tiny_unet(modalities=MODALITIES, **kwargs) -> ConditionalLatentUNet:
-    config = dict(
-        modalities=list(modalities), num_datasets=3, latent_channels=2, sample_size=8,
-        block_out_channels=(16, 32), layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8, attention_head_dim=8,
-    )
-    return ConditionalLatentUNet(**{**config, **kwargs})
+def tiny_unet(modalities=MODALITIES, **kwargs) -> ResidualUNet:
+    config = dict(modalities=list(modalities), num_datasets=3, latent_channels=2, block_out_channels=(16, 32),
+                  layers_per_block=1, embedding_dim=16, norm_num_groups=8)
+    return ResidualUNet(**{**config, **kwargs})
 
 
 def tiny_generator(**kwargs) -> MultiModalGenerator:
@@ -140,56 +137,79 @@ def test_scaling_factor_gives_unit_latent_std_and_ignores_missing_modalities():
     )
 
 
-# --- conditional latent UNet -----------------------------------------------------------------------
+# --- residual diffusion UNet ----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("modalities", [MODALITIES, ("t1", "t2", "pd")])
-def test_unet_output_shape(modalities):
+def test_unet_output_shape_and_zero_initial_output(modalities):
     model = tiny_unet(modalities)
     n = len(modalities)
-    assert model.unet.config.in_channels == 2 * n * 2 + n and model.unet.config.out_channels == n * 2
+    assert model.conv_in.in_channels == 2 * n * 2 + n and model.conv_out.out_channels == n * 2
     noisy = torch.randn(3, n, 2, 8, 8)
     source_mask = torch.zeros(3, n, dtype=torch.bool)
     source_mask[:, 0] = True
     out = model(noisy, torch.tensor([1, 50, 999]), torch.randn_like(noisy), source_mask, torch.tensor([0, 2, -1]))
     assert out.sample.shape == noisy.shape
+    assert torch.all(out.sample == 0)  # zero-initialised output: an untrained UNet predicts no residual
     assert model(noisy, 10, noisy, source_mask, 0, return_dict=False)[0].shape == noisy.shape
 
 
-def test_unet_conditioning_is_live_and_targets_do_not_leak():
+def test_unet_conditioning_is_live_and_source_noise_does_not_leak():
     torch.manual_seed(0)
-    model = tiny_unet().eval()
-    noisy, clean = torch.randn(2, M, 2, 8, 8), torch.randn(2, M, 2, 8, 8)
+    model = tiny_unet()
+    perturb_modulations(model)
+    torch.nn.init.normal_(model.conv_out.weight, std=0.1)
+    model.eval()
+    noisy, condition = torch.randn(2, M, 2, 8, 8), torch.randn(2, M, 2, 8, 8)
     sources = mask(T1, T2)
     with torch.no_grad():
-        base = model(noisy, 100, clean, sources, 0).sample
-        assert not torch.allclose(base, model(noisy, 100, clean, sources, 1).sample)
-        assert not torch.allclose(base, model(noisy, 100, clean, sources, NULL_DATASET_ID).sample)
-        assert not torch.allclose(base, model(noisy, 100, clean, mask(T1, T2, FLAIR), 0).sample)
-        # the clean latents of non-sources are masked out inside the model
-        leaked = clean.clone()
-        leaked[:, FLAIR] = 100.0
-        torch.testing.assert_close(model(noisy, 100, leaked, sources, 0).sample, base)
-    with pytest.raises(ValueError, match=r"latents have 3 modalities x \d+ channels, the model expects 6 x"):
-        model(noisy[:, :3], 100, clean[:, :3], sources[:, :3], 0)
+        base = model(noisy, 100, condition, sources, 0).sample
+        assert not torch.allclose(base, model(noisy, 500, condition, sources, 0).sample)  # timestep
+        assert not torch.allclose(base, model(noisy, 100, condition, sources, 1).sample)  # dataset (PFM)
+        assert not torch.allclose(base, model(noisy, 100, condition, sources, NULL_DATASET_ID).sample)
+        assert not torch.allclose(base, model(noisy, 100, condition, mask(T1, T2, FLAIR), 0).sample)  # mask
+        assert not torch.allclose(base, model(noisy, 100, condition * 2, sources, 0).sample)  # condition (mu)
+        # the noisy residual of a source is zeroed inside the model
+        leaked = noisy.clone()
+        leaked[:, T1] = 100.0
+        torch.testing.assert_close(model(leaked, 100, condition, sources, 0).sample, base)
+        # use_pfm=False: every dataset gets the null embedding
+        ablated = tiny_unet(use_pfm=False)
+        ablated.load_state_dict(model.state_dict())
+        ablated.eval()
+        torch.testing.assert_close(ablated(noisy, 100, condition, sources, 1).sample,
+                                   model(noisy, 100, condition, sources, NULL_DATASET_ID).sample)
+    with pytest.raises(ValueError, match="modalities"):
+        model(noisy[:, :3], 100, condition[:, :3], sources[:, :3], 0)
 
 
 def test_unet_overfits_one_batch():
+    from diffusers import DDPMScheduler
+
+    from mmdiff.models import diffusion_loss
+    from mmdiff.pipelines.ldm import TRAINING_SCHEDULER
+
     torch.manual_seed(0)
     model = tiny_unet()
-    noisy, clean, noise = torch.randn(4, M, 2, 8, 8), torch.randn(4, M, 2, 8, 8), torch.randn(4, M, 2, 8, 8)
+    scheduler = DDPMScheduler(**TRAINING_SCHEDULER)
+    residual, condition = torch.randn(4, M, 2, 8, 8), torch.randn(4, M, 2, 8, 8)
     sources, weight = mask(T1, T2, batch=4), (~mask(T1, T2, batch=4)).float()
-    timesteps, ids = torch.tensor([10, 200, 500, 900]), torch.tensor([0, 1, 2, -1])
+    weight[:, ADC] = 0  # no ground truth: never scored
+    ids = torch.tensor([0, 1, 2, -1])
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(120):
-        pred = model(noisy, timesteps, clean, sources, ids).sample
-        loss = ((pred - noise).square().mean((2, 3, 4)) * weight).sum() / weight.sum()
+    generator = torch.Generator().manual_seed(0)
+    first = diffusion_loss(model, scheduler, residual, condition, sources, weight, ids, generator).item()
+    for _ in range(150):
+        loss = diffusion_loss(model, scheduler, residual, condition, sources, weight, ids, generator)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0] / 10
+    final = torch.stack([diffusion_loss(model, scheduler, residual, condition, sources, weight, ids, generator)
+                         for _ in range(8)]).mean().item()
+    assert final < first / 5
+    poisoned = residual.clone()
+    poisoned[:, ADC] = float("nan")  # a missing sequence's placeholder never enters the loss
+    assert torch.isfinite(diffusion_loss(model, scheduler, poisoned, condition, sources, weight, ids))
 
 
 # --- GAN -------------------------------------------------------------------------------------------
@@ -321,6 +341,6 @@ def test_save_pretrained_round_trip(name, tmp_path):
 
 
 def test_modules_expose_diffusers_mixins_for_pipeline_loading():
-    for module in (unet, gan):
+    for module in (unet, gan, wavelet):
         assert hasattr(module, "ModelMixin") and hasattr(module, "ConfigMixin")
     assert vae.build_vae().__class__.__module__.startswith("diffusers")

@@ -17,23 +17,33 @@ from conftest import blob_volume, centred_affine
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler
 
 from mmdiff.io import SYNTHETIC_DESCRIP, load_volume
-from mmdiff.models import ConditionalLatentUNet, MultiModalGenerator, build_vae
+from mmdiff.models import HaarWavelet, MultiModalGenerator, ResidualUNet
 from mmdiff.cli import SCHEDULER_NAMES
 from mmdiff.pipelines import SCHEDULERS, MMDiffPipeline, MMDiffPipelineOutput, MMGANPipeline, use_scheduler
+from mmdiff.pipelines.ldm import TRAINING_SCHEDULER
 
 DATASETS = ["brats", "ixi"]
 STEPS = 4
 
 
-def tiny_ldm(seed: int = 0) -> MMDiffPipeline:
-    """VAE /2, UNet /2: slices are padded to multiples of 4."""
+def tiny_unet(trained: bool = True) -> ResidualUNet:
+    """A tiny residual UNet for a one-level Haar latent (4 channels); ``trained`` randomises its zero-initialised
+    output layer and PFM projections, as training would, so that it predicts non-zero residuals."""
+    unet = ResidualUNet(num_datasets=2, dataset_names=DATASETS, latent_channels=4, block_out_channels=(8, 16),
+                        embedding_dim=16, norm_num_groups=4)
+    if trained:
+        for name, parameter in unet.named_parameters():
+            if "to_scale_shift" in name or "conv_out" in name:
+                torch.nn.init.normal_(parameter, std=0.05)
+    return unet
+
+
+def tiny_ldm(seed: int = 0, trained: bool = True) -> MMDiffPipeline:
+    """Haar /2, UNet /2, predictor /2: slices are padded to multiples of 4; DPM-Solver++ sampler."""
+    predictor = tiny_gan(seed).generator
     torch.manual_seed(seed)
-    vae = build_vae(block_out_channels=(8, 16), latent_channels=2, mid_block_add_attention=False, sample_size=32)
-    unet = ConditionalLatentUNet(num_datasets=2, dataset_names=DATASETS, latent_channels=2, sample_size=16,
-                                 block_out_channels=(8, 16), layers_per_block=1,
-                                 down_block_types=("DownBlock2D", "DownBlock2D"),
-                                 up_block_types=("UpBlock2D", "UpBlock2D"), attention_head_dim=8)
-    pipe = MMDiffPipeline(vae, unet, DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
+    pipe = MMDiffPipeline(HaarWavelet(levels=1), tiny_unet(trained),
+                          DPMSolverMultistepScheduler.from_config(TRAINING_SCHEDULER), predictor)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -80,13 +90,14 @@ def seeded(seed: int = 0, count: int | None = None):
     return [torch.Generator().manual_seed(seed + k) for k in range(count)]
 
 
-def test_ldm_default_scheduler_and_determinism():
+def test_ldm_scheduler_kept_as_given_and_determinism():
     pipe = tiny_ldm()
-    assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler)  # the DDPM training scheduler, converted
+    kept = MMDiffPipeline(pipe.vae, pipe.unet, DDPMScheduler.from_config(TRAINING_SCHEDULER), pipe.predictor)
+    assert type(kept.scheduler) is DDPMScheduler  # no silent swap: the sampler is chosen at export or call time
     volume = brain_volume()
-    first = pipe(inputs(volume), dataset="brats", num_inference_steps=STEPS, generator=seeded(1))
-    second = pipe(inputs(volume), dataset="brats", num_inference_steps=STEPS, generator=seeded(1))
-    other = pipe(inputs(volume), dataset="brats", num_inference_steps=STEPS, generator=seeded(2))
+    first = pipe(inputs(volume), dataset="brats", num_inference_steps=STEPS, generator=seeded(1), num_samples=1)
+    second = pipe(inputs(volume), dataset="brats", num_inference_steps=STEPS, generator=seeded(1), num_samples=1)
+    other = pipe(inputs(volume), dataset="brats", num_inference_steps=STEPS, generator=seeded(2), num_samples=1)
     assert isinstance(first, MMDiffPipelineOutput)
     assert list(first.images) == ["t2", "t1c", "dwi", "adc"]  # every modality not given, in model order
     assert first.uncertainty is None
@@ -108,13 +119,15 @@ def test_save_load_roundtrip(tmp_path, kind):
     loaded = type(pipe).from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
     if kind == "ldm":
-        assert index["unet"] == ["mmdiff.models.unet", "ConditionalLatentUNet"]
+        assert index["unet"] == ["mmdiff.models.unet", "ResidualUNet"]
+        assert index["vae"] == ["mmdiff.models.wavelet", "HaarWavelet"]
+        assert index["predictor"] == ["mmdiff.models.gan", "MultiModalGenerator"]
         assert index["scheduler"] == ["diffusers", "DPMSolverMultistepScheduler"]
         public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
         assert public(loaded.scheduler.config) == public(pipe.scheduler.config)
     else:
         assert index["generator"] == ["mmdiff.models.gan", "MultiModalGenerator"]
-    kwargs = dict(dataset="ixi", num_inference_steps=STEPS)
+    kwargs = dict(dataset="ixi", num_inference_steps=STEPS) if kind == "ldm" else dict(dataset="ixi")
     before = pipe(inputs(brain_volume()), generator=seeded(3), **kwargs)
     after = loaded(inputs(brain_volume()), generator=seeded(3), **kwargs)
     for name in before.images:

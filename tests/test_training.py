@@ -88,12 +88,19 @@ def test_wall_time_budget_ends_training_and_exports(tiny_cache, tmp_path):
 
 
 def test_ldm_tiny_needs_no_other_step(tiny_cache, tmp_path):
-    assert _train("ldm-tiny", tmp_path / "run", tiny_cache, "--max-steps", "4", "model.vae.max_steps=4",
+    """From a fresh clone: trains its predictor (gan-tiny) first, then the residual UNet; exports a
+    pipeline with the predictor as a component and a calibrated interval scale."""
+    assert _train("ldm-tiny", tmp_path / "run", tiny_cache, "--max-steps", "4", "model.predictor.max_steps=3",
                   "validation.every=0") == 0
     final = tmp_path / "run" / "final"
-    assert {p.name for p in final.iterdir()} >= {"unet", "vae", "scheduler", "training_info.json"}
-    vae_config = json.loads((final / "vae" / "config.json").read_text())
-    assert vae_config["scaling_factor"] != 1.0  # measured after the VAE stage
+    assert {p.name for p in final.iterdir()} >= {"unet", "vae", "scheduler", "predictor", "training_info.json"}
+    index = json.loads((final / "model_index.json").read_text())
+    assert index["vae"] == ["mmdiff.models.wavelet", "HaarWavelet"]
+    assert index["predictor"] == ["mmdiff.models.gan", "MultiModalGenerator"]
+    assert index["scheduler"] == ["diffusers", "DPMSolverMultistepScheduler"]  # the config's sampler, as given
+    assert index["coverage"] == 0.9 and index["interval_scale"] > 0 and index["calibration_samples"] == 2
+    predictor = json.loads((final / "predictor" / "config.json").read_text())
+    assert predictor["_name_or_path"].endswith("predictor-stage/final/generator")
     info = json.loads((final / "training_info.json").read_text())
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     final_validation = [r for r in records if "val/psnr" in r][-1]

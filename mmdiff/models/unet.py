@@ -1,44 +1,71 @@
-"""The conditional latent UNet: any subset of modalities in, a prediction for every modality out.
+"""The residual diffusion UNet and its loss (residual diffusion on a one-step predictor, as CorrDiff).
 
-Input channels, per latent pixel: the noisy latents of all ``M`` modalities (``M * C``), the clean
-latents of the sources, zero elsewhere (``M * C``), and one source-mask plane per modality (``M``).
-Conditioning: the PFM dataset embedding plus a learned embedding of the source mask, added to the
-timestep embedding (``class_embed_type="identity"``); with ``resnet_time_scale_shift="scale_shift"``
-every res block applies it as FiLM, ``norm(h) * (1 + scale) + shift``.
+A deterministic predictor (the GAN generator, or the same network trained with the selective L1
+losses only) gives the mean ``mu`` of every missing sequence; this UNet learns the residual
+``y - mu`` in the latent (by default the lossless Haar wavelet), so it only has to model what the
+predictor cannot know. Per latent pixel it sees:
 
-What the output means (noise, ``v`` or the clean sample) is the scheduler's ``prediction_type``;
-the network does not know it, and the training code pairs them.
+- the noisy residual latents of all ``M`` modalities (``M * C`` channels; sources are zeroed);
+- a condition latent per modality (``M * C``): the clean latent of the source where the modality is
+  given, the predictor's mean ``mu`` where it is not;
+- one source-mask plane per modality (``M``).
+
+Timestep, dataset and availability mask are summed into one embedding that every conv block applies
+through the same :class:`~mmdiff.models.pfm.FeatureModulation` (PFM) as the GAN generator (its
+``ModulatedConvBlock``); ``use_pfm=False`` gives every sample the null dataset, as in the GAN's ablation.
+
+The network predicts the clean residual (x0, diffusers' ``prediction_type="sample"``): few-step
+image-to-image models with small networks train best on it. Its output layer is zero-initialised,
+so an untrained UNet predicts a zero residual and the pipeline returns ``mu`` exactly: training can
+only move away from the predictor where the data say so.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
-from diffusers import ConfigMixin, ModelMixin, UNet2DModel
+from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
+from ..losses import latent_diffusion_loss
 from ..modalities import MODALITIES
-from .pfm import check_dataset_names, DatasetEmbedding
+from .gan import ModulatedConvBlock
+from .pfm import NULL_DATASET_ID, DatasetEmbedding, check_dataset_names
 
 
-class ConditionalLatentUNet(ModelMixin, ConfigMixin):
-    """A ``diffusers.UNet2DModel`` over the stacked latents of all modalities, conditioned on the
-    source mask and the dataset (PFM).
+class ModulatedResBlock(nn.Module):
+    """Two PFM-modulated conv blocks (the GAN's ``ModulatedConvBlock``) plus a skip connection."""
+
+    def __init__(self, in_channels: int, out_channels: int, embedding_dim: int, norm_num_groups: int):
+        super().__init__()
+        self.first = ModulatedConvBlock(in_channels, out_channels, embedding_dim, norm_num_groups)
+        self.second = ModulatedConvBlock(out_channels, out_channels, embedding_dim, norm_num_groups)
+        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        return self.skip(x) + self.second(self.first(x, embedding), embedding)
+
+
+class ResidualUNet(ModelMixin, ConfigMixin):
+    """Predicts the clean residual latent of every modality given its noisy version and the conditions.
 
     Args:
         modalities: the modality list, in order (its length is ``M``).
         num_datasets: number of known datasets (id ``-1`` is the null dataset).
-        dataset_names: the datasets' names in id order (stored so a pipeline can map names to ids);
-            when given, ``num_datasets`` must be its length.
-        latent_channels: VAE latent channels ``C``.
-        sample_size: latent side length (informational; any size divisible by ``2 ** (blocks - 1)`` works).
-        block_out_channels, layers_per_block, down_block_types, up_block_types, norm_num_groups,
-        attention_head_dim, dropout: passed to ``UNet2DModel`` (``Attn*`` block types add attention);
-            ``norm_num_groups`` defaults to the largest of 32, 16, 8, ... that divides every width.
+        dataset_names: the datasets' names in id order; when given, ``num_datasets`` must be its length.
+        latent_channels: latent channels ``C`` per modality (4 for a one-level Haar latent, 16 for two).
+        block_out_channels: widths of the resolution levels, finest first (``len - 1`` downsamplings).
+        layers_per_block: residual blocks per level, on the way down and on the way up.
+        embedding_dim: size of the summed timestep + dataset + mask embedding that PFM reads.
+        norm_num_groups: GroupNorm groups (must divide every width).
+        residual_scale: residual latents are multiplied by this before diffusion (and divided after), so
+            that they have about unit variance, the scale the noise schedule assumes; the training stage
+            measures it on the data (the diffusers ``scaling_factor`` convention).
+        use_pfm: if False (the PFM ablation), every sample gets the null dataset's embedding.
     """
 
     @register_to_config
@@ -47,78 +74,159 @@ class ConditionalLatentUNet(ModelMixin, ConfigMixin):
         modalities: Sequence[str] = MODALITIES,
         num_datasets: int = 4,
         dataset_names: Sequence[str] | None = None,
-        latent_channels: int = 4,
-        sample_size: int = 48,
-        block_out_channels: Sequence[int] = (64, 128, 256),
-        layers_per_block: int = 2,
-        down_block_types: Sequence[str] = ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-        up_block_types: Sequence[str] = ("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups: int | None = None,
-        attention_head_dim: int = 32,
-        dropout: float = 0.0,
+        latent_channels: int = 16,
+        block_out_channels: Sequence[int] = (64, 128, 192),
+        layers_per_block: int = 1,
+        embedding_dim: int = 128,
+        norm_num_groups: int = 16,
+        residual_scale: float = 1.0,
+        use_pfm: bool = True,
     ):
         super().__init__()
         check_dataset_names(num_datasets, dataset_names)
         num_modalities = len(modalities)
-        embedding_dim = 4 * block_out_channels[0]  # UNet2DModel's time embedding size
-        if norm_num_groups is None:
-            norm_num_groups = math.gcd(32, *block_out_channels)
-        self.unet = UNet2DModel(
-            sample_size=sample_size,
-            in_channels=2 * num_modalities * latent_channels + num_modalities,
-            out_channels=num_modalities * latent_channels,
-            down_block_types=tuple(down_block_types),
-            up_block_types=tuple(up_block_types),
-            block_out_channels=tuple(block_out_channels),
-            layers_per_block=layers_per_block,
-            norm_num_groups=norm_num_groups,
-            attention_head_dim=attention_head_dim,
-            dropout=dropout,
-            class_embed_type="identity",
-            resnet_time_scale_shift="scale_shift",
-        )
+        widths = list(block_out_channels)
+        self.time_proj = Timesteps(widths[0], flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(widths[0], embedding_dim)
         self.dataset_embedding = DatasetEmbedding(num_datasets, embedding_dim)
-        self.source_mask_embedding = nn.Linear(num_modalities, embedding_dim)
+        self.mask_embedding = nn.Linear(num_modalities, embedding_dim)
+
+        block = lambda i, o: ModulatedResBlock(i, o, embedding_dim, norm_num_groups)  # noqa: E731
+        self.conv_in = nn.Conv2d(2 * num_modalities * latent_channels + num_modalities, widths[0], 3, padding=1)
+        self.down = nn.ModuleList()
+        self.downsample = nn.ModuleList()
+        channels, skips = widths[0], []
+        for level, width in enumerate(widths):
+            blocks = nn.ModuleList()
+            for _ in range(layers_per_block):
+                blocks.append(block(channels, width))
+                channels = width
+            self.down.append(blocks)
+            skips.append(channels)
+            if level < len(widths) - 1:
+                self.downsample.append(nn.Conv2d(channels, channels, 3, stride=2, padding=1))
+        self.mid = block(channels, channels)
+        self.up = nn.ModuleList()
+        self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
+        for level in reversed(range(len(widths))):
+            blocks = nn.ModuleList()
+            for k in range(layers_per_block):
+                blocks.append(block(channels + (skips[level] if k == 0 else 0), widths[level]))
+                channels = widths[level]
+            self.up.append(blocks)
+        self.norm_out = nn.GroupNorm(norm_num_groups, channels)
+        self.conv_out = nn.Conv2d(channels, num_modalities * latent_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)  # an untrained UNet predicts a zero residual: the pipeline returns mu
+        nn.init.zeros_(self.conv_out.bias)
+
+    @property
+    def downsampling(self) -> int:
+        """How much the UNet shrinks a latent side (latent sides must be multiples of it)."""
+        return 2 ** (len(self.config.block_out_channels) - 1)
+
+    def embed(self, timestep, source_mask: torch.Tensor, dataset_id, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Timestep + dataset (PFM) + availability-mask embedding ``[B, embedding_dim]``, on the mask's
+        device in ``dtype`` (the features' compute dtype; not read from a weight, which may be
+        offloaded or stored in fp8)."""
+        batch = source_mask.shape[0]
+        device = source_mask.device
+        dtype = dtype or torch.float32
+        timestep = torch.as_tensor(timestep, device=device).reshape(-1).expand(batch)
+        dataset_id = torch.as_tensor(dataset_id, device=device).long().reshape(-1).expand(batch)
+        if not self.config.use_pfm:
+            dataset_id = torch.full_like(dataset_id, NULL_DATASET_ID)
+        time = self.time_embedding(self.time_proj(timestep).to(dtype))
+        return time + self.dataset_embedding(dataset_id, dtype) + self.mask_embedding(source_mask.to(dtype))
 
     def forward(
         self,
-        noisy_latents: torch.Tensor,
+        noisy_residual: torch.Tensor,
         timestep: torch.Tensor | float | int,
-        source_latents: torch.Tensor,
+        condition: torch.Tensor,
         source_mask: torch.Tensor,
         dataset_id: torch.Tensor | int,
         return_dict: bool = True,
     ) -> UNet2DOutput | tuple[torch.Tensor]:
-        """Predict for every modality.
+        """Predict the clean (scaled) residual latents.
 
         Args:
-            noisy_latents: ``[B, M, C, h, w]``, the noisy latents of all modalities.
-            timestep: scalar or ``[B]``.
-            source_latents: ``[B, M, C, h, w]``, clean latents; non-sources are zeroed here, so passing
-                the latents of every available modality is safe.
-            source_mask: ``[B, M]``, bool or 0/1, True for the sources.
+            noisy_residual: ``[B, M, C, h, w]`` noisy scaled residual latents (sources are zeroed here).
+            timestep: scalar or ``[B]``, the training scheduler's timestep.
+            condition: ``[B, M, C, h, w]``: source latents where given, the predictor's ``mu`` elsewhere.
+            source_mask: ``[B, M]`` (or ``[M]``), bool or 0/1, True for the sources.
             dataset_id: ``[B]`` or an int; ``-1`` is the null (unseen-site) dataset.
 
         Returns:
             ``UNet2DOutput`` whose ``sample`` is ``[B, M, C, h, w]`` (a 1-tuple with ``return_dict=False``).
         """
-        batch, num_modalities, channels, height, width = noisy_latents.shape
+        batch, num_modalities, channels, height, width = noisy_residual.shape
         if num_modalities != len(self.config.modalities) or channels != self.config.latent_channels:
-            raise ValueError(
-                f"latents have {num_modalities} modalities x {channels} channels, the model expects "
-                f"{len(self.config.modalities)} x {self.config.latent_channels}"
-            )
-        mask = torch.as_tensor(source_mask, device=noisy_latents.device).to(noisy_latents.dtype)
-        mask = mask.expand(batch, num_modalities)
-        dataset_id = torch.as_tensor(dataset_id, device=noisy_latents.device).long().expand(batch)
+            raise ValueError(f"latents have {num_modalities} modalities x {channels} channels, the model expects "
+                             f"{len(self.config.modalities)} x {self.config.latent_channels}")
+        if height % self.downsampling or width % self.downsampling:
+            raise ValueError(f"latent size {height}x{width} is not divisible by {self.downsampling}")
+        dtype = noisy_residual.dtype  # the compute dtype (the weights may be stored in another)
+        mask = torch.as_tensor(source_mask, device=noisy_residual.device).to(dtype).expand(batch, num_modalities)
+        noisy = noisy_residual * (1 - mask)[:, :, None, None, None]
+        planes = mask[:, :, None, None].expand(batch, num_modalities, height, width)
+        embedding = self.embed(timestep, mask, dataset_id, dtype)
 
-        sources = source_latents * mask[:, :, None, None, None]
-        mask_planes = mask[:, :, None, None].expand(batch, num_modalities, height, width)
-        sample = torch.cat([noisy_latents.flatten(1, 2), sources.flatten(1, 2), mask_planes], dim=1)
-        condition = self.dataset_embedding(dataset_id, noisy_latents.dtype) + self.source_mask_embedding(mask)
+        x = self.conv_in(torch.cat([noisy.flatten(1, 2), condition.to(dtype).flatten(1, 2), planes], dim=1))
+        skips = []
+        for level, blocks in enumerate(self.down):
+            for block in blocks:
+                x = block(x, embedding)
+            skips.append(x)
+            if level < len(self.downsample):
+                x = self.downsample[level](x)
+        x = self.mid(x, embedding)
+        for k, blocks in enumerate(self.up):
+            if k > 0:
+                x = self.upsample(x)
+            x = torch.cat([x, skips.pop()], dim=1)
+            for block in blocks:
+                x = block(x, embedding)
+        out = self.conv_out(nn.functional.silu(self.norm_out(x)))
+        out = out.reshape(batch, num_modalities, channels, height, width)
+        return UNet2DOutput(sample=out) if return_dict else (out,)
 
-        prediction = self.unet(sample, timestep, class_labels=condition).sample
-        prediction = prediction.reshape(batch, num_modalities, channels, height, width)
-        if not return_dict:
-            return (prediction,)
-        return UNet2DOutput(sample=prediction)
+
+def diffusion_loss(
+    unet: nn.Module,
+    scheduler,
+    residual: torch.Tensor,
+    condition: torch.Tensor,
+    source_mask: torch.Tensor,
+    weight: torch.Tensor,
+    dataset_id: torch.Tensor | int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The training loss of :class:`ResidualUNet`, k-diffusion style (the maths next to the model).
+
+    Draws a timestep and noise per sample, noises the scaled clean residual with the training
+    scheduler's ``add_noise``, and scores the UNet's clean-residual (x0) prediction by selective MSE:
+    only (sample, modality) pairs with ``weight > 0`` count, i.e. synthesised sequences that have
+    ground truth (selective supervision), so a missing sequence's placeholder never enters the loss.
+
+    Args:
+        unet: the UNet (or its DDP wrapper).
+        scheduler: the training scheduler (``prediction_type="sample"``).
+        residual: ``[B, M, C, h, w]`` unscaled residual latents ``latent(y) - latent(mu)``; entries
+            with ``weight == 0`` are replaced by zeros (the model input there is pure noise).
+        condition, source_mask, dataset_id: as for :meth:`ResidualUNet.forward`.
+        weight: ``[B, M]`` loss weights, ``(1 - sc) * m``.
+    """
+    if scheduler.config.prediction_type != "sample":
+        raise ValueError(f"the residual UNet predicts the clean sample; the scheduler says "
+                         f"{scheduler.config.prediction_type!r}")
+    scale = float(getattr(unet, "module", unet).config.residual_scale)
+    scored = torch.as_tensor(weight, device=residual.device)[:, :, None, None, None] > 0
+    # unscored residuals (no ground truth, or a source) are zero, whatever the placeholder held
+    clean = torch.where(scored, residual * scale, torch.zeros_like(residual))
+    batch, device = clean.shape[0], clean.device
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator,
+                      device="cpu" if generator is None else generator.device).to(device)
+    noise = torch.randn(clean.shape, generator=generator, device="cpu" if generator is None else generator.device)
+    noisy = scheduler.add_noise(clean, noise.to(device=device, dtype=clean.dtype), t)
+    prediction = unet(noisy, t, condition, source_mask, dataset_id).sample
+    return latent_diffusion_loss(prediction, clean, weight)

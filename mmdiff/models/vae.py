@@ -1,4 +1,6 @@
-"""One single-channel ``diffusers.AutoencoderKL`` shared by all modalities.
+"""The latent of the diffusion engine: the lossless Haar wavelet (:class:`~mmdiff.models.wavelet.HaarWavelet`,
+the default) or one learned single-channel ``diffusers.AutoencoderKL`` shared by all modalities
+(a config choice for GPU-scale training). The helpers here take either.
 
 Each modality of a ``[B, M, H, W]`` stack is encoded as its own one-channel image, so latents are
 ``[B, M, C, h, w]``. Latents the diffusion model sees are ``(z - shift_factor) * scaling_factor``
@@ -14,6 +16,10 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from diffusers import AutoencoderKL
+
+from .wavelet import HaarWavelet
+
+Latent = AutoencoderKL | HaarWavelet
 
 
 def build_vae(
@@ -47,9 +53,16 @@ def build_vae(
     )
 
 
-def downsampling_factor(vae: AutoencoderKL) -> int:
-    """How much the VAE shrinks each spatial side."""
+def downsampling_factor(vae: Latent) -> int:
+    """How much the latent shrinks each spatial side."""
+    if isinstance(vae, HaarWavelet):
+        return vae.downsampling
     return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def latent_channels(vae: Latent) -> int:
+    """Latent channels per modality."""
+    return vae.latent_channels if isinstance(vae, HaarWavelet) else vae.config.latent_channels
 
 
 def _shift(vae: AutoencoderKL) -> float:
@@ -57,12 +70,15 @@ def _shift(vae: AutoencoderKL) -> float:
 
 
 def encode_modalities(
-    vae: AutoencoderKL, images: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
+    vae: Latent, images: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Images ``[B, M, H, W]`` in [-1, 1] -> scaled latents ``[B, M, C, h, w]``.
 
-    Uses the posterior mode, or a posterior sample with ``sample=True``.
+    The wavelet is exact and deterministic; the VAE uses the posterior mode, or a posterior sample
+    with ``sample=True``.
     """
+    if isinstance(vae, HaarWavelet):
+        return vae.encode(images)
     batch, modalities, height, width = images.shape
     flat = images.reshape(batch * modalities, 1, height, width).to(vae.dtype)
     posterior = vae.encode(flat).latent_dist
@@ -71,8 +87,10 @@ def encode_modalities(
     return latents.reshape(batch, modalities, *latents.shape[1:])
 
 
-def decode_modalities(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+def decode_modalities(vae: Latent, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents ``[B, M, C, h, w]`` -> images ``[B, M, H, W]`` (not clamped)."""
+    if isinstance(vae, HaarWavelet):
+        return vae.decode(latents)
     batch, modalities = latents.shape[:2]
     flat = latents.flatten(0, 1).to(vae.dtype) / vae.config.scaling_factor + _shift(vae)
     images = vae.decode(flat).sample

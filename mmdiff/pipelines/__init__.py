@@ -3,7 +3,7 @@
 Loading with ``DiffusionPipeline.from_pretrained``
 -------------------------------------------------
 ``save_pretrained`` writes ``"_class_name": "MMDiffPipeline"`` and the components as
-``["mmdiff.models.unet", "ConditionalLatentUNet"]``, ``["diffusers", "AutoencoderKL"]``, ... In
+``["mmdiff.models.unet", "ResidualUNet"]``, ``["mmdiff.models.wavelet", "HaarWavelet"]``, ... In
 diffusers 0.42, ``MMDiffPipeline.from_pretrained`` loads that as is. The generic
 ``DiffusionPipeline.from_pretrained`` looks the class up as ``getattr(diffusers, _class_name)``
 (``pipeline_loading_utils._get_pipeline_class``), and a component's module only in ``sys.modules``
@@ -29,9 +29,9 @@ its ``model_index.json`` names.
 
 from .common import MMDiffPipelineOutput, prepare_inputs, resolve_dataset_id
 from .gan import MMGANPipeline
-from .ldm import SCHEDULERS, MMDiffPipeline, sample_latents, use_scheduler
+from .ldm import SCHEDULERS, MMDiffPipeline, MMDiffSamplesOutput, denoise, sample_residuals, use_scheduler
 from .loading import ENGINES, PIPELINES, load_pipeline, resolve_source
 
-__all__ = ["ENGINES", "PIPELINES", "SCHEDULERS", "MMDiffPipeline", "MMDiffPipelineOutput", "MMGANPipeline",
-           "load_pipeline", "prepare_inputs", "resolve_dataset_id", "resolve_source", "sample_latents",
-           "use_scheduler"]
+__all__ = ["ENGINES", "PIPELINES", "SCHEDULERS", "MMDiffPipeline", "MMDiffPipelineOutput", "MMDiffSamplesOutput",
+           "MMGANPipeline", "denoise", "load_pipeline", "prepare_inputs", "resolve_dataset_id", "resolve_source",
+           "sample_residuals", "use_scheduler"]

@@ -1,28 +1,50 @@
-"""The latent diffusion pipeline: sample the missing sequences' latents given the others."""
+"""The diffusion pipeline: residual diffusion on a one-step predictor, in a lossless wavelet latent.
+
+The predictor (a :class:`~mmdiff.models.MultiModalGenerator`) gives the mean ``mu`` of every missing
+sequence in one pass; the :class:`~mmdiff.models.unet.ResidualUNet` samples the residual ``y - mu``
+in the latent (:class:`~mmdiff.models.wavelet.HaarWavelet` by default). ``num_samples = K`` draws K
+residuals per slice:
+
+- the point estimate is ``mu`` + their mean: a single sample from the posterior has twice the
+  posterior mean's squared error (-3 dB), the mean of K samples ``1 + 1/K`` times it;
+- the uncertainty is their per-voxel standard deviation, times a scale fitted on validation slices
+  (``interval_scale`` in the pipeline config) so that ``image +- uncertainty`` covers the stated
+  fraction (``coverage``) of brain voxels;
+- ``return_samples=True`` also returns the individual samples (``mu`` + one residual each).
+
+The maths lives in :func:`sample_residuals` (and :func:`denoise` under it), which the pipeline's
+``__call__`` and the training stage's validation and calibration both call.
+"""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler,
+from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler,
                        EulerDiscreteScheduler, UniPCMultistepScheduler)
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..models.unet import ConditionalLatentUNet
-from ..models.vae import decode_modalities, downsampling_factor, encode_modalities
+from ..models.gan import MultiModalGenerator
+from ..models.unet import ResidualUNet
+from ..models.vae import Latent, decode_modalities, downsampling_factor, encode_modalities
 from .common import ImageInput, MMDiffPipelineOutput, from_network, prepare_inputs, resolve_dataset_id, to_network
-
-logger = logging.get_logger(__name__)
 
 #: schedulers by the names ``mmdiff synthesize/evaluate --scheduler`` take; any other diffusers scheduler
 #: can be assigned to ``pipe.scheduler`` directly.
 SCHEDULERS = {"dpm++": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler, "ddim": DDIMScheduler,
               "euler": EulerDiscreteScheduler, "ddpm": DDPMScheduler}
+
+#: the training scheduler's config: x0 ("sample") prediction, no clipping (residual latents are not in
+#: [-1, 1]), trailing timesteps so that a few-step sampler starts from the noisiest timestep.
+TRAINING_SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                      "beta_end": 0.012, "prediction_type": "sample", "clip_sample": False,
+                      "timestep_spacing": "trailing"}
 
 
 def use_scheduler(pipe: "MMDiffPipeline", name: str) -> None:
@@ -32,72 +54,240 @@ def use_scheduler(pipe: "MMDiffPipeline", name: str) -> None:
     pipe.scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config)
 
 
-def sample_latents(
-    unet: ConditionalLatentUNet,
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+
+
+def denoise(
+    unet: ResidualUNet,
     scheduler: SchedulerMixin,
-    source_latents: torch.Tensor,
-    sources: torch.Tensor | np.ndarray,
-    targets: torch.Tensor | np.ndarray,
+    condition: torch.Tensor,
+    sources: torch.Tensor,
     dataset_id: torch.Tensor | int,
     num_inference_steps: int,
     generator: torch.Generator | list[torch.Generator] | None = None,
-) -> torch.Tensor:
-    """Sample the target latents given clean source latents (the LDM's reverse process).
+    callback: StepCallback | None = None,
+    interrupted: Callable[[], bool] | None = None,
+    first_only: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One reverse process over the scaled residual latents ``[B, M, C, h, w]`` (zero at sources).
 
-    Noise is drawn and denoised only in the target channels; the sources stay clean conditions.
-
-    Args:
-        source_latents: ``[B, M, C, h, w]`` scaled latents (non-sources are ignored).
-        sources, targets: bool ``[M]`` or ``[B, M]``.
-        dataset_id: an int or ``[B]`` (``-1``: null).
-        num_inference_steps: passed to ``scheduler.set_timesteps`` (this resets the scheduler).
-        generator: one generator, or one per batch item.
+    Noise is drawn in every non-source channel (as in training, where every non-source is noised;
+    the caller keeps the targets it wants). The UNet predicts the clean residual; the scheduler turns
+    it into the next latents. ``callback(step_index, timestep, latents)`` runs after each step and may
+    return replacement latents; once ``interrupted()`` is true the remaining steps are skipped.
 
     Returns:
-        ``[B, M, C, h, w]``: sampled latents in the target channels, zero elsewhere.
+        ``(sample, first_prediction)``: the sample, and the UNet's clean prediction at the first
+        (noisiest) step. At that step the input is almost pure noise (signal-to-noise ratio ~0.005 at
+        t = 999), so an MSE-trained x0 predictor outputs about ``E[residual | conditions]``: the
+        posterior mean, without the sampling variance a mean of K samples keeps (``1/K`` of the MMSE).
+        With ``first_only`` the process stops there and returns that prediction twice (the callback
+        then sees that prediction as step 0).
     """
-    batch, device, dtype = source_latents.shape[0], source_latents.device, source_latents.dtype
-    sources = torch.as_tensor(sources, device=device).bool().expand(batch, -1)
-    target_planes = torch.as_tensor(targets, device=device).bool().expand(batch, -1)[:, :, None, None, None].to(dtype)
+    batch, device, dtype = condition.shape[0], condition.device, condition.dtype
+    noised = (~torch.as_tensor(sources, device=device).bool().expand(batch, -1))[:, :, None, None, None].to(dtype)
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
-
     scheduler.set_timesteps(num_inference_steps, device=device)
-    latents = randn_tensor(source_latents.shape, generator=generator, device=device, dtype=dtype)
-    latents = latents * scheduler.init_noise_sigma * target_planes
-    for t in scheduler.timesteps:
+    latents = randn_tensor(condition.shape, generator=generator, device=device, dtype=dtype)
+    latents = latents * scheduler.init_noise_sigma * noised
+    first = torch.zeros_like(latents)
+    for index, t in enumerate(scheduler.timesteps):
+        if interrupted is not None and interrupted():
+            break
         model_input = scheduler.scale_model_input(latents.flatten(1, 2), t).view_as(latents)
-        prediction = unet(model_input, t.expand(batch), source_latents, sources, dataset_id).sample
+        prediction = unet(model_input, t.expand(batch), condition, sources, dataset_id).sample
+        if index == 0:
+            first = prediction * noised
+            if first_only:  # the one "step" of this path is the prediction itself
+                replaced = callback(index, t, first) if callback is not None else None
+                first = first if replaced is None else replaced
+                return first, first
         latents = scheduler.step(prediction.flatten(1, 2), t, latents.flatten(1, 2), **step_kwargs).prev_sample
-        latents = latents.view_as(source_latents) * target_planes
-    return latents
+        latents = latents.view_as(condition) * noised
+        if callback is not None:
+            replaced = callback(index, t, latents)
+            latents = latents if replaced is None else replaced
+    return latents, first
+
+
+@torch.no_grad()
+def sample_residuals(
+    predictor: MultiModalGenerator,
+    vae: Latent,
+    unet: ResidualUNet,
+    scheduler: SchedulerMixin,
+    images: torch.Tensor,
+    sources: torch.Tensor,
+    dataset_id: torch.Tensor | int,
+    num_samples: int,
+    num_inference_steps: int,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    callback: StepCallback | None = None,
+    interrupted: Callable[[], bool] | None = None,
+    first_only: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The predictor's mean and ``num_samples`` residuals, for a batch of slices (the pipeline's maths).
+
+    Args:
+        images: ``[B, M, H, W]`` in the networks' [-1, 1]; non-sources are ignored.
+        sources: bool ``[M]`` or ``[B, M]``: each row is conditioned on its own sources.
+        dataset_id: an int or ``[B]`` (``-1``: null), for the predictor and the UNet alike.
+        first_only: run only the first denoising step (enough for the posterior-mean point estimate
+            when no sample is wanted); the "residuals" are then those first-step predictions.
+
+    Returns:
+        ``(mu [B, M, H, W], residuals [K, B, M, H, W], expected [B, M, H, W])`` in [-1, 1] units: a
+        sample is ``mu + residual``; ``expected`` is the posterior-mean residual (the mean over the K
+        runs of the UNet's first-step clean prediction, see :func:`denoise`). An untrained
+        (zero-output) UNet gives residuals and ``expected`` that are exactly zero.
+    """
+    batch = images.shape[0]
+    sources = torch.as_tensor(sources, device=images.device).bool().expand(batch, -1)
+    mu = predictor(images.to(predictor.dtype), sources, dataset_id).to(images.dtype)
+    mu_latents = encode_modalities(vae, mu)
+    planes = sources[:, :, None, None, None]
+    condition = torch.where(planes, encode_modalities(vae, images), mu_latents)
+    base = decode_modalities(vae, mu_latents)  # decode(latent(mu)): mu itself, up to the latent's loss
+    scale = float(unet.config.residual_scale)
+
+    def to_image(latents):
+        # residual in image space: decode(latent(mu) + r) - decode(latent(mu)), exactly 0 for r = 0 (and
+        # decode(r) for a linear latent such as the wavelet)
+        residual = decode_modalities(vae, mu_latents + latents.to(mu_latents.dtype) / scale) - base
+        return torch.where(sources[:, :, None, None], torch.zeros_like(residual), residual)
+
+    residuals, firsts = [], []
+    for _ in range(num_samples):
+        latents, first = denoise(unet, scheduler, condition.to(unet.dtype), sources, dataset_id,
+                                 num_inference_steps, generator, callback, interrupted, first_only)
+        residuals.append(to_image(latents))
+        firsts.append(first)
+    return mu, torch.stack(residuals), to_image(torch.stack(firsts).mean(0))
+
+
+#: how the pipeline's image is formed from the K runs (see :func:`point_and_spread`)
+POINT_ESTIMATES = ("posterior_mean", "sample_mean")
+
+
+def point_and_spread(mu: torch.Tensor, residuals: torch.Tensor, expected: torch.Tensor | None = None,
+                     point_estimate: str = "sample_mean") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(point estimate, per-voxel std of the samples or None for one sample)``, in [-1, 1] units.
+
+    ``"sample_mean"``: ``mu`` + the mean of the K residual samples (MSE ``MMSE * (1 + 1/K)`` for a
+    perfect sampler); ``"posterior_mean"``: ``mu + expected``, the UNet's own estimate of the residual's
+    posterior mean (no ``1/K`` term; needs ``expected`` from :func:`sample_residuals`).
+    """
+    if point_estimate not in POINT_ESTIMATES:
+        raise ValueError(f"point_estimate must be one of {', '.join(POINT_ESTIMATES)}, got {point_estimate!r}")
+    if point_estimate == "posterior_mean":
+        if expected is None:
+            raise ValueError("the posterior_mean point estimate needs the expected residual")
+        point = mu + expected
+    else:
+        point = mu + residuals.mean(0)
+    return point, residuals.std(0) if len(residuals) > 1 else None
+
+
+def fit_interval_scale(errors: np.ndarray, spread: np.ndarray, coverage: float) -> float:
+    """The smallest ``s`` with ``|error| <= s * spread`` on a ``coverage`` fraction of the voxels.
+
+    Split-conformal scaling: the ``coverage`` quantile (finite-sample corrected) of the ratio
+    ``|error| / spread`` over calibration voxels (brain voxels of synthesised validation sequences).
+    """
+    if not 0 < coverage < 1:
+        raise ValueError(f"coverage must lie in (0, 1), got {coverage}")
+    ratio = np.abs(np.asarray(errors, np.float64)) / np.maximum(np.asarray(spread, np.float64), 1e-8)
+    if ratio.size == 0:
+        raise ValueError("no voxels to calibrate on")
+    level = min(1.0, math.ceil((ratio.size + 1) * coverage) / ratio.size)
+    return float(np.quantile(ratio, level, method="higher"))
+
+
+@torch.no_grad()
+def calibrate_interval(
+    predictor: MultiModalGenerator,
+    vae: Latent,
+    unet: ResidualUNet,
+    scheduler: SchedulerMixin,
+    slices: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]],
+    num_samples: int,
+    num_inference_steps: int,
+    coverage: float,
+    point_estimate: str = "posterior_mean",
+    generator: torch.Generator | None = None,
+) -> float:
+    """The interval scale (:func:`fit_interval_scale`) over validation slices, sampled as the pipeline samples.
+
+    Each slice is ``(images [M, H, W] in [0, 1], sources [M], targets [M], dataset_id, brain [H, W])``;
+    every brain voxel of every target (with ground truth) is one calibration point.
+    """
+    if num_samples < 2:
+        raise ValueError("calibration needs num_samples >= 2 (a spread)")
+    errors, spreads = [], []
+    device = unet.device
+    for images, sources, targets, dataset_id, brain in slices:
+        images = to_network(images[None].to(device=device, dtype=unet.dtype))
+        mu, residuals, expected = sample_residuals(predictor, vae, unet, scheduler, images, sources[None].to(device),
+                                                   dataset_id, num_samples, num_inference_steps, generator)
+        point, std = point_and_spread(mu, residuals, expected, point_estimate)
+        brain = torch.as_tensor(brain, device=device).bool()
+        for m in torch.as_tensor(targets).nonzero().flatten().tolist():
+            errors.append((point[0, m] - images[0, m])[brain].cpu().numpy())
+            spreads.append(std[0, m][brain].cpu().numpy())
+    return fit_interval_scale(np.concatenate(errors), np.concatenate(spreads), coverage)
+
+
+@dataclass
+class MMDiffSamplesOutput(MMDiffPipelineOutput):
+    """:class:`MMDiffPipelineOutput` plus, with ``return_samples=True``, ``samples``: target -> a list of
+    the ``num_samples`` individual samples, each like ``images[target]``."""
+
+    samples: dict | None = None
 
 
 class MMDiffPipeline(DiffusionPipeline):
-    """Synthesise missing MRI sequences with the dataset-aware conditional latent diffusion model.
+    """Synthesise missing MRI sequences by residual diffusion on a one-step predictor.
 
     Args:
-        vae: the shared single-channel ``AutoencoderKL``.
-        unet: the :class:`~mmdiff.models.ConditionalLatentUNet`.
-        scheduler: any diffusers scheduler. A ``DDPMScheduler`` (the training scheduler, which the
-            training export saves) is replaced here by ``DPMSolverMultistepScheduler`` (DPM-Solver++)
-            with the same config, which is good at ~20 steps; any other scheduler is kept, and so is
-            one assigned later (``pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)``).
+        vae: the latent: :class:`~mmdiff.models.wavelet.HaarWavelet` (default) or an ``AutoencoderKL``.
+        unet: the :class:`~mmdiff.models.unet.ResidualUNet`.
+        scheduler: the sampler, kept as given (a ``DDPMScheduler`` samples with DDPM's many-step noise
+            schedule; the training export saves the sampler the config names). Swap it at call time with
+            :func:`use_scheduler` or ``pipe.scheduler = X.from_config(pipe.scheduler.config)``.
+        predictor: the :class:`~mmdiff.models.MultiModalGenerator` that gives ``mu``.
+        coverage: the fraction of brain voxels ``image +- uncertainty`` is calibrated to cover.
+        interval_scale: the fitted scale (``None``: uncalibrated, the uncertainty is the raw std).
+        calibration_samples: the ``num_samples`` the scale was fitted with.
+        point_estimate: the default image: ``"posterior_mean"`` (``mu`` + the UNet's posterior-mean
+            residual) or ``"sample_mean"`` (``mu`` + the mean of the K sampled residuals); see
+            :func:`point_and_spread`. The scale is fitted for this choice.
     """
 
     engine = "ldm"
-    model_cpu_offload_seq = "vae->unet"
+    model_cpu_offload_seq = "predictor->vae->unet"
+    _callback_tensor_inputs = ["latents"]
 
-    def __init__(self, vae: AutoencoderKL, unet: ConditionalLatentUNet, scheduler: SchedulerMixin):
+    def __init__(self, vae: Latent, unet: ResidualUNet, scheduler: SchedulerMixin, predictor: MultiModalGenerator,
+                 coverage: float = 0.9, interval_scale: float | None = None, calibration_samples: int | None = None,
+                 point_estimate: str = "posterior_mean"):
         super().__init__()
-        if type(scheduler) is DDPMScheduler:
-            logger.info("DDPMScheduler replaced by DPMSolverMultistepScheduler for few-step sampling")
-            scheduler = DPMSolverMultistepScheduler.from_config(scheduler.config)
-        self.register_modules(vae=vae, unet=unet, scheduler=scheduler)
+        if point_estimate not in POINT_ESTIMATES:
+            raise ValueError(f"point_estimate must be one of {', '.join(POINT_ESTIMATES)}, got {point_estimate!r}")
+        self.register_modules(vae=vae, unet=unet, scheduler=scheduler, predictor=predictor)
+        self.register_to_config(coverage=coverage, interval_scale=interval_scale,
+                                calibration_samples=calibration_samples, point_estimate=point_estimate)
+        self._interrupt = False
+
+    @property
+    def interrupt(self) -> bool:
+        """Set by a ``callback_on_step_end`` (``pipe._interrupt = True``) to stop sampling early."""
+        return self._interrupt
 
     @property
     def downsampling(self) -> int:
-        """How much the VAE and the UNet together shrink a slice side."""
-        return downsampling_factor(self.vae) * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        """Slice sides must be multiples of this (the latent and UNet together, and the predictor)."""
+        diffusion = downsampling_factor(self.vae) * self.unet.downsampling
+        return math.lcm(diffusion, 2 ** (len(self.predictor.config.block_out_channels) - 1))
 
     @property
     def modalities(self) -> list[str]:
@@ -110,15 +300,19 @@ class MMDiffPipeline(DiffusionPipeline):
         images: Mapping[str, ImageInput],
         dataset: str | None = None,
         targets: str | Sequence[str] | None = None,
-        num_inference_steps: int = 20,
+        num_inference_steps: int = 10,
         generator: torch.Generator | list[torch.Generator] | None = None,
-        num_samples: int = 1,
+        num_samples: int = 4,
         output_type: str = "np",
         brain_mask: ImageInput | None = None,
         batch_size: int = 8,
         affine: np.ndarray | None = None,
         return_dict: bool = True,
-    ) -> MMDiffPipelineOutput | tuple:
+        return_samples: bool = False,
+        point_estimate: str | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+    ) -> MMDiffSamplesOutput | tuple:
         """Synthesise ``targets`` from ``images``.
 
         Args:
@@ -127,16 +321,27 @@ class MMDiffPipeline(DiffusionPipeline):
             dataset: the site's dataset name, one of ``unet.config.dataset_names``; ``None`` or an
                 unknown name (warns) use the null dataset.
             targets: modalities to synthesise; default: every modality of the model not given.
-            num_inference_steps: denoising steps.
+            num_inference_steps: denoising steps per sample (8-20 is the designed range).
             generator: a generator, or a list with one per axial slice (the same slice then gets the
                 same noise whatever ``batch_size``); makes the output reproducible.
-            num_samples: samples per slice; the output is their mean, and with more than one
-                ``uncertainty`` holds their per-voxel standard deviation.
+            num_samples: residual samples per slice (K). With K > 1, ``uncertainty`` holds their
+                per-voxel std times the calibrated ``interval_scale``. With K = 1, the posterior-mean
+                point estimate and no ``return_samples``, only the first denoising step runs (the
+                point estimate needs no sample): one predictor pass plus one UNet pass per slice.
             output_type: ``"np"``, ``"pt"`` or ``"nifti"`` (NIfTI inputs, or 3D arrays with ``affine``).
             brain_mask: like the inputs; default: derived from them.
             batch_size: slices per network call.
             affine: voxel-to-world matrix of array inputs, for ``output_type="nifti"``.
-            return_dict: return :class:`MMDiffPipelineOutput`, else ``(images, uncertainty, mask)``.
+            return_dict: return :class:`MMDiffSamplesOutput`, else ``(images, uncertainty, mask)``
+                (and ``samples`` last with ``return_samples``).
+            return_samples: also return the K individual samples per target.
+            point_estimate: ``"posterior_mean"`` or ``"sample_mean"`` (see :func:`point_and_spread`);
+                default: the pipeline config's.
+            callback_on_step_end: ``callback(pipe, step_index, timestep, callback_kwargs) -> dict``
+                after each denoising step (diffusers' convention); ``callback_kwargs["latents"]`` is the
+                current batch's scaled residual latents, and a returned ``"latents"`` replaces them. Set
+                ``pipe._interrupt = True`` in it to stop: the remaining steps and slices are skipped
+                (slices not run come back as 0).
 
         Returns:
             Synthetic images in the model's normalised [0, 1] scale, zero outside the brain, on the
@@ -144,29 +349,54 @@ class MMDiffPipeline(DiffusionPipeline):
         """
         if num_samples < 1:
             raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs {sorted(unknown)} are not in "
+                             f"{self._callback_tensor_inputs}")
+        self._interrupt = False
         case = prepare_inputs(images, self.unet.config.modalities, targets, brain_mask, self.downsampling,
                               output_type, affine)
         dataset_id = resolve_dataset_id(dataset, self.unet.config.dataset_names)
         device = self._execution_device
-        source_index = np.flatnonzero(case.source_mask).tolist()
         target_index = np.flatnonzero(case.target_mask).tolist()
-        mean, std = case.canvas(), case.canvas() if num_samples > 1 else None
+        point = case.canvas()
+        spread = case.canvas() if num_samples > 1 else None
+        samples = [case.canvas() for _ in range(num_samples)] if return_samples else None
+        scale = self.config.interval_scale if self.config.interval_scale is not None else 1.0
+        point_estimate = point_estimate or self.config.point_estimate
+        first_only = num_samples == 1 and point_estimate == "posterior_mean" and not return_samples
 
-        with self.progress_bar(total=case.num_batches(batch_size) * num_samples) as progress_bar:
+        callback = None
+        if callback_on_step_end is not None:
+            def callback(index, t, latents):
+                kwargs = {"latents": latents} if "latents" in callback_on_step_end_tensor_inputs else {}
+                return callback_on_step_end(self, index, t, kwargs).get("latents")
+
+        with self.progress_bar(total=case.num_batches(batch_size)) as progress_bar:
             for index, batch, batch_generator in case.batches(batch_size, generator):
-                batch = batch.to(device=device, dtype=self.vae.dtype)
-                encoded = encode_modalities(self.vae, to_network(batch[:, source_index]))
-                source_latents = encoded.new_zeros(batch.shape[:2] + encoded.shape[2:])
-                source_latents[:, source_index] = encoded
-                samples = []
-                for _ in range(num_samples):
-                    latents = sample_latents(self.unet, self.scheduler, source_latents, case.source_mask,
-                                             case.target_mask, dataset_id, num_inference_steps, batch_generator)
-                    samples.append(from_network(decode_modalities(self.vae, latents[:, target_index])))
-                    progress_bar.update()
-                samples = torch.stack(samples)
-                case.put(mean, index, samples.mean(0))
-                if std is not None:
-                    case.put(std, index, samples.std(0))
+                if self.interrupt:
+                    break
+                batch = to_network(batch.to(device=device, dtype=self.unet.dtype))
+                mu, residuals, expected = sample_residuals(
+                    self.predictor, self.vae, self.unet, self.scheduler, batch,
+                    torch.as_tensor(case.source_mask, device=device), dataset_id, num_samples, num_inference_steps,
+                    batch_generator, callback, lambda: self.interrupt, first_only)
+                mean, std = point_and_spread(mu, residuals, expected, point_estimate)
+                case.put(point, index, from_network(mean[:, target_index]))
+                if spread is not None:
+                    case.put(spread, index, std[:, target_index] * (scale / 2))  # [-1, 1] -> [0, 1] units
+                for k, canvas in enumerate(samples or []):
+                    case.put(canvas, index, from_network((mu + residuals[k])[:, target_index]))
+                progress_bar.update()
         self.maybe_free_model_hooks()
-        return case.output(mean, std, return_dict)
+        output = case.output(point, spread, return_dict=True)
+        per_sample = None
+        if samples is not None:
+            per_sample = {name: [] for name in output.images}
+            for canvas in samples:
+                for name, image in case.output(canvas, None, return_dict=True).images.items():
+                    per_sample[name].append(image)
+        if not return_dict:
+            return (output.images, output.uncertainty, output.mask) + ((per_sample,) if return_samples else ())
+        return MMDiffSamplesOutput(images=output.images, uncertainty=output.uncertainty, mask=output.mask,
+                                   samples=per_sample)

@@ -9,18 +9,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDPMScheduler
 from monai.networks.nets import PatchDiscriminator
 
 from ..data.conditions import SynthesisConditionSampler, loss_weights
-from ..losses import (discriminator_loss, generator_loss, latent_diffusion_loss, lesion_pixel_weight, lsgan_loss,
-                      vae_adversarial_loss, vae_loss)
-from ..models import (ConditionalLatentUNet, ModalityDiscriminators, MultiModalGenerator, build_vae,
-                      decode_modalities, drop_dataset_id, encode_modalities, measure_scaling_factor)
-from ..models.vae import downsampling_factor
+from ..losses import discriminator_loss, generator_loss, lesion_pixel_weight, lsgan_loss, vae_adversarial_loss, vae_loss
+from ..models import (HaarWavelet, ModalityDiscriminators, MultiModalGenerator, ResidualUNet, build_vae,
+                      diffusion_loss, drop_dataset_id, encode_modalities, latent_channels, measure_scaling_factor)
 from ..pipelines import MMDiffPipeline, MMGANPipeline
 from ..pipelines.common import from_network, to_network
-from ..pipelines.ldm import sample_latents
+from ..pipelines.ldm import SCHEDULERS, TRAINING_SCHEDULER, calibrate_interval, point_and_spread, sample_residuals
+from .config import ConfigError
 
 
 def adam(params, train_cfg: dict) -> torch.optim.Optimizer:
@@ -115,7 +114,7 @@ class VAEStage(Stage):
         adversarial_on = step >= start
         with accelerator.accumulate(vae, disc):
             recon, posterior = vae(x)
-            terms = vae_loss(recon, x, posterior, kl_weight=float(self.loss_cfg.get("kl_weight", 1e-6)),
+            terms = vae_loss(recon, x, posterior, kl_weight=float(self.loss_cfg.get("kl_weight", 1e-8)),
                              ssim_weight=float(self.loss_cfg.get("ssim_weight", 0.5)))
             loss = terms["loss"]
             if adversarial_on:
@@ -169,53 +168,83 @@ def load_vae(path: str | Path, device) -> torch.nn.Module:
     return vae
 
 
+def load_predictor(path: str | Path, device) -> MultiModalGenerator:
+    """The one-step predictor from a pipeline folder (its ``generator/``) or a generator folder, frozen."""
+    path = Path(path)
+    folder = path / "generator" if (path / "model_index.json").exists() else path
+    if not (folder / "config.json").exists():
+        raise ConfigError(f"model.predictor.path {path} is neither a pipeline folder nor a generator folder")
+    return MultiModalGenerator.from_pretrained(folder).to(device).eval().requires_grad_(False)
+
+
 class LDMStage(Stage):
-    """The conditional latent diffusion UNet on the frozen VAE's latents, selective supervision."""
+    """Residual diffusion on a frozen one-step predictor, in a frozen latent (the Haar wavelet by default).
+
+    The UNet learns ``latent(y) - latent(mu)`` for the synthesised sequences with ground truth
+    (selective supervision, :func:`~mmdiff.models.unet.diffusion_loss`); validation and calibration
+    sample through :func:`~mmdiff.pipelines.ldm.sample_residuals`, the pipeline's own maths, each row
+    conditioned on its own sources. The export fits the uncertainty's interval scale on the validation
+    slices with the exported (EMA) weights and stores it in the pipeline config.
+    """
 
     main = "unet"
 
-    def __init__(self, config, dataset_names, modalities, device, vae_path: Path):
+    def __init__(self, config, dataset_names, modalities, device, predictor_path: Path, vae_path: Path | None = None,
+                 validation: list[dict] | None = None):
         super().__init__(config, dataset_names, modalities, device)
         model_cfg = dict(config["model"])
-        scheduler_cfg = model_cfg.pop("scheduler", {})
+        model_cfg.pop("predictor", None)
+        latent_cfg = dict(model_cfg.pop("latent", None) or {"type": "wavelet", "levels": 2})
+        self.sampler_name = model_cfg.pop("sampler", "dpm++")
         self.sampling_steps = int(model_cfg.pop("validation_steps", 10))
-        model_cfg.pop("vae", None)
-        self.vae = load_vae(vae_path, device)
-        self.factor = downsampling_factor(self.vae)
-        self.scheduler = DDPMScheduler(**{"num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
-                                          "beta_start": 0.00085, "beta_end": 0.012,
-                                          "prediction_type": "epsilon", **scheduler_cfg})
-        self.models = {"unet": ConditionalLatentUNet(modalities=modalities, num_datasets=len(dataset_names),
-                                                      dataset_names=dataset_names,
-                                                      latent_channels=self.vae.config.latent_channels, **model_cfg)}
+        self.validation_count = int(model_cfg.pop("validation_samples", 2))
+        self.point_estimate = model_cfg.pop("point_estimate", "posterior_mean")
+        calibration = dict(model_cfg.pop("calibration", None) or {})
+        self.coverage = float(calibration.get("coverage", 0.9))
+        self.calibration_count = int(calibration.get("samples", 4))
+        self.calibration_slices = validation or []
+        self.scheduler = DDPMScheduler(**{**TRAINING_SCHEDULER, **model_cfg.pop("scheduler", {})})
+        self.sampler = SCHEDULERS[self.sampler_name].from_config(self.scheduler.config)
+
+        self.predictor = load_predictor(predictor_path, device)
+        predictor_names = list(self.predictor.config.dataset_names or [])
+        unknown = [name for name in dataset_names if name not in predictor_names]
+        if unknown:
+            raise ConfigError(f"the predictor does not know the datasets {unknown} (it knows {predictor_names})")
+        if list(self.predictor.config.modalities) != list(modalities):
+            raise ConfigError(f"the predictor's modalities {self.predictor.config.modalities} differ from the "
+                              f"data's {modalities}")
+        # training ids -> the predictor's ids, which the UNet and the pipeline share; -1 (null) stays -1
+        self.id_map = torch.tensor([predictor_names.index(name) for name in dataset_names] + [-1], device=device)
+        if latent_cfg.get("type", "wavelet") == "wavelet":
+            self.vae = HaarWavelet(levels=int(latent_cfg.get("levels", 2))).to(device)
+        elif latent_cfg["type"] == "vae":
+            self.vae = load_vae(vae_path, device)
+        else:
+            raise ConfigError(f"model.latent.type must be wavelet or vae, got {latent_cfg['type']!r}")
+        self.models = {"unet": ResidualUNet(modalities=modalities, num_datasets=len(predictor_names),
+                                            dataset_names=predictor_names, latent_channels=latent_channels(self.vae),
+                                            **model_cfg)}
         self.optimizers = {"unet": adam(self.models["unet"].parameters(), self.train_cfg)}
 
-    @torch.no_grad()
-    def _latents(self, images, available):
-        """Latents ``[B, M, C, h, w]`` of the available sequences (zero where missing); one VAE pass."""
-        mask = available[0]  # MCBS batches share one availability mask
-        present = encode_modalities(self.vae, to_network(images[:, mask]))
-        latents = present.new_zeros(images.shape[0], images.shape[1], *present.shape[2:])
-        latents[:, mask] = present
-        return latents
+    def _predictor_ids(self, dataset_id) -> torch.Tensor:
+        return self.id_map[torch.as_tensor(dataset_id, device=self.id_map.device).long()]
 
     def training_step(self, batch, accelerator, step):
         unet = self.models["unet"]
+        x = to_network(batch["images"])
         available = batch["available"]
-        latents = self._latents(batch["images"], available)
         sources, _ = self.conditions.batch(available.cpu())
-        sources = sources.to(latents.device)
-        targets, _ = loss_weights(available, sources)  # (1 - sc) * m: the sequences to synthesize
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
-        noisy = self.scheduler.add_noise(latents, noise, t) * targets[:, :, None, None, None]
-        if self.scheduler.config.prediction_type == "v_prediction":
-            objective = self.scheduler.get_velocity(latents, noise, t)
-        else:
-            objective = noise
+        sources = sources.to(x.device)
+        weight, _ = loss_weights(available, sources)  # (1 - sc) * m: synthesised, with ground truth
+        dataset_id = self._predictor_ids(self._dataset_ids(batch))
+        with torch.no_grad():
+            mu = self.predictor(x, sources, dataset_id)
+            mu_latents = encode_modalities(self.vae, mu)
+            latents = encode_modalities(self.vae, x)
+            condition = torch.where(sources[:, :, None, None, None], latents, mu_latents)
         with accelerator.accumulate(unet):
-            pred = unet(noisy, t, latents, sources.float(), self._dataset_ids(batch)).sample
-            loss = latent_diffusion_loss(pred, objective, targets)
+            loss = diffusion_loss(unet, self.scheduler, latents - mu_latents, condition, sources, weight, dataset_id)
             accelerator.backward(loss)
             if accelerator.sync_gradients and self.train_cfg.get("grad_clip"):
                 accelerator.clip_grad_norm_(unet.parameters(), float(self.train_cfg["grad_clip"]))
@@ -225,14 +254,40 @@ class LDMStage(Stage):
 
     @torch.no_grad()
     def predict(self, images, sources, targets, dataset_id, generator=None):
-        source_latents = self._latents(images, sources)
-        sampled = sample_latents(self.models["unet"], DPMSolverMultistepScheduler.from_config(self.scheduler.config),
-                                 source_latents, sources, targets, dataset_id, self.sampling_steps, generator)
-        latents = torch.where(targets[:, :, None, None, None], sampled, source_latents)
-        return from_network(decode_modalities(self.vae, latents))
+        """The pipeline's point estimate (``model.point_estimate`` over ``model.validation_samples`` runs)."""
+        mu, residuals, expected = sample_residuals(
+            self.predictor, self.vae, accelerator_free(self.models["unet"]), self.sampler, to_network(images), sources,
+            self._predictor_ids(dataset_id), self.validation_count, self.sampling_steps, generator)
+        return from_network(point_and_spread(mu, residuals, expected, self.point_estimate)[0])
+
+    def calibrate(self, unet) -> float | None:
+        """The interval scale fitted on the validation slices (all-but-one conditions), or None without any."""
+        from .trainer import validation_condition
+
+        if not self.calibration_slices or self.calibration_count < 2:
+            return None
+        slices = []
+        for i, sample in enumerate(self.calibration_slices):
+            sources, targets = validation_condition(sample["available"], i, reconstruct=False)
+            slices.append((sample["images"], sources, targets, int(self._predictor_ids(sample["dataset_id"])),
+                           sample["brain_mask"]))
+        unet.eval()
+        return calibrate_interval(self.predictor, self.vae, unet, self.sampler, slices, self.calibration_count,
+                                  self.sampling_steps, self.coverage, self.point_estimate,
+                                  torch.Generator(device="cpu").manual_seed(1))
 
     def export(self, models, out):
-        MMDiffPipeline(vae=self.vae, unet=models["unet"], scheduler=self.scheduler).save_pretrained(out)
+        unet = models["unet"]
+        scale = self.calibrate(unet)
+        MMDiffPipeline(vae=self.vae, unet=unet, scheduler=self.sampler, predictor=self.predictor,
+                       coverage=self.coverage, interval_scale=scale,
+                       calibration_samples=self.calibration_count if scale is not None else None,
+                       point_estimate=self.point_estimate).save_pretrained(out)
+
+
+def accelerator_free(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP wrapper (its config is needed for sampling); the model itself otherwise."""
+    return getattr(model, "module", model)
 
 
 class GANStage(Stage):

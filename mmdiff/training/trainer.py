@@ -34,7 +34,7 @@ from ..viz import montage
 from .checkpoint import (CheckpointError, clean_temporaries, load_checkpoint, resume_candidates, rng_state,
                          save_checkpoint, set_rng_state)
 from .config import ConfigError, load_config
-from .data import ensure_cache, training_dataset, training_loader, validation_samples
+from .data import REPO_ROOT, ensure_cache, training_dataset, training_loader, validation_samples
 from .stages import STAGES, Stage
 
 logger = logging.getLogger(__name__)
@@ -67,18 +67,33 @@ def _flat(config: dict, prefix: str = "") -> dict:
     return out
 
 
-def _vae_for_ldm(config: dict, output_dir: Path) -> Path:
-    """The VAE an LDM config names, or (with ``model.vae.path: null``) one trained first in this run."""
-    vae_cfg = config["model"].get("vae") or {}
-    if vae_cfg.get("path"):
-        return Path(vae_cfg["path"])
-    sub_dir = output_dir / "vae-stage"
-    final = sub_dir / "final" / "vae"
+def _trained_first(config: dict, output_dir: Path, section: dict, name: str, component: str) -> Path:
+    """``section["path"]``, or (with ``path: null``) the ``component`` of a run of ``section["config"]``
+    trained first inside this run's folder, on this run's data (resumed if it was interrupted)."""
+    if section.get("path"):
+        path = Path(section["path"]).expanduser()
+        return path if path.is_absolute() or path.exists() else REPO_ROOT / path  # relative: to the repository
+    sub_dir = output_dir / f"{name}-stage"
+    final = sub_dir / "final" / component
     if not (final / "config.json").exists():
-        sub_config = load_config(vae_cfg.get("config", "vae-tiny"))
+        sub_config = load_config(section["config"])
         sub_config["data"] = config["data"]
-        train(sub_config, sub_dir, max_steps=vae_cfg.get("max_steps"), resume="latest")
+        train(sub_config, sub_dir, max_steps=section.get("max_steps"), resume="latest")
     return final
+
+
+def _ldm_components(config: dict, output_dir: Path) -> dict:
+    """The LDM stage's frozen parts: its predictor (``model.predictor``: a pipeline or generator folder,
+    or a GAN config trained first) and, for ``model.latent.type: vae``, its VAE (likewise)."""
+    model = config["model"]
+    predictor = model.get("predictor") or {}
+    if not predictor.get("path") and not predictor.get("config"):
+        raise ConfigError("model.predictor needs a path (pipeline or generator folder) or a config to train first")
+    parts = {"predictor_path": _trained_first(config, output_dir, predictor, "predictor", "generator")}
+    latent = model.get("latent") or {}
+    if latent.get("type") == "vae":
+        parts["vae_path"] = _trained_first(config, output_dir, latent, "vae", "vae")
+    return parts
 
 
 def train(config: dict, output_dir: str | Path, max_steps: int | None = None, resume: str | None = None,
@@ -119,7 +134,7 @@ def train(config: dict, output_dir: str | Path, max_steps: int | None = None, re
                                      int(val_cfg.get("cases_per_dataset", 1)), context_slices)
 
     stage_cls = STAGES[config["stage"]]
-    extra = {"vae_path": _vae_for_ldm(config, output_dir)} if config["stage"] == "ldm" else {}
+    extra = _ldm_components(config, output_dir) | {"validation": val_samples} if config["stage"] == "ldm" else {}
     stage: Stage = stage_cls(config, dataset.dataset_names, dataset.modalities, accelerator.device, **extra)
     stage.preprocessor = cache_preprocessor(cache)  # exported with the model: it is fed as it was trained
     names = list(stage.models)

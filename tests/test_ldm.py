@@ -1,0 +1,233 @@
+"""The residual diffusion engine: wavelet latent, zero-initialised residual UNet, sampling maths,
+calibration, per-row conditioning in validation, callbacks."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from test_pipelines import DATASETS, brain_slice, inputs, tiny_gan, tiny_ldm
+
+from mmdiff.models import HaarWavelet
+from mmdiff.pipelines import MMDiffPipeline
+from mmdiff.pipelines.ldm import TRAINING_SCHEDULER, fit_interval_scale, point_and_spread, sample_residuals
+from mmdiff.training import load_config
+from mmdiff.training.stages import LDMStage
+
+
+def square_volume(slices: int = 3) -> np.ndarray:
+    """Slices whose sides (32 x 28) are multiples of every tiny network's downsampling: no padding,
+    so the GAN pipeline and the diffusion pipeline see identical canvases."""
+    return np.stack([brain_slice((32, 28), shift=k) for k in range(slices)], axis=-1)
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+def test_wavelet_round_trip_is_exact_and_orthonormal(tmp_path, levels):
+    wavelet = HaarWavelet(levels=levels)
+    images = torch.rand(2, 6, 32, 24, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    latents = wavelet.encode(images)
+    assert latents.shape == (2, 6, 4 ** levels, 32 // 2 ** levels, 24 // 2 ** levels)
+    torch.testing.assert_close(wavelet.decode(latents), images, rtol=0, atol=1e-6)
+    torch.testing.assert_close(latents.square().sum(), images.square().sum())  # orthonormal: energy kept
+    # the LL band is the (scaled) local mean: a constant image has nothing in the detail bands
+    flat = wavelet.encode(torch.full((1, 8, 8), 0.5))
+    assert torch.all(flat[:, 1:] == 0) and torch.allclose(flat[:, 0], torch.full_like(flat[:, 0], 0.5 * 2 ** levels))
+    wavelet.save_pretrained(tmp_path)
+    loaded = HaarWavelet.from_pretrained(tmp_path)
+    assert loaded.config.levels == levels
+    torch.testing.assert_close(loaded.encode(images), latents, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not divisible"):
+        wavelet.encode(torch.zeros(1, 30, 31))
+    with pytest.raises(ValueError, match="levels must be 1 or 2"):
+        HaarWavelet(levels=3)
+
+
+def test_untrained_residual_unet_returns_mu_exactly():
+    """A fresh UNet (zero-initialised output) adds nothing: every sample, the point estimate and the
+    GAN pipeline over the same predictor agree bit for bit, and the spread is zero."""
+    pipe, gan = tiny_ldm(trained=False), tiny_gan()
+    assert torch.count_nonzero(pipe.unet.conv_out.weight) == 0
+    volume = square_volume()
+    out = pipe(inputs(volume), dataset="brats", num_inference_steps=5, num_samples=3, return_samples=True,
+               generator=torch.Generator().manual_seed(0))
+    reference = gan(inputs(volume), dataset="brats")
+    for name, image in reference.images.items():
+        np.testing.assert_array_equal(out.images[name], image)
+        assert np.all(out.uncertainty[name] == 0)
+        for sample in out.samples[name]:
+            np.testing.assert_array_equal(sample, image)
+    trained = tiny_ldm(trained=True)(inputs(volume), dataset="brats", num_inference_steps=5, num_samples=1,
+                                     generator=torch.Generator().manual_seed(0))
+    assert not np.array_equal(trained.images["t2"], reference.images["t2"])  # the residual does reach the output
+
+
+class GaussianOracle(torch.nn.Module):
+    """The exact clean-sample denoiser when every scaled residual latent is N(mean, std^2) independently:
+    E[x0 | x_t] = mean + sqrt(a) std^2 / (a std^2 + 1 - a) * (x_t - sqrt(a) mean), a = alphas_cumprod[t]."""
+
+    def __init__(self, scheduler, mean: torch.Tensor, std: float, residual_scale: float):
+        super().__init__()
+        self.alphas = scheduler.alphas_cumprod
+        self.mean, self.std = mean, std
+        self.config = SimpleNamespace(residual_scale=residual_scale)
+        self.dtype = torch.float32
+
+    def forward(self, noisy, t, condition, sources, dataset_id):
+        a = self.alphas[t.long()].reshape(-1, 1, 1, 1, 1).to(noisy.dtype)
+        gain = a.sqrt() * self.std**2 / (a * self.std**2 + 1 - a)
+        return SimpleNamespace(sample=self.mean + gain * (noisy - a.sqrt() * self.mean))
+
+
+def test_sample_mean_converges_to_mu_plus_expected_residual():
+    """With an exact denoiser for a known residual distribution, the pipeline's maths (``sample_residuals``)
+    gives samples whose mean tends to mu + E[residual] (error ~ 1/sqrt(K)) and whose spread is the
+    residual's std (at 30 steps; few-step deterministic samplers shrink the spread, about 18% at 10
+    DPM-Solver++ steps here, which the calibrated interval scale absorbs)."""
+    torch.manual_seed(0)
+    predictor, wavelet = tiny_gan().generator, HaarWavelet(levels=1)
+    scheduler = DPMSolverMultistepScheduler.from_config(TRAINING_SCHEDULER)
+    images = torch.rand(2, 6, 16, 16) * 2 - 1
+    sources = torch.tensor([True, False, False, True, False, False])
+    expected = torch.sin(torch.arange(16.0))[None, None, None] * 0.2 * torch.ones(2, 6, 16, 16)  # E[residual]
+    scale, std = 2.0, 0.5  # scaled latents ~ N(scale * latent(expected), std^2)
+    oracle = GaussianOracle(scheduler, wavelet.encode(expected) * scale, std, scale)
+    errors, posterior_errors, target = {}, {}, ~sources
+    for k in (4, 64):
+        mu, residuals, posterior = sample_residuals(predictor, wavelet, oracle, scheduler, images, sources, 0, k, 30,
+                                                    torch.Generator().manual_seed(k))
+        point, spread = point_and_spread(mu, residuals, posterior, "sample_mean")
+        assert torch.all(residuals[:, :, sources] == 0)  # sources are not resampled
+        errors[k] = (point - mu - expected)[:, target].square().mean().sqrt().item()
+        posterior_point, _ = point_and_spread(mu, residuals, posterior, "posterior_mean")
+        posterior_errors[k] = (posterior_point - mu - expected)[:, target].square().mean().sqrt().item()
+    assert spread[:, target].mean().item() == pytest.approx(std / scale, rel=0.15)  # K = 64
+    expected_rms = std / scale / np.sqrt(64)
+    assert errors[64] == pytest.approx(expected_rms, rel=0.3)
+    assert errors[64] < errors[4] / 2.5  # 1 / sqrt(K): 4x fewer samples, 2x the error
+    # the first-step clean prediction estimates E[residual] almost without sampling noise: at K = 4 it
+    # beats the mean of 64 samples
+    assert posterior_errors[4] < errors[64] / 2
+    with pytest.raises(ValueError, match="point_estimate"):
+        point_and_spread(mu, residuals, posterior, "median")
+
+
+def test_interval_scale_calibrates_coverage():
+    rng = np.random.default_rng(0)
+    spread = rng.uniform(0.5, 2.0, 20000)
+    errors = rng.normal(0, 1.7 * spread)  # the raw spread underestimates the error 1.7 times
+    scale = fit_interval_scale(errors, spread, 0.9)
+    assert scale == pytest.approx(1.7 * 1.645, rel=0.05)
+    fresh_spread = rng.uniform(0.5, 2.0, 20000)
+    fresh = rng.normal(0, 1.7 * fresh_spread)
+    assert np.mean(np.abs(fresh) <= scale * fresh_spread) == pytest.approx(0.9, abs=0.01)
+    with pytest.raises(ValueError, match="coverage"):
+        fit_interval_scale(errors, spread, 1.0)
+
+
+def test_pipeline_uncertainty_uses_the_calibrated_scale(tmp_path):
+    pipe = tiny_ldm()
+    volume = square_volume(2)
+    kwargs = dict(dataset="brats", num_inference_steps=3, num_samples=3)
+    raw = pipe(inputs(volume), generator=torch.Generator().manual_seed(0), **kwargs)
+    pipe.register_to_config(interval_scale=2.5)
+    pipe.save_pretrained(tmp_path)
+    loaded = MMDiffPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.config.interval_scale == 2.5 and loaded.config.coverage == 0.9
+    calibrated = loaded(inputs(volume), generator=torch.Generator().manual_seed(0), **kwargs)
+    for name in raw.images:
+        np.testing.assert_array_equal(calibrated.images[name], raw.images[name])
+        np.testing.assert_allclose(calibrated.uncertainty[name], 2.5 * raw.uncertainty[name], rtol=1e-6, atol=1e-7)
+        assert raw.uncertainty[name][raw.mask].mean() > 0
+
+
+def test_individual_samples_on_request():
+    pipe = tiny_ldm()
+    volume = square_volume(2)
+    images, uncertainty, mask, samples = pipe(inputs(volume), dataset="brats", num_inference_steps=3, num_samples=3,
+                                              generator=torch.Generator().manual_seed(0), return_dict=False,
+                                              return_samples=True, point_estimate="sample_mean")
+    assert list(samples) == list(images) and all(len(v) == 3 for v in samples.values())
+    for name, draws in samples.items():
+        stack = np.stack(draws)
+        assert stack.shape == (3,) + volume.shape and not np.array_equal(stack[0], stack[1])
+        inside = (stack > 0).all(0) & (stack < 1).all(0)  # away from the [0, 1] clamp the mean is the point
+        np.testing.assert_allclose(stack.mean(0)[inside], images[name][inside], atol=1e-5)
+
+
+def test_validation_conditions_each_row_on_its_own_sources(tmp_path):
+    """A validation batch whose rows have different sources gives each row what it gives alone
+    (the old stage encoded every row with the first row's sources)."""
+    tiny_gan().generator.save_pretrained(tmp_path / "generator")
+    config = load_config("ldm-tiny", ["model.validation_samples=2"])
+    modalities = ["t1", "t2", "t1c", "flair", "dwi", "adc"]
+    stage = LDMStage(config, DATASETS, modalities, "cpu", predictor_path=tmp_path / "generator")
+    stage.models["unet"] = tiny_ldm().unet  # non-zero residuals
+    images = torch.rand(2, 6, 32, 28, generator=torch.Generator().manual_seed(0))
+    sources = torch.tensor([[True, False, False, True, False, False], [False, True, True, False, False, False]])
+    targets = torch.tensor([[False, True, False, False, False, False], [True, False, False, False, False, False]])
+    dataset_id = torch.tensor([0, 1])
+    seeds = lambda rows: [torch.Generator().manual_seed(10 + r) for r in rows]  # noqa: E731
+    batched = stage.predict(images, sources, targets, dataset_id, generator=seeds([0, 1]))
+    for row in range(2):
+        alone = stage.predict(images[row:row + 1], sources[row:row + 1], targets[row:row + 1], dataset_id[row:row + 1],
+                              generator=seeds([row]))
+        torch.testing.assert_close(batched[row], alone[0], rtol=0, atol=1e-5)
+    swapped = stage.predict(images, sources[[0, 0]], targets, dataset_id, generator=seeds([0, 1]))
+    assert (swapped[1] - batched[1]).abs().max() > 1e-3  # the sources really change row 1
+
+
+def test_callback_on_step_end_and_interrupt():
+    pipe = tiny_ldm()
+    volume = square_volume(3)
+    seen = []
+
+    def stop_after_two(pipeline, step, timestep, kwargs):
+        seen.append((step, int(timestep), tuple(kwargs["latents"].shape)))
+        if len(seen) == 2:
+            pipeline._interrupt = True
+        return {"latents": kwargs["latents"]}
+
+    out = pipe(inputs(volume), num_inference_steps=5, num_samples=2, batch_size=1,
+               generator=torch.Generator().manual_seed(0), callback_on_step_end=stop_after_two)
+    assert [s[0] for s in seen] == [0, 1]  # stopped mid-way through the first slice's sampling
+    assert seen[0][2] == (1, 6, 4, 16, 14)  # the scaled residual latents of one slice
+    assert all(np.all(image[..., 1:] == 0) for image in out.images.values())  # later slices not run
+    assert pipe.interrupt  # left set for the caller to see that the call was interrupted
+    full = pipe(inputs(volume), num_inference_steps=5, num_samples=2, generator=torch.Generator().manual_seed(0))
+    assert not pipe.interrupt and all(image[..., 1:].any() for image in full.images.values())  # reset per call
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        pipe(inputs(volume), callback_on_step_end=stop_after_two, callback_on_step_end_tensor_inputs=["noise"])
+
+
+def test_scheduler_given_to_from_pretrained_is_kept(tmp_path):
+    tiny_ldm().save_pretrained(tmp_path)
+    ddim = DDIMScheduler.from_config(TRAINING_SCHEDULER)
+    pipe = MMDiffPipeline.from_pretrained(tmp_path, scheduler=ddim)
+    assert pipe.scheduler is ddim
+    assert type(MMDiffPipeline.from_pretrained(tmp_path).scheduler) is DPMSolverMultistepScheduler
+
+
+def test_single_posterior_mean_runs_one_unet_step():
+    """K = 1 with the posterior-mean point estimate needs only the first denoising step: the same image
+    as a full run, at one UNet pass per batch instead of one per step."""
+    pipe = tiny_ldm()
+    calls = []
+    pipe.unet.register_forward_hook(lambda module, args, output: calls.append(1))
+    volume = square_volume(2)
+    kwargs = dict(dataset="brats", num_inference_steps=5, num_samples=1, generator=torch.Generator().manual_seed(0))
+    fast = pipe(inputs(volume), **kwargs)
+    assert len(calls) == 1 and fast.uncertainty is None
+    steps = []
+    pipe(inputs(volume), callback_on_step_end=lambda p, i, t, kw: steps.append(i) or {}, **{
+        **kwargs, "generator": torch.Generator().manual_seed(0)})
+    assert steps == [0] and len(calls) == 2  # the callback sees the one step of this path
+    kwargs["generator"] = torch.Generator().manual_seed(0)
+    full = pipe(inputs(volume), return_samples=True, **kwargs)
+    assert len(calls) == 2 + 5
+    for name, image in fast.images.items():
+        np.testing.assert_array_equal(image, full.images[name])
+        assert not np.array_equal(full.samples[name][0], image)  # the sample itself differs from the mean
