@@ -32,6 +32,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..models.gan import MultiModalGenerator
 from ..models.unet import ResidualUNet
+from ..data.preprocessing import MRIPreprocessor
 from ..models.vae import Latent, decode_modalities, downsampling_factor, encode_modalities
 from .common import ImageInput, MMDiffPipelineOutput, from_network, prepare_inputs, resolve_dataset_id, to_network
 
@@ -125,6 +126,7 @@ def sample_residuals(
     callback: StepCallback | None = None,
     interrupted: Callable[[], bool] | None = None,
     first_only: bool = False,
+    context: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The predictor's mean and ``num_samples`` residuals, for a batch of slices (the pipeline's maths).
 
@@ -134,6 +136,8 @@ def sample_residuals(
         dataset_id: an int or ``[B]`` (``-1``: null), for the predictor and the UNet alike.
         first_only: run only the first denoising step (enough for the posterior-mean point estimate
             when no sample is wanted); the "residuals" are then those first-step predictions.
+        context: ``[B, M, 2k, H, W]`` in [-1, 1], the axial neighbours a 2.5D predictor reads (see
+            :meth:`~mmdiff.models.MultiModalGenerator.forward`).
 
     Returns:
         ``(mu [B, M, H, W], residuals [K, B, M, H, W], expected [B, M, H, W])`` in [-1, 1] units: a
@@ -143,7 +147,8 @@ def sample_residuals(
     """
     batch = images.shape[0]
     sources = torch.as_tensor(sources, device=images.device).bool().expand(batch, -1)
-    mu = predictor(images.to(predictor.dtype), sources, dataset_id).to(images.dtype)
+    context = None if context is None else context.to(predictor.dtype)
+    mu = predictor(images.to(predictor.dtype), sources, dataset_id, context=context).to(images.dtype)
     mu_latents = encode_modalities(vae, mu)
     planes = sources[:, :, None, None, None]
     condition = torch.where(planes, encode_modalities(vae, images), mu_latents)
@@ -261,19 +266,23 @@ class MMDiffPipeline(DiffusionPipeline):
         point_estimate: the default image: ``"posterior_mean"`` (``mu`` + the UNet's posterior-mean
             residual) or ``"sample_mean"`` (``mu`` + the mean of the K sampled residuals); see
             :func:`point_and_spread`. The scale is fitted for this choice.
+        preprocessor: the intensity rule the models were trained with
+            (:class:`~mmdiff.data.preprocessing.MRIPreprocessor`; None: the 99.5th-percentile rule of
+            pipelines saved before it was stored).
     """
 
     engine = "ldm"
     model_cpu_offload_seq = "predictor->vae->unet"
     _callback_tensor_inputs = ["latents"]
+    _optional_components = ["preprocessor"]
 
     def __init__(self, vae: Latent, unet: ResidualUNet, scheduler: SchedulerMixin, predictor: MultiModalGenerator,
                  coverage: float = 0.9, interval_scale: float | None = None, calibration_samples: int | None = None,
-                 point_estimate: str = "posterior_mean"):
+                 point_estimate: str = "posterior_mean", preprocessor: MRIPreprocessor | None = None):
         super().__init__()
         if point_estimate not in POINT_ESTIMATES:
             raise ValueError(f"point_estimate must be one of {', '.join(POINT_ESTIMATES)}, got {point_estimate!r}")
-        self.register_modules(vae=vae, unet=unet, scheduler=scheduler, predictor=predictor)
+        self.register_modules(vae=vae, unet=unet, scheduler=scheduler, predictor=predictor, preprocessor=preprocessor)
         self.register_to_config(coverage=coverage, interval_scale=interval_scale,
                                 calibration_samples=calibration_samples, point_estimate=point_estimate)
         self._interrupt = False
@@ -287,7 +296,12 @@ class MMDiffPipeline(DiffusionPipeline):
     def downsampling(self) -> int:
         """Slice sides must be multiples of this (the latent and UNet together, and the predictor)."""
         diffusion = downsampling_factor(self.vae) * self.unet.downsampling
-        return math.lcm(diffusion, 2 ** (len(self.predictor.config.block_out_channels) - 1))
+        return math.lcm(diffusion, self.predictor.size_multiple)
+
+    @property
+    def context_slices(self) -> int:
+        """Axial neighbours on each side the predictor reads (2.5D; 0: slice by slice)."""
+        return int(self.predictor.config.context_slices)
 
     @property
     def modalities(self) -> list[str]:
@@ -355,7 +369,7 @@ class MMDiffPipeline(DiffusionPipeline):
                              f"{self._callback_tensor_inputs}")
         self._interrupt = False
         case = prepare_inputs(images, self.unet.config.modalities, targets, brain_mask, self.downsampling,
-                              output_type, affine)
+                              output_type, affine, self.preprocessor)
         dataset_id = resolve_dataset_id(dataset, self.unet.config.dataset_names)
         device = self._execution_device
         target_index = np.flatnonzero(case.target_mask).tolist()
@@ -377,10 +391,12 @@ class MMDiffPipeline(DiffusionPipeline):
                 if self.interrupt:
                     break
                 batch = to_network(batch.to(device=device, dtype=self.unet.dtype))
+                k = self.context_slices
+                context = to_network(case.context(index, k).to(device=device, dtype=self.unet.dtype)) if k else None
                 mu, residuals, expected = sample_residuals(
                     self.predictor, self.vae, self.unet, self.scheduler, batch,
                     torch.as_tensor(case.source_mask, device=device), dataset_id, num_samples, num_inference_steps,
-                    batch_generator, callback, lambda: self.interrupt, first_only)
+                    batch_generator, callback, lambda: self.interrupt, first_only, context)
                 mean, std = point_and_spread(mu, residuals, expected, point_estimate)
                 case.put(point, index, from_network(mean[:, target_index]))
                 if spread is not None:

@@ -207,6 +207,10 @@ class LDMStage(Stage):
         self.sampler = SCHEDULERS[self.sampler_name].from_config(self.scheduler.config)
 
         self.predictor = load_predictor(predictor_path, device)
+        if self.predictor.config.context_slices:
+            raise ConfigError("residual diffusion on a 2.5D predictor (context_slices > 0) is not trained yet: "
+                              "its training batches would need the predictor's neighbouring slices; use a "
+                              "slice-by-slice predictor (context_slices: 0)")
         predictor_names = list(self.predictor.config.dataset_names or [])
         unknown = [name for name in dataset_names if name not in predictor_names]
         if unknown:
@@ -282,7 +286,7 @@ class LDMStage(Stage):
         MMDiffPipeline(vae=self.vae, unet=unet, scheduler=self.sampler, predictor=self.predictor,
                        coverage=self.coverage, interval_scale=scale,
                        calibration_samples=self.calibration_count if scale is not None else None,
-                       point_estimate=self.point_estimate).save_pretrained(out)
+                       point_estimate=self.point_estimate, preprocessor=self.preprocessor).save_pretrained(out)
 
 
 def accelerator_free(model: torch.nn.Module) -> torch.nn.Module:
