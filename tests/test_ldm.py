@@ -194,7 +194,7 @@ def test_callback_on_step_end_and_interrupt():
     out = pipe(inputs(volume), num_inference_steps=5, num_samples=2, batch_size=1,
                generator=torch.Generator().manual_seed(0), callback_on_step_end=stop_after_two)
     assert [s[0] for s in seen] == [0, 1]  # stopped mid-way through the first slice's sampling
-    assert seen[0][2] == (1, 6, 4, 16, 14)  # the scaled residual latents of one slice
+    assert seen[0][2][:3] == (1, 6, 4)  # the scaled residual latents of one slice (its brain window)
     assert all(np.all(image[..., 1:] == 0) for image in out.images.values())  # later slices not run
     assert pipe.interrupt  # left set for the caller to see that the call was interrupted
     full = pipe(inputs(volume), num_inference_steps=5, num_samples=2, generator=torch.Generator().manual_seed(0))
