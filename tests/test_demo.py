@@ -267,3 +267,18 @@ def test_two_visitors_at_once_both_get_their_results(gan, small_examples, tmp_pa
         assert len(list((tmp_path / "sessions").iterdir())) == 2
     finally:
         demo.close()
+
+
+@pytest.mark.slow
+def test_diffusion_adds_uncertainty_maps(tmp_path, exam):
+    ldm = d.load_engines(engines=["ldm"])["ldm"]
+    ldm.pipeline.set_progress_bar_config(disable=True)
+    result, notes = d.run_synthesis(ldm, {"t1": exam["t1"]}, tmp_path / "run", dataset="brats", targets=["flair"],
+                                    steps=2, samples=2)
+    assert [Path(f).name for f in result.files] == ["flair_synthetic.nii.gz", "flair_synthetic.json",
+                                                    "flair_uncertainty.nii.gz", "flair_uncertainty.json"]
+    assert all(is_synthetic(f) for f in result.files if f.endswith(".nii.gz"))
+    sidecar = json.loads(Path(result.files[1]).read_text())
+    assert sidecar["engine"] == "ldm" and sidecar["steps"] == 2 and sidecar["samples"] == 2
+    assert list(result.uncertainty) == ["flair"] and result.uncertainty["flair"].max() > 0
+    assert [c for _, c in d.render(result, "axial", 15)[2]] == ["FLAIR uncertainty (std)"]
