@@ -15,11 +15,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from . import __version__
+from .modalities import KNOWN_MODALITIES
 
 #: the names of :data:`mmdiff.pipelines.SCHEDULERS`, here so the parser needs no diffusers import
 SCHEDULER_NAMES = ("dpm++", "unipc", "ddim", "euler", "ddpm")
@@ -69,6 +72,7 @@ def cmd_prepare(args) -> int:
     if len(args.spacing) not in (1, 3):
         raise SystemExit("--spacing takes one value (isotropic) or three")
     config = PrepareConfig(size=args.size, spacing=spacing, clip_percentile=args.clip_percentile,
+                           normalisation=args.normalisation, median_scale=args.median_scale,
                            val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
                            **({"modalities": args.modalities} if args.modalities else {}))
     cases = []
@@ -99,7 +103,7 @@ def cmd_quickstart(args) -> int:
 def cmd_synthesize(args) -> int:
     from .synthesize import synthesize
 
-    inputs = {m: getattr(args, m) for m in ("t1", "t2", "t1c", "flair", "dwi", "adc") if getattr(args, m)}
+    inputs = {m: getattr(args, m) for m in KNOWN_MODALITIES if getattr(args, m)}
     written = synthesize(inputs, args.out, pipeline_source=args.pipeline, engine=args.engine, dataset=args.dataset,
                          targets=args.targets, steps=args.steps, scheduler=args.scheduler, samples=args.samples,
                          seed=args.seed,
@@ -127,14 +131,15 @@ def _evaluation_data(text: str) -> Path:
 
 
 def _named_pipeline(source: str):
-    """``(folder, pipeline)`` for ``ldm``/``gan`` (the published ones) or a pipeline folder; no progress bars."""
-    from .synthesize import DEFAULT_PIPELINES, PUBLISHED, load_pipeline
+    """``(source, pipeline)`` for ``ldm``/``gan`` (the published ones), a folder or a Hub repo; no progress bars."""
+    from .pipelines import load_pipeline, resolve_source
+    from .validation import check_pipeline_source
 
-    engine = source if source in DEFAULT_PIPELINES else None
-    path = PUBLISHED / DEFAULT_PIPELINES[engine] if engine else Path(source)
-    pipe = load_pipeline(path, engine or "ldm")
+    source = resolve_source(source)
+    check_pipeline_source(source)  # a broken or foreign folder: one line before anything loads
+    pipe = load_pipeline(source)
     pipe.set_progress_bar_config(disable=True)
-    return path, pipe
+    return Path(str(source)), pipe
 
 
 def cmd_evaluate(args) -> int:
@@ -146,7 +151,7 @@ def cmd_evaluate(args) -> int:
     for source in args.pipeline or []:
         path, pipe = _named_pipeline(source)
         settings = [(None, 1)]
-        if hasattr(pipe, "scheduler"):  # diffusion: one method per scheduler and step count
+        if pipe.engine == "ldm":  # diffusion: one method per scheduler and step count
             settings = [(name, steps) for name in args.scheduler or [None] for steps in args.steps]
         for scheduler, steps in settings:
             name = path.name if len(settings) == 1 else f"{path.name} ({scheduler or 'default'}, {steps} steps)"
@@ -188,9 +193,16 @@ def cmd_export(args) -> int:
 
 
 def cmd_push(args) -> int:
-    from .export import push
+    from .export import format_publish_list, publish_list, push
 
-    url = push(args.folder, args.repo_id, private=args.private, commit_message=args.message, revision=args.revision)
+    files, left_out = publish_list(args.folder)
+    print(f"{'would upload' if args.dry_run else 'uploading'} to {args.repo_id}: "
+          + format_publish_list(args.folder, files, left_out), flush=True)
+    if args.dry_run:
+        print("dry run: nothing uploaded")
+        return 0
+    url = push(args.folder, args.repo_id, private=args.private, commit_message=args.message, revision=args.revision,
+               files=files)
     print(f"pushed {args.folder} to {args.repo_id}: {url}")
     return 0
 
@@ -249,7 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=192, help="in-plane size in voxels (default: %(default)s)")
     p.add_argument("--spacing", type=float, nargs="+", default=[1.0], help="voxel size in mm (default: 1)")
     p.add_argument("--modalities", nargs="+", help="modality list (default: t1 t2 t1c flair dwi adc)")
-    p.add_argument("--clip-percentile", type=float, default=99.5)
+    p.add_argument("--normalisation", choices=["median", "percentile"], default="median",
+                   help="intensity rule: divide by --median-scale x the brain median, or clip at "
+                        "--clip-percentile inside the brain (default: %(default)s)")
+    p.add_argument("--median-scale", type=float, default=3.0, help="the brain median maps to 1/this (default: 3)")
+    p.add_argument("--clip-percentile", type=float, default=99.5, help="for --normalisation percentile")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--test-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0, help="split seed")
@@ -257,12 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
     p = sub.add_parser("synthesize", help="synthesize the missing sequences of one exam (NIfTI in, NIfTI out)")
-    for m in ("t1", "t2", "t1c", "flair", "dwi", "adc"):
+    for m in KNOWN_MODALITIES:
         p.add_argument(f"--{m}", metavar="NIFTI", help=f"the {m.upper()} volume, if the exam has one")
     p.add_argument("--dataset", help="the site's dataset name (unknown or none: the null dataset, for unseen sites)")
     p.add_argument("--out", required=True, help="output folder: <target>_synthetic.nii.gz and JSON sidecars")
-    p.add_argument("--engine", choices=["ldm", "gan"], default="ldm", help="latent diffusion or the one-step GAN")
-    p.add_argument("--pipeline", help="pipeline folder or Hub repo id (default: the published one in pipelines/)")
+    p.add_argument("--engine", choices=["ldm", "gan"],
+                   help="the published pipeline to use: latent diffusion (default) or the one-step GAN; with "
+                        "--pipeline, a check that it is of that engine")
+    p.add_argument("--pipeline", help="pipeline folder or Hub repo id (default: the published one of --engine)")
     p.add_argument("--targets", nargs="+", help="sequences to make (default: every one not given)")
     p.add_argument("--steps", type=int, default=20, help="diffusion steps (ldm; default: %(default)s)")
     p.add_argument("--scheduler", choices=list(SCHEDULER_NAMES), help="diffusion scheduler (ldm; default: the pipeline's)")
@@ -323,12 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("push", help="upload a pipeline folder to the Hugging Face Hub")
+    p = sub.add_parser("push", help="upload a pipeline (components, model_index.json, card, training_info) to the Hub")
     p.add_argument("folder", help="pipeline folder written by `mmdiff export`")
     p.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub (created if missing)")
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument("--revision", help="branch to commit to (default: main)")
     p.add_argument("--message", help="commit message")
+    p.add_argument("--dry-run", action="store_true", help="list what would be uploaded, upload nothing")
     p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("demo", help="serve the browser demo (gradio; pip install \"mmdiff[demo]\")")
@@ -357,12 +376,47 @@ def main(argv: list[str] | None = None) -> int:
         return train_main(argv[1:], prog="mmdiff train")
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as exc:
-        # the error types mmdiff raises for bad input: say what is wrong, no traceback
-        print(f"mmdiff {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning  # one line per warning, no source line
+        try:
+            return args.func(args)
+        except (ValueError, FileExistsError, FileNotFoundError) as exc:
+            # the error types mmdiff raises for bad input: say what is wrong, no traceback
+            return _error(args.command, exc, 2)
+        except KeyboardInterrupt:
+            return _error(args.command, "interrupted (nothing half-written is left behind)", 130)
+        except OSError as exc:  # the disk or the system said no
+            return _error(args.command, _os_error(exc), 1)
+        except Exception as exc:  # a bug: still one line, the traceback on request
+            if os.environ.get("MMDIFF_DEBUG"):
+                raise
+            return _error(args.command, f"unexpected {type(exc).__name__}: {exc} (this is a bug in mmdiff: "
+                          "please report it; MMDIFF_DEBUG=1 shows the traceback)", 1)
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
+def _error(command: str, message, code: int) -> int:
+    print(f"mmdiff {command}: error: {_one_line(message)}", file=sys.stderr)
+    return code
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"mmdiff: warning: {_one_line(message)}", file=sys.stderr)
+
+
+def _os_error(exc: OSError) -> str:
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno == errno.ENOSPC:
+        return (f"no space left on the device{where}: free some space or choose another folder; "
+                "nothing was left half-written")
+    if exc.errno == errno.EROFS:
+        return f"read-only file system{where}: choose a folder you can write to"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied{where}: check its permissions, or choose a folder you can write to"
+    return f"{exc.strerror or exc}{where}"
 
 
 if __name__ == "__main__":

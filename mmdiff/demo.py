@@ -158,7 +158,7 @@ def dataset_names(pipe) -> list[str]:
 class Engine:
     name: str
     pipeline: object
-    source: str | None  # what provenance records (None: the published default)
+    source: str  # the folder or Hub repo id it came from (what the provenance records)
 
     @property
     def modalities(self) -> list[str]:
@@ -174,19 +174,20 @@ def load_engines(sources: Mapping[str, str | os.PathLike | None] | None = None,
     """The demo's pipelines: ``sources`` maps an engine to a folder or Hub repo id; default: the environment
     (``MMDIFF_GAN_PIPELINE``, ``MMDIFF_LDM_PIPELINE``), else the published pipelines. An engine whose
     pipeline cannot be found is left out with a warning; none at all is an error."""
-    from .synthesize import load_pipeline
+    from .pipelines import load_pipeline, resolve_source
 
     sources = dict(sources or {})
     loaded, errors = {}, []
     for engine in engines:
-        source = sources.get(engine) or os.environ.get(f"MMDIFF_{engine.upper()}_PIPELINE") or None
+        given = sources.get(engine) or os.environ.get(f"MMDIFF_{engine.upper()}_PIPELINE") or None
         try:
+            source = resolve_source(given, engine)  # the published pipeline when none is given
             pipe = load_pipeline(source, engine)
         except (OSError, ValueError) as exc:
             errors.append(f"{engine}: {exc}")
             log.warning("demo: the %s engine is not available (%s)", engine, exc)
             continue
-        loaded[engine] = Engine(engine, pipe, None if source is None else str(source))
+        loaded[engine] = Engine(engine, pipe, str(source))
     if not loaded:
         raise FileNotFoundError("no pipeline could be loaded for the demo: " + "; ".join(errors))
     return loaded

@@ -15,9 +15,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .data.cache import CACHE_JSON, INDEX_JSON
+from .data.cache import describe as describe_cache
 from .io import atomic_dir
+from .resources import model_card_template
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "pipeline.md"
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 SYNTHESIS_TASK = "image-to-image"
 
@@ -94,44 +96,134 @@ def _parameters(pipe) -> str:
     return f"{total / 1e6:.1f} M (" + ", ".join(f"{n} {c / 1e6:.1f} M" for n, c in counts.items()) + ")"
 
 
+def training_data(info: dict) -> dict | None:
+    """What identifies a run's training data (``training_info.json``'s ``data``: dataset names, case
+    counts, the cache's fingerprint and preparation); for an older record that names its cache
+    folder, read from that cache if it is still there; else ``None``."""
+    if info.get("data"):
+        return info["data"]
+    cache = info.get("cache")
+    if cache and (Path(cache) / CACHE_JSON).is_file() and (Path(cache) / INDEX_JSON).is_file():
+        return describe_cache(cache, info.get("config", {}).get("data", {}).get("datasets"))
+    return None
+
+
+def _phantom_cohorts(info: dict, data: dict | None) -> list[str]:
+    """The datasets of the run that are mmdiff phantom cohorts (the run's config built phantoms)."""
+    from .data.phantom import COHORTS
+
+    built = info.get("config", {}).get("data", {}).get("build", {}) or {}
+    names = (data or {}).get("datasets", {}) or {name: None for name in info.get("datasets", [])}
+    return [name for name in names if built.get("phantom") and name in COHORTS]
+
+
+def _training_data_text(info: dict, data: dict | None) -> str:
+    if data is None:
+        return ("Not recorded: this run's `training_info.json` does not describe its data "
+                f"(datasets in the embedding: {', '.join(info.get('datasets', [])) or 'none'}).")
+    phantoms = _phantom_cohorts(info, data)
+    lines = [f"Case-level splits of a prepared mmdiff cache (fingerprint `{data['fingerprint']}`); "
+             "held-out cases were never seen in training:\n"]
+    for name, d in data["datasets"].items():
+        sequences = ", ".join(f"{m} {n}" for m, n in d["modalities"].items())
+        kind = " (mmdiff phantom cohort)" if name in phantoms else ""
+        lines.append(f"- `{name}`{kind}: {d['cases']} cases ({d['splits']['train']} train, {d['splits']['val']} "
+                     f"validation, {d['splits']['test']} test), {d['slices']} axial slices; cases per sequence: "
+                     f"{sequences}" + (f"; {d['labelled']} with lesion labels" if d.get("labelled") else ""))
+    if phantoms:
+        lines.append("\nPhantom cohorts are simulated by `mmdiff phantom` from the MNI ICBM152 atlas with "
+                     "per-site protocols, bias fields and Rician noise; they are not patients.")
+    return "\n".join(lines)
+
+
+def _scale_text(info: dict, data: dict | None, parameters: str) -> str:
+    minutes = info.get("train_minutes")
+    where = f"{info.get('processes', 1)} {info.get('device', 'unrecorded-device')} process(es)"
+    text = (f"Trained for {info['steps']} steps" + (f" ({minutes} minutes)" if minutes is not None else "")
+            + f" on {where}; {parameters} parameters.")
+    if data is not None:
+        train = sum(d["splits"]["train"] for d in data["datasets"].values())
+        text += (f" {train} training cases from {len(data['datasets'])} dataset(s); sequences seen per dataset: "
+                 + "; ".join(f"{name}: {', '.join(d['modalities'])}" for name, d in data["datasets"].items())
+                 + ". Check the held-out results above before relying on a sequence or a dataset.")
+    return text
+
+
+def _preprocessing(data: dict | None, preprocessor) -> tuple[str, str]:
+    """(the card's preprocessing list, the in-plane spacing it expects) from the cache's preparation and
+    the pipeline's intensity rule (None: the rule of pipelines saved before it was stored)."""
+    from .data.preprocessing import MRIPreprocessor
+
+    intensity = (preprocessor or MRIPreprocessor.legacy()).describe()
+    if data is None:
+        return ("- as prepared by `mmdiff prepare` (the run did not record its preparation settings);\n"
+                "- outputs come back in the normalised [0, 1] scale, zero outside the brain, on the input grid.",
+                "the training data's")
+    preparation = data["preparation"]
+    geometry = preparation.get("geometry", {})
+    spacing, size = geometry.get("spacing", preparation.get("spacing")), geometry.get("size", preparation.get("size"))
+    spacing_text = " x ".join(f"{s:g}" for s in spacing) if isinstance(spacing, (list, tuple)) else f"{spacing:g}"
+    text = (f"- resampled to {spacing_text} mm and a {size} x {size} axial plane centred on the brain "
+            "(training); at inference the network runs on a window around the brain, any in-plane size "
+            "(fully convolutional);\n"
+            f"- intensities: {intensity};\n"
+            "- outputs come back in that normalised scale, zero outside the brain, on the input grid.")
+    in_plane = spacing[0] if isinstance(spacing, (list, tuple)) else spacing
+    return text, f"{in_plane:g}"
+
+
+def _citations(info: dict, data: dict | None) -> str:
+    names = list((data or {}).get("datasets", {})) or info.get("datasets", [])
+    phantoms = _phantom_cohorts(info, data)
+    text = ""
+    if phantoms:
+        text += (" The phantom anatomy is derived from the MNI ICBM152 2009a atlas (see "
+                 "`mmdiff/data/anatomy/LICENSE`).")
+    if any("brats" in name.lower() and name not in phantoms for name in names):
+        text += " BraTS data: Menze et al. 2015, Bakas et al. 2017 and 2018."
+    return text
+
+
 def render_card(pipe, info: dict, rows: list[dict], method: str, evaluation: Path | None, dtype: str,
-                repo_id: str | None, cache_config: dict | None, training_note: str | None = None,
-                downstream: Path | None = None) -> str:
+                repo_id: str | None, training_note: str | None = None, downstream: Path | None = None) -> str:
+    """The model card: every fact about the training comes from the run's ``training_info.json``."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    is_diffusion = hasattr(pipe, "scheduler")
-    engine = "ldm" if is_diffusion else "gan"
+    engine = pipe.engine
+    is_diffusion = engine == "ldm"
     eval_results, results_text = _results(rows, method, evaluation)
     name = repo_id.split("/")[-1] if repo_id else f"mmdiff-{engine}"
     datasets = info.get("datasets", [])
+    data = training_data(info)
+    parameters = _parameters(pipe)
+    preprocessing, spacing = _preprocessing(data, getattr(pipe, "preprocessor", None))
     card_data = ModelCardData(
         library_name="diffusers", pipeline_tag=SYNTHESIS_TASK, license="apache-2.0", model_name=name,
         tags=["mri", "medical-imaging", "image-synthesis", "missing-modality", "mmdiff",
               "latent-diffusion" if is_diffusion else "gan"],
-        datasets=["brats-2018-sample", "mmdiff-phantoms"], eval_results=eval_results or None)
+        datasets=list((data or {}).get("datasets", {})) or datasets or None, eval_results=eval_results or None)
     train_cfg = info["config"]["train"]
     steps = info["steps"]
-    geometry = (cache_config or {}).get("geometry", {})
     model_description = (
         "A latent diffusion model: a single-channel `AutoencoderKL` shared by all sequences, and a "
         "conditional UNet denoising the latents of the missing sequences given the latents of the "
         "available ones, a modality mask and a learned dataset embedding (feature modulation in every "
-        "block). Sampled with DPM-Solver++ (any diffusers scheduler can be swapped in); with several "
-        "samples per slice the pipeline also returns a per-voxel standard deviation."
+        f"block). Sampled with `{type(pipe.scheduler).__name__}` (any diffusers scheduler can be swapped in); "
+        "with several samples per slice the pipeline also returns a per-voxel standard deviation."
         if is_diffusion else
         "A one-step multi-modal generator (UNet with dataset-embedding feature modulation) trained "
         "adversarially against per-modality patch discriminators, with selective supervision of the "
         "missing sequences and reconstruction of the given ones. Deterministic: one forward pass per slice.")
     return ModelCard.from_template(
-        card_data, template_path=str(TEMPLATE),
+        card_data, template_path=str(model_card_template()),
         title=f"{name}: {'latent diffusion' if is_diffusion else 'GAN'} synthesis of missing MRI sequences",
-        summary=("Given any subset of T1, T2, T1C, FLAIR, DWI and ADC of a brain MRI exam, this "
+        summary=("Given any subset of the sequences it knows of a brain MRI exam, this "
                  f"mmdiff pipeline (`{type(pipe).__name__}`) synthesises "
                  "the others, slice by slice, on the input's own grid."),
         engine=engine, pipeline_ref=repo_id or f"pipelines/{name}", pipeline_class=type(pipe).__name__,
         call_extra=", num_inference_steps=20, num_samples=4" if is_diffusion else "",
         model_description=model_description,
-        modalities=", ".join(pipe.modalities), datasets=", ".join(datasets), parameters=_parameters(pipe),
+        modalities=", ".join(pipe.modalities), datasets=", ".join(datasets), parameters=parameters,
         weights=f"safetensors, {dtype} (loaded into float32 by diffusers)",
         training=(f"{steps} steps, batch {train_cfg['batch_size']} (modality-consistent batches), "
                   f"AdamW lr {train_cfg['learning_rate']}, EMA {train_cfg.get('ema_decay')}, "
@@ -139,24 +231,13 @@ def render_card(pipe, info: dict, rows: list[dict], method: str, evaluation: Pat
                   f"dataset dropout {train_cfg.get('dataset_dropout')}, "
                   f"{info.get('processes', 1)} process(es); the full config is in `training_info.json`"
                   + (f". {training_note}" if training_note else "")),
-        training_data=(
-            "Training splits of a prepared mmdiff cache (case-level splits; held-out cases never seen):\n\n"
-            "- four simulated phantom cohorts (`mmdiff phantom`: glioma with all six sequences; an "
-            "immune-disease cohort with random subsets of T1/T2/FLAIR/ADC at 3 mm; a BraTS-2021-like "
-            "cohort; a stroke cohort with DWI/ADC and a tilted FLAIR), built from the MNI ICBM152 atlas "
-            "with per-site protocols, bias fields and Rician noise;\n"
-            "- the real BraTS 2018 sample (T1, T2, T1C, FLAIR; 12 cases, 10 for training).\n\n"
-            f"Datasets in the embedding: {', '.join(datasets)}."),
-        preprocessing=(
-            f"- resampled to {geometry.get('spacing', [1.0, 1.0, 1.0])} mm and a "
-            f"{geometry.get('size', 192)} x {geometry.get('size', 192)} axial plane centred on the brain "
-            "(training); at inference any in-plane size runs (fully convolutional, zero-padded to a multiple "
-            "of the downsampling);\n"
-            "- each sequence clipped at the 99.5th percentile of its brain voxels and scaled to [0, 1], "
-            "background 0;\n"
-            "- outputs come back in that normalised scale, zero outside the brain, on the input grid."),
+        training_data=_training_data_text(info, data),
+        preprocessing=preprocessing, spacing=spacing,
         results=results_text + _downstream(downstream, method),
+        scale=_scale_text(info, data, parameters), data_citations=_citations(info, data),
         limits_extra=" (the LDM more than the GAN)" if is_diffusion else "",
+        dataset_option=f" --dataset {datasets[0]}" if datasets else "",
+        dataset_argument=f' dataset="{datasets[0]}",' if datasets else "",
     ).content
 
 
@@ -169,7 +250,7 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, evaluation: str |
     taking the rows of ``method`` (default: the folder name of ``out``); ``training_note`` adds what the
     run's own record cannot tell (e.g. that it resumed another run on other data); ``downstream`` (an
     ``mmdiff downstream`` folder scored with this method) adds its segmentation Dice to the card."""
-    from .synthesize import load_pipeline
+    from .pipelines import load_pipeline
 
     run_dir, out = Path(run_dir), Path(out)
     final = run_dir / "final"
@@ -181,14 +262,14 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, evaluation: str |
         raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
     if out.resolve() in (run_dir.resolve(), final.resolve()):
         raise ValueError("the export folder must differ from the run folder")
-    index = json.loads((final / "model_index.json").read_text())
-    pipe = load_pipeline(final, "gan" if index["_class_name"] == "MMGANPipeline" else "ldm")
+    pipe = load_pipeline(final)
     info = json.loads((final / "training_info.json").read_text())
-    cache_json = Path(info.get("cache", "")) / "cache.json"
-    cache_config = json.loads(cache_json.read_text())["config"] if cache_json.is_file() else None
+    data = training_data(info)
+    if data is not None:  # what identifies the data, never this machine's cache path
+        info = {**{k: v for k, v in info.items() if k != "cache"}, "data": data}
     rows = _evaluation_rows(Path(evaluation) if evaluation else None)
     card = render_card(pipe, info, rows, method or out.name, Path(evaluation) if evaluation else None, dtype,
-                       repo_id, cache_config, training_note, Path(downstream) if downstream else None)
+                       repo_id, training_note, Path(downstream) if downstream else None)
     with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         cast_safetensors(tmp, DTYPES[dtype])
@@ -197,24 +278,84 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, evaluation: str |
     return out
 
 
-def push(folder: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None,
-         commit_message: str | None = None, revision: str | None = None) -> str:
-    """Upload a pipeline folder to the Hub (creating the repo if needed); returns the commit URL."""
-    from huggingface_hub import HfApi
+#: what a pipeline folder publishes besides its components' configs and safetensors weights
+PUBLISHED_FILES = ("model_index.json", "README.md", "training_info.json")
+COMPONENT_PATTERNS = ("config.json", "scheduler_config.json", "*.safetensors", "*.safetensors.index.json")
+
+
+def publish_list(folder: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """``(files to publish, files left out)`` of a pipeline folder, as relative POSIX paths.
+
+    Only the pipeline is published: ``model_index.json``, the ``README.md`` card, ``training_info.json``
+    and, for each component ``model_index.json`` lists, its config and safetensors weights. The folder
+    is checked as ``mmdiff synthesize`` checks a pipeline (components from diffusers and mmdiff only,
+    readable safetensors, no pickles), and any symbolic link in it is refused.
+    """
+    from .validation import PipelineError, check_pipeline_folder
 
     folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder: pass the pipeline folder `mmdiff export` wrote")
+    everything = []
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        for name in sorted(dirs) + sorted(files):
+            path = Path(root) / name
+            if path.is_symlink():
+                raise PipelineError(f"{path} is a symbolic link: mmdiff push publishes regular files only; "
+                                    "replace the link with the file, or remove it")
+            if name in files:
+                everything.append(path.relative_to(folder).as_posix())
     if not (folder / "model_index.json").exists():
         raise FileNotFoundError(f"{folder} is not a pipeline folder (no model_index.json): run `mmdiff export` first")
     if not (folder / "README.md").exists():
         raise FileNotFoundError(f"{folder} has no README.md model card: run `mmdiff export` to write one")
+    index = check_pipeline_folder(folder)
+    components = [name for name, entry in index.items()
+                  if not name.startswith("_") and entry != [None, None]]
+    allowed = set(PUBLISHED_FILES)
+    for component in components:
+        for pattern in COMPONENT_PATTERNS:
+            allowed |= {p.relative_to(folder).as_posix() for p in (folder / component).glob(pattern) if p.is_file()}
+    return sorted(f for f in everything if f in allowed), sorted(f for f in everything if f not in allowed)
+
+
+def format_publish_list(folder: str | os.PathLike, files: list[str], left_out: list[str]) -> str:
+    """What ``mmdiff push`` will upload, and what it leaves out, as lines for the terminal."""
+    folder = Path(folder)
+    sizes = {f: (folder / f).stat().st_size for f in files}
+    lines = [f"{len(files)} file(s), {sum(sizes.values()) / 1e6:.2f} MB, from {folder}:"]
+    lines += [f"  {f}  ({sizes[f]:,} bytes)" for f in files]
+    if left_out:
+        lines.append(f"left out (not part of the pipeline): {', '.join(left_out)}")
+    return "\n".join(lines)
+
+
+def push(folder: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None,
+         commit_message: str | None = None, revision: str | None = None, files: list[str] | None = None) -> str:
+    """Upload a pipeline folder's :func:`publish_list` to the Hub (creating the repo if needed); returns
+    the commit URL. ``files`` is a list :func:`publish_list` gave (default: made here)."""
+    import contextlib
+
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    folder = Path(folder)
+    allowed, _ = publish_list(folder)
+    if files is None:
+        files = allowed
+    elif not set(files) <= set(allowed):
+        raise ValueError(f"not part of the pipeline, never published: {sorted(set(files) - set(allowed))}")
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     api = HfApi(token=token)
     try:
-        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        commit = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision,
-                                   commit_message=commit_message or f"Upload {folder.name} with mmdiff push",
-                                   allow_patterns=["*.json", "*.safetensors", "*.md"])
+        with contextlib.ExitStack() as stack:
+            # opened without following links: a file swapped for a link after the check is refused
+            operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=stack.enter_context(
+                os.fdopen(os.open(folder / name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), "rb")))
+                for name in files]
+            api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+            commit = api.create_commit(repo_id=repo_id, operations=operations, repo_type="model", revision=revision,
+                                       commit_message=commit_message or f"Upload {folder.name} with mmdiff push")
     except OfflineModeIsEnabled as exc:
         raise ValueError("HF_HUB_OFFLINE is set: unset it to push") from exc
     except HfHubHTTPError as exc:  # no or wrong token, no write access, hub unreachable

@@ -112,15 +112,16 @@ def load_volume(path: str | os.PathLike, canonical: bool = True) -> Volume:
     except Exception as exc:  # nibabel raises several types for corrupt files
         raise VolumeError(f"{path}: cannot be read as NIfTI ({exc})") from exc
     shape = img.shape
-    if len(shape) == 4 and shape[3] == 1:
-        img = img.slicer[..., 0]
-    elif len(shape) != 3:
+    if len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] != 1):
         raise VolumeError(
             f"{path}: has shape {shape}; mmdiff needs a 3D volume (a 4D file is accepted only with "
             "a singleton last axis). Split 4D series first, e.g. keep the b=1000 trace of a DWI."
         )
     if min(img.shape) < 1:
         raise VolumeError(f"{path}: empty volume of shape {img.shape}")
+    _check_image(path, img)
+    if len(shape) == 4:
+        img = img.slicer[..., 0]
     source_affine = img.affine.copy()
     source_shape = tuple(img.shape)
     to_source = None
@@ -129,9 +130,14 @@ def load_volume(path: str | os.PathLike, canonical: bool = True) -> Volume:
         ras = nib.orientations.axcodes2ornt(("R", "A", "S"))
         if not np.array_equal(src_ornt, ras):
             to_source = nib.orientations.ornt_transform(ras, src_ornt)
-        img = nib.as_closest_canonical(img)
+        try:  # reorienting reads the voxels
+            img = nib.as_closest_canonical(img)
+        except Exception as exc:
+            raise VolumeError(f"{path}: voxel data cannot be read ({exc})") from exc
     try:
         data = np.asarray(img.dataobj, dtype=np.float32)
+    except MemoryError as exc:
+        raise VolumeError(f"{path}: too large to read into memory ({exc}); crop or resample it first") from exc
     except Exception as exc:
         raise VolumeError(f"{path}: voxel data cannot be read ({exc})") from exc
     bad = ~np.isfinite(data)
@@ -143,6 +149,36 @@ def load_volume(path: str | os.PathLike, canonical: bool = True) -> Volume:
                   nonfinite, to_source)
 
 
+#: the largest volume mmdiff reads (2^28 voxels: 1 GiB as float32); a bigger declared shape is a broken header
+MAX_VOXELS = 2**28
+#: axial slices smaller than this (in either in-plane direction) hold no brain to work with (a 1x1x1 "volume")
+MIN_INPLANE = 2
+
+
+def _check_image(path: Path, img) -> None:
+    """Refuse, before its voxels are read, a 3D image mmdiff cannot use: complex values, a broken
+    affine, a slice too small to hold a brain, or a declared shape too large to be real."""
+    dtype = img.get_data_dtype()
+    if dtype.kind == "c":
+        raise VolumeError(f"{path}: complex-valued voxels ({dtype}); mmdiff reads real images only: "
+                          "save the magnitude (abs) as a real-valued NIfTI first")
+    voxels = int(np.prod([int(n) for n in img.shape], dtype=np.float64))
+    if voxels > MAX_VOXELS:
+        raise VolumeError(f"{path}: the header declares shape {img.shape} ({voxels:,} voxels), more than "
+                          f"mmdiff reads ({MAX_VOXELS:,}); check the header, or crop/resample the volume first")
+    linear = np.asarray(img.affine, dtype=np.float64)[:3, :3]
+    finite = bool(np.isfinite(img.affine).all())
+    if not finite or abs(np.linalg.det(linear)) < 1e-12:
+        raise VolumeError(f"{path}: its affine (voxel-to-world matrix) is {'singular' if finite else 'not finite'}; "
+                          "the header's sform/qform is broken: fix the header (e.g. nibabel set_sform) or "
+                          "re-export the scan")
+    axes = nib.orientations.io_orientation(img.affine)[:, 0].astype(int)
+    in_plane = [int(n) for axis, n in zip(axes, img.shape) if axis in (0, 1)]
+    if min(in_plane) < MIN_INPLANE:
+        raise VolumeError(f"{path}: shape {img.shape} gives axial slices of {' x '.join(map(str, in_plane))} "
+                          f"voxels; mmdiff needs at least {MIN_INPLANE} x {MIN_INPLANE}: pass a real brain volume")
+
+
 def check_not_input(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()) -> None:
     """Refuse a write target that is (or resolves to) one of the inputs."""
     target = Path(path).resolve()
@@ -151,12 +187,20 @@ def check_not_input(path: str | os.PathLike, inputs: Iterable[str | os.PathLike]
             raise OverwriteError(f"refusing to write {path}: it is an input file")
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, overwrite: bool = False, inputs: Iterable = ()):
     """Yield a temporary path next to ``path``; on success it is renamed onto ``path``.
 
     The temporary name keeps the final suffix (``.nii.gz`` etc.) so writers that pick a format from
-    the name behave. Nothing is left behind on failure.
+    the name behave. Nothing is left behind on failure. The file gets the mode any writer would
+    give it (0666 less the umask), not the temporary file's 0600.
     """
     path = Path(path)
     check_not_input(path, inputs)
@@ -165,6 +209,7 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = False, inputs: Iterab
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if str(path).lower().endswith(".nii.gz") else path.suffix
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     try:
         yield Path(tmp)
@@ -178,10 +223,12 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = False, inputs: Iterab
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike):
     """Yield a temporary folder next to ``path``; on success it replaces ``path`` (a finished folder
-    appears whole or not at all). Nothing is left behind on failure."""
+    appears whole or not at all). Nothing is left behind on failure. The folder gets the mode
+    ``mkdir`` would give it (0777 less the umask), not the temporary folder's 0700."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp.chmod(0o777 & ~_umask())
     try:
         yield tmp
         if path.exists():
@@ -243,36 +290,6 @@ def save_nifti(
     with atomic_path(path, overwrite, inputs) as tmp:
         nib.save(img, str(tmp))
     return Path(path)
-
-
-def save_like(
-    reference: Volume,
-    array: np.ndarray,
-    path: str | os.PathLike,
-    provenance: dict | None = None,
-    overwrite: bool = False,
-    inputs: Iterable = (),
-    dtype=np.float32,
-) -> Path:
-    """Write ``array`` (on ``reference``'s canonical grid) back on the reference file's own grid.
-
-    With ``provenance`` the volume is marked synthetic: ``descrip`` says so, and a JSON sidecar
-    records the provenance plus mmdiff's version and the time. Inputs are never overwritten.
-    """
-    inputs = list(inputs) + ([reference.path] if reference.path is not None else [])
-    out = reference.to_source(np.asarray(array))
-    affine = reference.source_affine if reference.source_affine is not None else reference.affine
-    descrip = SYNTHETIC_DESCRIP if provenance is not None else None
-    sidecar = sidecar_path(path)
-    if provenance is not None:
-        check_not_input(sidecar, inputs)
-        if sidecar.exists() and not overwrite:
-            raise OverwriteError(f"{sidecar} exists (pass overwrite=True / --overwrite to replace it)")
-    written = save_nifti(out, affine, path, reference.header, dtype=dtype, descrip=descrip,
-                         overwrite=overwrite, inputs=inputs)
-    if provenance is not None:
-        write_json(sidecar, provenance_record(provenance), overwrite=True, inputs=inputs)
-    return written
 
 
 def provenance_record(fields: dict) -> dict:

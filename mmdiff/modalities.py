@@ -13,6 +13,12 @@ import numpy as np
 
 MODALITIES: tuple[str, ...] = ("t1", "t2", "t1c", "flair", "dwi", "adc")
 
+# Sequences a model may be trained on besides the default six (its config lists its own modalities,
+# in order). Files of these are read and prepared like the six; a model that was not trained on one
+# says so when it is given.
+EXTRA_MODALITIES: tuple[str, ...] = ("pd",)
+KNOWN_MODALITIES: tuple[str, ...] = MODALITIES + EXTRA_MODALITIES
+
 DESCRIPTIONS: dict[str, str] = {
     "t1": "T1-weighted, pre-contrast",
     "t2": "T2-weighted",
@@ -20,6 +26,7 @@ DESCRIPTIONS: dict[str, str] = {
     "flair": "T2-FLAIR",
     "dwi": "diffusion-weighted trace, b~1000 s/mm^2",
     "adc": "apparent diffusion coefficient map",
+    "pd": "proton-density-weighted",
 }
 
 # Lower-case alias -> canonical name. Covers BraTS 2018-2021 (t1ce), BraTS 2023+ (t1n, t2w, t2f),
@@ -33,6 +40,7 @@ ALIASES: dict[str, str] = {
     "t2f": "flair", "t2flair": "flair", "t2_flair": "flair", "flair": "flair",
     "trace": "dwi", "tracew": "dwi", "dw": "dwi", "b1000": "dwi",
     "adcmap": "adc",
+    "pd": "pd", "pdw": "pd", "pd_w": "pd",
 }
 
 

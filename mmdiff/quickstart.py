@@ -17,7 +17,8 @@ from .data.phantom import simulate_case, write_case
 from .evaluation.protocol import NORMALISATION, robust_normalise, score
 from .io import load_volume, write_text
 from .modalities import MODALITIES, canonical
-from .synthesize import ENGINES, synthesize
+from .resources import ENGINES
+from .synthesize import synthesize
 from .viz import display, lesion_centre, montage
 
 DEFAULT_HIDDEN = ("t1c", "flair")

@@ -4,48 +4,32 @@ Each target becomes ``OUT/<target>_synthetic.nii.gz`` on the inputs' own grid an
 synthetic in its NIfTI header, with a JSON sidecar recording the model, its revision, the inputs, the
 seed and the steps; with several samples, ``OUT/<target>_uncertainty.nii.gz`` holds the per-voxel
 standard deviation. Nothing is written over an input, and nothing over an existing file unless
-``overwrite``; every output path is checked before the model runs.
+``overwrite``. Files, options and the output folder are checked (:mod:`mmdiff.validation`) before
+the model loads; the outputs are written to a hidden staging folder inside the output folder and
+moved into place together, so a failed run leaves no new file and no partial output set.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .data.preprocessing import MRIPreprocessor
+
 from .io import (OverwriteError, SYNTHETIC_DESCRIP, check_not_input, provenance_record, save_nifti, sidecar_path,
                  write_json)
-from .modalities import canonical
+from .modalities import KNOWN_MODALITIES, canonical
+from .validation import check_input_files, check_output_folder, check_pipeline_source, check_synthesize_options
 
-ENGINES = ("ldm", "gan")
-PUBLISHED = Path(__file__).resolve().parents[1] / "pipelines"
-DEFAULT_PIPELINES = {"ldm": "mmdiff-ldm", "gan": "mmdiff-gan"}
-
-
-def load_pipeline(source: str | os.PathLike | None, engine: str):
-    """A pipeline folder (or Hub repo id); ``None`` picks the published pipeline of ``engine``."""
-    from .pipelines import MMDiffPipeline, MMGANPipeline
-
-    if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}: choose {' or '.join(ENGINES)}")
-    if source is None:
-        source = PUBLISHED / DEFAULT_PIPELINES[engine]
-        if not (Path(source) / "model_index.json").exists():
-            raise FileNotFoundError(f"no published {engine} pipeline at {source}: pass --pipeline PATH_OR_REPO")
-    path = Path(source)
-    if path.exists():
-        index = json.loads((path / "model_index.json").read_text()) if (path / "model_index.json").exists() else None
-        if index is None:
-            raise FileNotFoundError(f"{path} is not a pipeline folder (no model_index.json)")
-        cls = MMGANPipeline if index["_class_name"] == "MMGANPipeline" else MMDiffPipeline
-    else:  # a Hub repo id (offline: from the local cache)
-        cls = MMGANPipeline if engine == "gan" else MMDiffPipeline
-    return cls.from_pretrained(source)
-
+#: the hidden folder inside ``--out`` that a run's outputs are written to before they move into place
+STAGING_PREFIX = ".mmdiff-synthesize-"
 
 def revision(source: str | os.PathLike) -> str:
     """A short content hash of a local pipeline folder's index and weights (or the repo id itself)."""
@@ -72,7 +56,7 @@ def synthesize(
     out: str | os.PathLike,
     pipeline=None,
     pipeline_source: str | os.PathLike | None = None,
-    engine: str = "ldm",
+    engine: str | None = None,
     dataset: str | None = None,
     targets: list[str] | None = None,
     steps: int = 20,
@@ -83,52 +67,125 @@ def synthesize(
     batch_size: int = 8,
     overwrite: bool = False,
 ) -> dict[str, Path]:
-    """Synthesize the missing sequences of one exam from NIfTI files; returns the written paths."""
-    if not inputs:
-        raise ValueError("no input sequence given: pass at least one of --t1 --t2 --t1c --flair --dwi --adc")
-    inputs = {canonical(k): Path(v) for k, v in inputs.items()}
-    missing = [str(p) for p in inputs.values() if not p.exists()]
-    if missing:
-        raise FileNotFoundError(f"input file(s) not found: {', '.join(missing)}")
-    pipe = pipeline if pipeline is not None else load_pipeline(pipeline_source, engine)
+    """Synthesize the missing sequences of one exam from NIfTI files; returns the written paths.
+
+    ``pipeline_source`` (a folder or Hub repo id; default: the published pipeline of ``engine``,
+    else the LDM) is loaded unless ``pipeline`` is given; the provenance records the engine that ran.
+    Every file and option is checked before the model loads; the outputs are written to a hidden
+    folder inside ``out`` and moved into place together, so a failure leaves no new file behind.
+    """
+    from .pipelines import load_pipeline, resolve_source
+
+    check_synthesize_options(engine, steps, samples, batch_size, seed, scheduler, targets, inputs or {})
+    inputs = check_input_files(inputs, brain_mask)
+    input_files = list(inputs.values()) + ([Path(brain_mask)] if brain_mask else [])
+    out = check_output_folder(out, input_files)
+    if pipeline is None:
+        source = resolve_source(pipeline_source, engine)
+        index = check_pipeline_source(source)  # a broken or foreign folder: one line before anything loads
+        if index is not None:  # a pipeline folder says which engine it is
+            found = "gan" if index["_class_name"] == "MMGANPipeline" else "ldm"
+            check_synthesize_options(found, steps, samples, batch_size, seed, scheduler, targets, inputs)
+        pipe = load_pipeline(source, engine)  # checks that it is of `engine`, when given
+    else:
+        source = resolve_source(pipeline_source) if pipeline_source is not None else None
+        pipe = pipeline
+        if engine is not None and pipe.engine != engine:
+            raise ValueError(f"the pipeline is {type(pipe).__name__} (engine {pipe.engine}), not the {engine} engine")
+    diffusion = pipe.engine == "ldm"
     if scheduler is not None:
-        if not hasattr(pipe, "scheduler"):
-            raise ValueError(f"--scheduler is for the diffusion engine; the {engine} pipeline has no scheduler")
+        if not diffusion:
+            raise ValueError(f"--scheduler is for the diffusion engine; the {pipe.engine} pipeline has no scheduler")
         from .pipelines import use_scheduler
 
         use_scheduler(pipe, scheduler)
     modalities = pipe.modalities
     targets = [canonical(t, modalities) for t in targets] if targets else [m for m in modalities if m not in inputs]
-    out = Path(out)
     paths = output_paths(out, targets, samples)
-    input_files = list(inputs.values()) + ([Path(brain_mask)] if brain_mask else [])
     for path in paths.values():
         check_not_input(path, input_files)
         for file in (path, sidecar_path(path)):
             if file.exists() and not overwrite:
                 raise OverwriteError(f"{file} exists (pass --overwrite to replace it)")
     generator = torch.Generator().manual_seed(seed)
-    kwargs = {"num_inference_steps": steps, "num_samples": samples, "generator": generator} if engine == "ldm" else {}
+    kwargs = {"num_inference_steps": steps, "num_samples": samples, "generator": generator} if diffusion else {}
     result = pipe({m: str(p) for m, p in inputs.items()}, dataset=dataset, targets=targets, output_type="nifti",
                   brain_mask=str(brain_mask) if brain_mask else None, batch_size=batch_size, **kwargs)
-    source = pipeline_source if pipeline_source is not None else PUBLISHED / DEFAULT_PIPELINES[engine]
     provenance = {
-        "model": str(source), "model_revision": revision(source), "engine": engine, "pipeline": type(pipe).__name__,
+        "model": str(source if source is not None else getattr(pipe, "name_or_path", None) or type(pipe).__name__),
+        "model_revision": revision(source) if source is not None else None, "engine": pipe.engine,
+        "pipeline": type(pipe).__name__,
         "dataset": dataset, "inputs": {m: str(p.resolve()) for m, p in inputs.items()},
         "brain_mask": str(Path(brain_mask).resolve()) if brain_mask else "derived from the inputs",
-        "targets": targets, "seed": seed, "steps": steps if engine == "ldm" else 1, "samples": samples,
-        "scheduler": type(pipe.scheduler).__name__ if hasattr(pipe, "scheduler") else None,
-        "intensity_units": "mmdiff normalised [0, 1] (99.5th percentile inside the brain = 1)",
+        "targets": targets, "seed": seed,
+        **({"steps": steps, "samples": samples, "scheduler": type(pipe.scheduler).__name__} if diffusion else {}),
+        "intensity_units": "mmdiff normalised [0, 1]: " + (getattr(pipe, "preprocessor", None)
+                                                            or MRIPreprocessor.legacy()).describe(),
     }
-    written = {}
-    for name, path in paths.items():
+    created = [folder for folder in (out, *out.parents) if not folder.exists()]  # innermost first
+    out.mkdir(parents=True, exist_ok=True)
+    remove_dead_staging(out)
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=out))
+    def stage(item):
+        name, path = item
         target, _, kind = name.partition("_")
         image = (result.uncertainty if kind else result.images)[target]
-        save_nifti(np.asarray(image.dataobj, dtype=np.float32), image.affine, path, header=image.header,
-                   descrip=SYNTHETIC_DESCRIP, overwrite=overwrite, inputs=input_files)
-        write_json(sidecar_path(path), provenance_record({**provenance, "target": target,
-                                                          "map": "uncertainty (std over samples)" if kind else
-                                                          "synthetic image"}),
-                   overwrite=True, inputs=input_files)
-        written[name] = path
-    return written
+        save_nifti(np.asarray(image.dataobj, dtype=np.float32), image.affine, staging / path.name,
+                   header=image.header, descrip=SYNTHETIC_DESCRIP, inputs=input_files)
+        write_json(staging / sidecar_path(path).name,
+                   provenance_record({**provenance, "target": target,
+                                      "map": "uncertainty (std over samples)" if kind else "synthetic image"}),
+                   inputs=input_files)
+        return {staging / path.name: path, staging / sidecar_path(path).name: sidecar_path(path)}
+
+    try:
+        staged = {}
+        with ThreadPoolExecutor(max_workers=min(4, len(paths))) as pool:  # gzip releases the GIL
+            for files in pool.map(stage, paths.items()):
+                staged |= files
+        move_into_place(staged, staging / "replaced")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        for folder in created:  # folders made for a run that wrote nothing
+            if not any(folder.iterdir()):
+                folder.rmdir()
+    return dict(paths)
+
+
+def remove_dead_staging(out: Path) -> None:
+    """Remove the staging folders that runs killed before their outputs were moved into place left
+    in ``out`` (their process is gone; a live run's folder is left alone)."""
+    for folder in out.glob(f"{STAGING_PREFIX}*"):
+        pid = folder.name[len(STAGING_PREFIX):].split("-")[0]
+        if pid.isdigit() and folder.is_dir() and not folder.is_symlink() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def move_into_place(staged: dict[Path, Path], backup: Path) -> None:
+    """Rename every staged file onto its final path (same folder, so each rename is atomic); files
+    replaced on the way are kept in ``backup`` until all are in place, and put back if one fails."""
+    moved, replaced = [], []
+    try:
+        for source, final in staged.items():
+            if final.exists():
+                backup.mkdir(exist_ok=True)
+                os.replace(final, backup / final.name)
+                replaced.append(final)
+            os.replace(source, final)
+            moved.append(final)
+    except BaseException:
+        for final in moved:
+            final.unlink(missing_ok=True)
+        for final in replaced:
+            os.replace(backup / final.name, final)
+        raise

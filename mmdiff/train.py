@@ -15,6 +15,7 @@ from accelerate import PartialState
 
 from .data.dataset import CacheError
 from .training import ConfigError, load_config, train
+from .training.checkpoint import CheckpointError
 
 
 def build_parser(prog: str = "python -m mmdiff.train") -> argparse.ArgumentParser:
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m mmdiff.train") ->
         output_dir = Path(args.output_dir or Path("runs") / Path(args.config).stem)
         final = train(config, output_dir, max_steps=args.max_steps, resume=args.resume,
                       max_minutes=args.max_minutes)
-    except (ConfigError, CacheError, FileNotFoundError) as exc:
+    except (ConfigError, CacheError, CheckpointError, FileNotFoundError) as exc:
         print(f"mmdiff train: error: {exc}", file=sys.stderr)
         return 2
     finally:

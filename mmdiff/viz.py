@@ -19,10 +19,6 @@ from .io import atomic_path
 Panel = tuple[str, np.ndarray]
 Row = tuple[str, Sequence[Panel]]
 
-# Label colours (RGB) for segmentation overlays: 1 red, 2 green, 3 and 4 yellow (enhancing), others blue.
-LABEL_COLOURS = {1: (230, 40, 40), 2: (40, 200, 60), 3: (250, 220, 30), 4: (250, 220, 30)}
-
-
 def display(volume: np.ndarray, axis: int = 2, index: int | None = None) -> np.ndarray:
     """A slice of a RAS volume (``axis`` 2 axial, 1 coronal, 0 sagittal) in radiological display order.
 
@@ -41,19 +37,6 @@ def window(image: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarra
     if hi <= lo:
         hi = lo + 1.0
     return (np.clip((image - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
-
-
-def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """RGB uint8 of a windowed 2D image with label colours blended in."""
-    grey = window(image)
-    rgb = np.repeat(grey[..., None], 3, axis=-1).astype(np.float32)
-    for label in np.unique(labels):
-        if label == 0:
-            continue
-        colour = np.array(LABEL_COLOURS.get(int(label), (60, 120, 250)), np.float32)
-        sel = labels == label
-        rgb[sel] = (1 - alpha) * rgb[sel] + alpha * colour
-    return rgb.astype(np.uint8)
 
 
 def _font(size: int):
@@ -124,26 +107,3 @@ def lesion_centre(seg: np.ndarray) -> tuple[int, int, int]:
     if len(idx) == 0:
         return tuple(n // 2 for n in seg.shape)
     return tuple(int(round(v)) for v in idx.mean(axis=0))
-
-
-def case_montage(images: dict[str, np.ndarray], path: str | os.PathLike, seg: np.ndarray | None = None,
-                 spacing: Sequence[float] = (1.0, 1.0, 1.0), views: Sequence[str] = ("axial",),
-                 title: str | None = None, cell: int = 192, overwrite: bool = True) -> Path:
-    """A PNG with one column per modality (plus the segmentation overlay when given) and one row
-    per view (``axial``, ``coronal``, ``sagittal``) through the lesion centre, radiological display.
-
-    ``images`` are 3D RAS arrays on one grid with voxel size ``spacing`` (mm).
-    """
-    axes = {"axial": 2, "coronal": 1, "sagittal": 0}
-    centre = lesion_centre(seg) if seg is not None else tuple(n // 2 for n in next(iter(images.values())).shape)
-    rows, aspects = [], []
-    for view in views:
-        axis = axes[view]
-        panels = [(name, display(vol, axis, centre[axis])) for name, vol in images.items()]
-        if seg is not None:
-            first = next(iter(images.values()))
-            panels.append(("seg", overlay(display(first, axis, centre[axis]), display(seg, axis, centre[axis]))))
-        rows.append((view, panels))
-        in_plane = [a for a in range(3) if a != axis]  # display rows follow the second in-plane axis
-        aspects.append(spacing[in_plane[1]] / spacing[in_plane[0]])
-    return montage(rows, path, cell=cell, title=title, aspects=aspects, overwrite=overwrite)

@@ -10,9 +10,7 @@ from mmdiff.data.conditions import (
     MODES,
     SynthesisConditionSampler,
     allowed_conditions,
-    apply_condition,
     loss_weights,
-    task,
 )
 from mmdiff.modalities import availability, mask_key, parse_mask_key
 
@@ -111,44 +109,6 @@ def test_batch_rejects_mixed_masks_and_bad_shapes():
         sampler(np.zeros(6, dtype=bool))
     with pytest.raises(ValueError, match="unknown synthesis mode 'two-to-one'"):
         SynthesisConditionSampler("two-to-one")
-
-
-def test_fixed_tasks():
-    sources, targets = task(["t1", "t2w"], ["t2f"])
-    assert mask_key(sources) == "110000" and mask_key(targets) == "000100"
-    available = availability(["t1", "t2", "flair", "adc"])
-    sources, targets = task(["t1"], available=available)
-    assert mask_key(targets) == "010101"  # every other available modality
-    assert mask_key(task(["t1"])[1]) == "011111"
-
-
-@pytest.mark.parametrize(
-    "sources, targets, present, message",
-    [
-        (["t1", "dwi"], ["flair"], ["t1", "t2", "flair"], r"source modality 'dwi' is not available .*t1, t2, flair"),
-        (["t1"], ["t1c"], ["t1", "t2"], r"target modality 't1c' has no ground truth .*t1, t2"),
-        (["t1", "t2"], ["t1n"], None, "both source and target: t1"),
-        ([], ["t1"], None, "at least one source"),
-        (["t1"], [], None, "at least one target"),
-        (["t1", "t2"], None, ["t1", "t2"], "at least one target"),
-        (["pd"], ["t1"], None, "unknown modality 'pd'"),
-    ],
-)
-def test_fixed_task_errors_name_the_problem(sources, targets, present, message):
-    available = None if present is None else availability(present)
-    with pytest.raises(ValueError, match=message):
-        task(sources, targets, available=available)
-
-
-def test_apply_condition_zeroes_non_sources():
-    images = torch.rand(2, 6, 8, 8) + 0.1
-    sources = masks("110000", "000101")
-    inputs = apply_condition(images, sources)
-    assert inputs.shape == images.shape and inputs.dtype == images.dtype
-    assert torch.equal(inputs[0, :2], images[0, :2]) and (inputs[0, 2:] == 0).all()
-    assert torch.equal(inputs[1, 3], images[1, 3]) and (inputs[1, [0, 1, 2, 4]] == 0).all()
-    with pytest.raises(ValueError, match="do not match"):
-        apply_condition(images, sources[:, :4])
 
 
 def test_loss_weights_are_zero_without_ground_truth():

@@ -22,7 +22,9 @@ def test_tasks_parse_and_follow_the_available_modalities():
         Task.parse("t1,t1c")
     brats = tasks_for(["t1", "t2", "t1c", "flair"], "paper")
     assert [t.name for t in brats] == ["t1->t1c", "t2->flair", "t1->t2", "t1+t2->flair", "t1+t2+flair->t1c"]
-    assert len(tasks_for(["t1", "t2", "t1c", "flair", "dwi", "adc"], "paper")) == len(PAPER_TASKS)
+    assert len(tasks_for(["t1", "t2", "t1c", "flair", "dwi", "adc"], "paper")) == len(PAPER_TASKS) - 1
+    wml = tasks_for(["t1", "t2", "flair", "pd"], "paper")  # a cohort with PD gets mmdiff's PD task
+    assert [t.name for t in wml] == ["t2->flair", "t1->t2", "t1+t2->flair", "t1+t2+flair->pd"]
     subsets = tasks_for(["t1", "t2", "flair"], "all-subsets")
     assert len(subsets) == 3 * 3  # per target: 2 singles + 1 pair
     assert Task(("t1", "t2"), "flair") in subsets
@@ -69,7 +71,8 @@ def test_copy_nearest_picks_the_closest_contrast_that_is_given():
     image, brain, _ = _case()
     case = EvalCase("d", "c", "test", {"t1": image, "t2": 2 * image, "flair": 3 * image}, brain, None)
     prediction, uncertainty = CopyNearest()(case, Task(("t2", "t1", "flair"), "t1c"))
-    np.testing.assert_array_equal(prediction, image) and uncertainty is None
+    np.testing.assert_array_equal(prediction, image)
+    assert uncertainty is None
     np.testing.assert_array_equal(CopyNearest()(case, Task(("t1", "t2"), "flair"))[0], 2 * image)
 
 
@@ -81,7 +84,9 @@ def test_cases_come_from_the_requested_split(tiny_cache):
     assert set(glioma.images) == {"t1", "t2", "t1c", "flair", "dwi", "adc"}
     assert glioma.images["t1"].shape == glioma.brain.shape and glioma.lesion.any()
     strided = next(c for c in load_cases(tiny_cache, "test", ["glioma"], slice_stride=3))
-    assert strided.brain.shape[2] == -(-glioma.brain.shape[2] // 3)
+    # methods get the whole volume (a 2.5D model needs each slice's neighbours); every 3rd slice is scored
+    assert strided.brain.shape == glioma.brain.shape
+    assert len(range(strided.brain.shape[2])[strided.scored]) == -(-glioma.brain.shape[2] // 3)
 
 
 def test_voxelwise_regression_learns_a_relation_that_exists(tiny_cache):

@@ -16,20 +16,71 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 from mmdiff.cli import main
+from mmdiff.data.cache import fingerprint, read_index
 from mmdiff.pipelines import MMGANPipeline
 from test_pipelines import tiny_gan, tiny_ldm
 
 HERE = Path(__file__).parent
 
 
-def fake_run(root: Path, pipe) -> Path:
+def described(name: str, cases: int, modalities: dict) -> dict:
+    return {"id": 0, "cases": cases, "splits": {"train": cases - 2, "val": 1, "test": 1}, "slices": 40 * cases,
+            "modalities": modalities, "labelled": 0}
+
+
+DATA = {"fingerprint": "0123456789abcdef",
+        "preparation": {"clip_percentile": 99.0, "geometry": {"spacing": [1.5, 1.5, 1.5], "size": 160}},
+        "datasets": {"brats": described("brats", 7, {"t1": 7, "t2": 7, "t1c": 7, "flair": 7}),
+                     "ixi": described("ixi", 5, {"t1": 5, "t2": 5})}}
+
+
+def fake_run(root: Path, pipe, **info) -> Path:
     """A finished training run folder as the trainer leaves it."""
     pipe.save_pretrained(root / "final")
     info = {"stage": "gan", "steps": 10, "datasets": ["brats", "ixi"], "modalities": pipe.modalities,
-            "cache": str(root / "no-cache"), "processes": 1,
-            "config": {"stage": "gan", "train": {"batch_size": 4, "learning_rate": 2e-4, "ema_decay": 0.99}}}
+            "data": DATA, "processes": 1, "device": "cpu", "train_minutes": 3.5,
+            "config": {"stage": "gan", "train": {"batch_size": 4, "learning_rate": 2e-4, "ema_decay": 0.99}}} | info
     (root / "final" / "training_info.json").write_text(json.dumps(info))
     return root
+
+
+def test_card_facts_come_from_the_run(tmp_path):
+    out = tmp_path / "mmdiff-gan"
+    assert main(["export", str(fake_run(tmp_path / "run", tiny_gan())), str(out)]) == 0
+    card = ModelCard.load(out / "README.md")
+    assert card.data.datasets == ["brats", "ixi"]
+    text = card.text
+    for fact in ("`brats`: 7 cases (5 train, 1 validation, 1 test)", "`ixi`: 5 cases", "0123456789abcdef",
+                 "clipped at the 99th percentile", "1.5 x 1.5 x 1.5 mm and a 160 x 160", "about 1.5 mm in plane",
+                 "Trained for 10 steps (3.5 minutes) on 1 cpu process(es)", "8 training cases from 2 dataset(s)",
+                 "ixi: t1, t2", "--dataset brats", "import mmdiff  #", "Menze et al."):
+        assert fact in text, fact
+    for claim in ("12 real BraTS", "two CPU cores", "99.5th", "phantom cohort", "--engine"):
+        assert claim not in text, claim
+    # none of our claims for a run on other data: no BraTS citation, no dataset option invented
+    other = tmp_path / "other"
+    data = {**DATA, "datasets": {"site-a": described("site-a", 4, {"t1": 4})}}
+    assert main(["export", str(fake_run(tmp_path / "run2", tiny_gan(), datasets=[], data=data)), str(other)]) == 0
+    text = ModelCard.load(other / "README.md").text
+    assert "`site-a`: 4 cases" in text and "Menze" not in text and "--dataset brats" not in text
+    assert "ICBM152" not in text  # no phantoms in this run
+
+
+def test_export_replaces_a_recorded_cache_path_by_what_identifies_the_data(tmp_cache_run):
+    run, cache, out = tmp_cache_run
+    assert main(["export", str(run), str(out)]) == 0
+    text = (out / "training_info.json").read_text()
+    info = json.loads(text)
+    assert str(cache) not in text and "cache" not in info
+    assert info["data"]["fingerprint"] == fingerprint(cache)
+    assert set(info["data"]["datasets"]) == set(read_index(cache)["datasets"])
+
+
+@pytest.fixture
+def tmp_cache_run(tiny_cache, tmp_path):
+    """A run recorded the old way, with the absolute path of its cache."""
+    run = fake_run(tmp_path / "run", tiny_gan(), data=None, cache=str(tiny_cache))
+    return run, tiny_cache, tmp_path / "out"
 
 
 def fake_evaluation(root: Path, method: str) -> Path:

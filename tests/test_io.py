@@ -1,11 +1,17 @@
-import json
+import os
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from mmdiff.io import (OverwriteError, VolumeError, is_synthetic, load_volume, save_like, sidecar_path,
-                       write_text)
+from mmdiff.io import (SYNTHETIC_DESCRIP, OverwriteError, VolumeError, atomic_dir, is_synthetic, load_volume,
+                       save_nifti, write_json, write_text)
+
+
+def save_on_source_grid(vol, array, path, **kwargs):
+    """What the pipelines and ``synthesize`` do: canonical array -> the input file's own grid, marked synthetic."""
+    return save_nifti(vol.to_source(array), vol.source_affine, path, header=vol.header, descrip=SYNTHETIC_DESCRIP,
+                      inputs=[vol.path], **kwargs)
 
 
 def _save(path, data, affine):
@@ -27,15 +33,12 @@ def test_canonical_and_write_back_on_the_input_grid(tmp_path, axcodes_affine):
     world = axcodes_affine @ ijk_src
     ijk_can = np.rint(np.linalg.inv(vol.affine) @ world).astype(int)[:3]
     assert vol.data[tuple(ijk_can)] == pytest.approx(data[1, 2, 3])
-    out = save_like(vol, vol.data * 2, tmp_path / "out.nii.gz", provenance={"model": "test", "seed": 3})
+    out = save_on_source_grid(vol, vol.data * 2, tmp_path / "out.nii.gz")
     img = nib.load(out)
     np.testing.assert_allclose(img.get_fdata(), data * 2, rtol=1e-6)
     np.testing.assert_allclose(img.affine, axcodes_affine)
     assert img.get_data_dtype() == np.float32
     assert is_synthetic(out) and not is_synthetic(src)
-    sidecar = json.loads(sidecar_path(out).read_text())
-    assert sidecar["synthetic"] is True and sidecar["seed"] == 3 and sidecar["model"] == "test"
-    assert "mmdiff_version" in sidecar
 
 
 def test_singleton_4d_accepted_other_4d_refused(tmp_path):
@@ -67,13 +70,29 @@ def test_unreadable_and_missing_files(tmp_path):
 def test_never_overwrites_inputs_or_existing_files(tmp_path):
     src = _save(tmp_path / "in.nii.gz", np.ones((3, 3, 3), np.float32), np.eye(4))
     vol = load_volume(src)
-    with pytest.raises(OverwriteError, match="input"):
-        save_like(vol, vol.data, src, overwrite=True)
-    out = save_like(vol, vol.data, tmp_path / "out.nii.gz", provenance={})
-    with pytest.raises(OverwriteError, match="exists"):
-        save_like(vol, vol.data, out, provenance={})
-    save_like(vol, vol.data * 3, out, provenance={}, overwrite=True)
+    with pytest.raises(OverwriteError, match="refusing to write .*in.nii.gz: it is an input file"):
+        save_on_source_grid(vol, vol.data, src, overwrite=True)
+    out = save_on_source_grid(vol, vol.data, tmp_path / "out.nii.gz")
+    with pytest.raises(OverwriteError, match="out.nii.gz exists"):
+        save_on_source_grid(vol, vol.data, out)
+    save_on_source_grid(vol, vol.data * 3, out, overwrite=True)
     assert nib.load(out).get_fdata().max() == 3
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_and_folders_respect_the_umask(tmp_path, umask):
+    """Atomic writes go through mkstemp/mkdtemp (0600/0700): the result must get the usual modes."""
+    previous = os.umask(umask)
+    try:
+        nifti = save_nifti(np.ones((3, 3, 3), np.float32), np.eye(4), tmp_path / "a.nii.gz")
+        sidecar = write_json(tmp_path / "a.json", {"synthetic": True})
+        with atomic_dir(tmp_path / "folder") as folder:
+            (folder / "x.txt").write_text("x")
+    finally:
+        os.umask(previous)
+    for path in (nifti, sidecar):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, oct(path.stat().st_mode)
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):

@@ -170,7 +170,7 @@ def test_unet_conditioning_is_live_and_targets_do_not_leak():
         leaked = clean.clone()
         leaked[:, FLAIR] = 100.0
         torch.testing.assert_close(model(noisy, 100, leaked, sources, 0).sample, base)
-    with pytest.raises(ValueError, match="modalities"):
+    with pytest.raises(ValueError, match=r"latents have 3 modalities x \d+ channels, the model expects 6 x"):
         model(noisy[:, :3], 100, clean[:, :3], sources[:, :3], 0)
 
 

@@ -122,8 +122,8 @@ def test_save_load_roundtrip(tmp_path, kind):
 
 
 def test_generic_from_pretrained_in_fresh_process(tmp_path):
-    """``DiffusionPipeline.from_pretrained`` with remote code off: fails before ``import mmdiff.pipelines``,
-    returns the mmdiff pipeline after it, with identical outputs."""
+    """``DiffusionPipeline.from_pretrained`` with remote code off: fails before ``import mmdiff``, returns
+    the mmdiff pipeline after it (diffusers imported first), with identical outputs."""
     volume = brain_volume(2)
     np.save(tmp_path / "volume.npy", volume)
     ldm, gan = tiny_ldm(), tiny_gan()
@@ -132,18 +132,21 @@ def test_generic_from_pretrained_in_fresh_process(tmp_path):
     np.save(tmp_path / "ldm.npy", ldm({"t1": volume}, num_inference_steps=STEPS, generator=seeded(5)).images["t2"])
     np.save(tmp_path / "gan.npy", gan({"t1": volume}).images["t2"])
     script = textwrap.dedent(f"""
+        import sys
         import numpy as np, torch
         from diffusers import DiffusionPipeline
         root = {str(tmp_path)!r}
         try:
             DiffusionPipeline.from_pretrained(root + "/ldm")
-            raise SystemExit("loaded without importing mmdiff.pipelines: update the docs")
+            raise SystemExit("loaded without importing mmdiff: update the docs")
         except AttributeError as exc:
             assert "MMDiffPipeline" in str(exc), exc
-        import mmdiff.pipelines
+        import mmdiff  # enough: the pipelines are imported on first use
+        assert "mmdiff.pipelines" not in sys.modules
         volume = np.load(root + "/volume.npy")
         ldm = DiffusionPipeline.from_pretrained(root + "/ldm")
         gan = DiffusionPipeline.from_pretrained(root + "/gan")
+        import mmdiff.pipelines
         assert type(ldm) is mmdiff.pipelines.MMDiffPipeline and type(gan) is mmdiff.pipelines.MMGANPipeline
         out = ldm({{"t1": volume}}, num_inference_steps={STEPS}, generator=torch.Generator().manual_seed(5))
         np.testing.assert_array_equal(out.images["t2"], np.load(root + "/ldm.npy"))
@@ -158,10 +161,12 @@ def test_generic_from_pretrained_in_fresh_process(tmp_path):
 def test_schedulers_by_name():
     assert SCHEDULER_NAMES == tuple(SCHEDULERS)  # the CLI's choices, kept without importing diffusers
     pipe = tiny_ldm()
+    trained = dict(pipe.scheduler.config)  # the noise schedule the model was trained with
     use_scheduler(pipe, "ddim")
     assert type(pipe.scheduler) is DDIMScheduler
-    assert pipe.scheduler.config.num_train_timesteps == pipe.unet.config.get("num_train_timesteps",
-                                                                             pipe.scheduler.config.num_train_timesteps)
+    for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type"):
+        assert pipe.scheduler.config[key] == trained[key], key
+    assert (pipe.scheduler.config.beta_schedule, pipe.scheduler.config.beta_end) == ("scaled_linear", 0.012)
     use_scheduler(pipe, "dpm++")
     assert type(pipe.scheduler) is DPMSolverMultistepScheduler
     with pytest.raises(ValueError, match="unknown scheduler 'plms'"):
@@ -182,8 +187,14 @@ def test_scheduler_swap(scheduler_class):
                                                                           if k != "scheduler"}
     assert pipe.config["scheduler"] == ("diffusers", scheduler_class.__name__)
     np.testing.assert_array_equal(swapped.mask, reference.mask)
+    # the swapped scheduler is the one that samples: the same as a pipeline built with it, not the old one
+    built = MMDiffPipeline(vae, unet, scheduler_class.from_config(pipe.scheduler.config))
+    built.set_progress_bar_config(disable=True)
+    expected = built({"t1": volume}, num_inference_steps=STEPS, generator=seeded(0))
     for name, image in swapped.images.items():
         assert image.shape == volume.shape and np.isfinite(image).all() and 0 <= image.min() <= image.max() <= 1
+        np.testing.assert_array_equal(image, expected.images[name])
+        assert np.abs(image - reference.images[name]).max() > 1e-3
 
 
 def test_scheduler_set_later_is_kept():
@@ -313,7 +324,9 @@ def _far_away_nifti(tmp_path):
 
 
 BAD_INPUTS = {
-    "unknown modality": (lambda p: dict(images={"t1": brain_slice(), "pd": brain_slice()}), "unknown modality 'pd'"),
+    "unknown modality": (lambda p: dict(images={"t1": brain_slice(), "swi": brain_slice()}), "unknown modality 'swi'"),
+    "a sequence the model lacks": (lambda p: dict(images={"t1": brain_slice(), "pd": brain_slice()}),
+                                   "input 'pd': the model was not trained on pd"),
     "no input": (lambda p: dict(images={}), "no input images"),
     "target given": (lambda p: dict(images={"t1": brain_slice()}, targets=["t1n"]), "target t1 is also an input"),
     "input not trained": (lambda p: dict(images={"dwi": brain_slice()}), "not trained on dwi"),

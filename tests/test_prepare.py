@@ -146,3 +146,23 @@ def test_real_brats_case_prepares(brats_sample, tmp_path):
     assert labels <= {0, 1, 2, 3} and 3 in labels  # BraTS 2018 label 4 is stored as 3
     brain = ds[len(ds) // 2]["brain_mask"]
     assert 0.2 < brain.float().mean() < 0.8
+
+
+def test_brats_2018_label_4_is_stored_as_3_on_the_phantom_cache(tiny_cache):
+    """The BraTS-2021-like phantom cohort writes enhancing tumour as label 4, as BraTS 2018-2021 do;
+    the cache stores it as 3 (BraTS 2023), with the other labels unchanged."""
+    import nibabel as nib
+
+    from mmdiff.data.cache import SEG, case_dir
+    from mmdiff.data.manifest import read_manifest
+
+    cases = [c for c in read_manifest(tiny_cache / "sources" / "phantoms" / "manifest.csv") if c.dataset == "bratslike"]
+    assert cases
+    for case in cases:
+        raw = np.rint(np.asarray(nib.load(case.files["seg"]).dataobj)).astype(int)
+        assert 4 in raw and 3 not in raw  # the source convention: the test checks a real remap
+        stored = np.load(case_dir(tiny_cache, case.dataset, case.case_id) / SEG)
+        labels = set(np.unique(stored).tolist())
+        assert labels <= {0, 1, 2, 3} and 3 in labels and 4 not in labels
+        # every raw label survives (cropping and resampling aside): 1 and 2 stay, 4 becomes 3
+        assert {1, 2} & set(np.unique(raw).tolist()) <= labels

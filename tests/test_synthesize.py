@@ -89,3 +89,49 @@ def test_refuses_to_overwrite_and_bad_input(exam, pipelines, tmp_path, capsys):
     assert "flair" in capsys.readouterr().err
     assert main(["synthesize", "--flair", str(exam["flair"]), "--out", str(tmp_path / "z"),
                  "--pipeline", str(tmp_path / "nowhere")]) == 2
+
+
+def test_the_pipeline_says_its_engine_and_the_record_says_what_ran(exam, pipelines, tmp_path, capsys):
+    """A GAN folder without --engine runs as the GAN and is recorded so (no diffusion steps); a
+    mismatching --engine is an error; the files respect the umask."""
+    import os
+
+    previous = os.umask(0o022)
+    try:
+        assert main(["synthesize", "--t1", str(exam["t1"]), "--targets", "t2", "--pipeline", str(pipelines / "gan"),
+                     "--out", str(tmp_path / "out")]) == 0
+    finally:
+        os.umask(previous)
+    sidecar = json.loads((tmp_path / "out" / "t2_synthetic.json").read_text())
+    assert sidecar["engine"] == "gan" and sidecar["pipeline"] == "MMGANPipeline"
+    assert "steps" not in sidecar and "scheduler" not in sidecar and "samples" not in sidecar
+    for file in ("t2_synthetic.nii.gz", "t2_synthetic.json"):
+        assert (tmp_path / "out" / file).stat().st_mode & 0o777 == 0o644, file
+    assert main(["synthesize", "--t1", str(exam["t1"]), "--targets", "t2", "--pipeline", str(pipelines / "gan"),
+                 "--engine", "ldm", "--out", str(tmp_path / "other")]) == 2
+    assert "holds an MMGANPipeline (engine gan), not the ldm engine" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
+
+
+def _hub_cache(root, repo_id: str, folder) -> None:
+    """``folder`` as the Hugging Face cache holds a downloaded repo (refs/main -> one snapshot)."""
+    import shutil
+
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+
+
+def test_hub_repos_load_as_their_own_engine_offline(pipelines, tmp_path):
+    from mmdiff.pipelines import MMDiffPipeline, MMGANPipeline, load_pipeline
+
+    cache = tmp_path / "hub-cache"
+    _hub_cache(cache, "org/tiny-gan", pipelines / "gan")
+    _hub_cache(cache, "org/tiny-ldm", pipelines / "ldm")
+    assert type(load_pipeline("org/tiny-gan", cache_dir=cache)) is MMGANPipeline
+    assert type(load_pipeline("org/tiny-ldm", cache_dir=cache)) is MMDiffPipeline
+    with pytest.raises(ValueError, match="holds an MMDiffPipeline \\(engine ldm\\), not the gan engine"):
+        load_pipeline("org/tiny-ldm", engine="gan", cache_dir=cache)
+    with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE is set and it is not in the local Hub cache"):
+        load_pipeline("org/not-downloaded", cache_dir=cache)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mmdiff.data.cache import fingerprint, read_index
 from mmdiff.models import MultiModalGenerator
 from mmdiff.train import main as train_main
 from mmdiff.training.trainer import lr_factor
@@ -32,8 +33,19 @@ def test_gan_tiny_trains_validates_checkpoints_and_exports(tiny_cache, tmp_path)
         "generator.safetensors", "discriminators.safetensors", "state.pt", "checkpoint.json"}
     generator = MultiModalGenerator.from_pretrained(run / "final" / "generator")
     assert generator.config.dataset_names == ["glioma", "immune", "bratslike", "stroke"]
-    info = json.loads((run / "final" / "training_info.json").read_text())
+    text = (run / "final" / "training_info.json").read_text()
+    info = json.loads(text)
     assert info["steps"] == 10 and info["validation"]["val/psnr"] == validation[-1]["val/psnr"]
+    # the record identifies the data (names, case counts, fingerprint), not this machine's cache path
+    assert str(tiny_cache) not in text and "cache" not in info and "cache" not in info["config"]["data"]
+    index = read_index(tiny_cache)
+    assert info["data"]["fingerprint"] == fingerprint(tiny_cache)
+    assert list(info["data"]["datasets"]) == index["datasets"]
+    for name, described in info["data"]["datasets"].items():
+        cases = [c for c in index["cases"] if c["dataset"] == name]
+        assert described["cases"] == len(cases) and described["id"] == index["datasets"].index(name)
+        assert sum(described["splits"].values()) == len(cases)
+    assert info["data"]["preparation"]["geometry"]["size"] == 64
 
 
 def test_zero_steps_validates_the_initial_model(tiny_cache, tmp_path):
@@ -83,7 +95,13 @@ def test_ldm_tiny_needs_no_other_step(tiny_cache, tmp_path):
     vae_config = json.loads((final / "vae" / "config.json").read_text())
     assert vae_config["scaling_factor"] != 1.0  # measured after the VAE stage
     info = json.loads((final / "training_info.json").read_text())
-    assert info["validation"]["val/psnr"] > 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    final_validation = [r for r in records if "val/psnr" in r][-1]
+    # the record is the validation that ran on the final model: sequences scored, each finite and plausible
+    assert {k: v for k, v in final_validation.items() if k.startswith("val/")} == info["validation"]
+    scored = [k for k in info["validation"] if k.startswith("val/psnr_")]
+    assert len(scored) >= 3 and {k.removeprefix("val/psnr_") for k in scored} <= set(info["modalities"])
+    assert all(5 < info["validation"][k] < 60 for k in scored + ["val/psnr"])
 
 
 def test_config_errors_before_training(tiny_cache, tmp_path, capsys):

@@ -19,13 +19,13 @@ target, i.e. reconstruction only):
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from functools import lru_cache
 
 import numpy as np
 import torch
 
-from ..modalities import MODALITIES, canonical, mask_key, names, parse_mask_key
+from ..modalities import MODALITIES, mask_key, parse_mask_key
 
 MODES: tuple[str, ...] = ("random", "one-to-one", "many-to-one", "all-but-one")
 
@@ -124,60 +124,6 @@ class SynthesisConditionSampler:
         source_masks, target_masks = allowed_conditions(mask_key(available), self.mode)
         row = int(torch.randint(len(source_masks), (), generator=generator))
         return source_masks[row].copy(), target_masks[row].copy()
-
-
-def task(
-    sources: Iterable[str],
-    targets: Iterable[str] | None = None,
-    available: Sequence[bool] | np.ndarray | None = None,
-    modalities: Sequence[str] = MODALITIES,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Masks ``(sources, targets)`` of a fixed evaluation task, e.g. ``task(["t1", "t2"], ["flair"])``.
-
-    Names may be aliases. ``targets`` defaults to every other modality (every other *available* one
-    when ``available`` is given). With ``available``, every source and target must be present in it.
-    """
-    modalities = tuple(modalities)
-    source_names = [canonical(name, modalities) for name in sources]
-    if not source_names:
-        raise ValueError("a synthesis task needs at least one source modality")
-    source_mask = np.isin(modalities, source_names)
-    if available is not None:
-        available = np.asarray(available, dtype=bool)
-        if available.shape != (len(modalities),):
-            raise ValueError(f"availability has shape {available.shape}, expected ({len(modalities)},)")
-        for name in source_names:
-            if not available[modalities.index(name)]:
-                raise ValueError(
-                    f"source modality {name!r} is not available in this case "
-                    f"(available: {', '.join(names(available, modalities)) or 'none'})"
-                )
-    if targets is None:
-        target_mask = ~source_mask if available is None else available & ~source_mask
-    else:
-        target_names = [canonical(name, modalities) for name in targets]
-        both = sorted(set(source_names) & set(target_names), key=modalities.index)
-        if both:
-            raise ValueError(f"modalities cannot be both source and target: {', '.join(both)}")
-        target_mask = np.isin(modalities, target_names)
-        if available is not None:
-            for name in target_names:
-                if not available[modalities.index(name)]:
-                    raise ValueError(
-                        f"target modality {name!r} has no ground truth in this case "
-                        f"(available: {', '.join(names(available, modalities))})"
-                    )
-    if not target_mask.any():
-        raise ValueError("a synthesis task needs at least one target modality")
-    return source_mask, target_mask
-
-
-def apply_condition(images: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
-    """The network inputs ``x_i = y_i * sc_i``: images ``[B, M, ...]`` with non-sources zeroed."""
-    sources = torch.as_tensor(sources, device=images.device)
-    if images.shape[: sources.ndim] != sources.shape:
-        raise ValueError(f"sources {tuple(sources.shape)} do not match images {tuple(images.shape)}")
-    return images * sources.reshape(*sources.shape, *[1] * (images.ndim - sources.ndim)).to(images.dtype)
 
 
 def loss_weights(

@@ -1,8 +1,7 @@
-"""A torch ``Dataset`` over a prepared slice cache (see :mod:`mmdiff.data.prepare`)."""
+"""A torch ``Dataset`` over a prepared slice cache (format: :mod:`mmdiff.data.cache`)."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,13 +10,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .cache import BRAIN_MASK, IMAGES, SEG, CacheError, case_folder, dataset_id, read_index
 from .sampler import group_keys
 
 SPLITS = ("train", "val", "test")
-
-
-class CacheError(ValueError):
-    """A cache that is missing, unfinished or lacks what the caller asked for."""
 
 
 class SliceDataset(Dataset):
@@ -28,6 +24,10 @@ class SliceDataset(Dataset):
     ``brain_mask`` bool ``[H, W]``, ``seg`` uint8 ``[H, W]``, ``case_id`` and ``slice``. With
     ``crop`` set, each item is a random ``crop x crop`` window, a function of ``(seed, epoch, index)``
     (call :meth:`set_epoch` each epoch), so a resumed run sees the same crops with any number of workers.
+
+    With ``context_slices = k > 0`` (a 2.5D model), items also hold ``context`` float32
+    ``[M, 2k, H, W]``: the ``k`` stored slices below and above (order ``-k .. -1, +1 .. +k``), zeros
+    beyond the case's ends, in the same crop window.
 
     ``modalities`` reorders or narrows the modality axis (a model trained on fewer sequences);
     ``datasets`` keeps only the named datasets; ``split`` is one of train/val/test or a list of them.
@@ -43,12 +43,13 @@ class SliceDataset(Dataset):
         crop: int | None = None,
         cases: Sequence[str] | None = None,
         seed: int = 0,
+        context_slices: int = 0,
     ):
         self.cache = Path(cache)
-        index_path = self.cache / "index.json"
-        if not index_path.exists():
-            raise CacheError(f"{self.cache} is not a prepared cache (no index.json): run `mmdiff prepare` first")
-        index = json.loads(index_path.read_text())
+        if context_slices < 0:
+            raise CacheError(f"context_slices must be >= 0, got {context_slices}")
+        self.context_slices = int(context_slices)
+        index = read_index(self.cache)
         self.dataset_names: list[str] = index["datasets"]
         cache_modalities: list[str] = index["modalities"]
         self.modalities = list(modalities) if modalities is not None else cache_modalities
@@ -101,7 +102,7 @@ class SliceDataset(Dataset):
     @property
     def dataset_ids(self) -> np.ndarray:
         """Dataset id ``[N]`` of every sample (its position in the cache's dataset list)."""
-        ids = np.array([self.dataset_names.index(c["dataset"]) for c in self.cases], dtype=np.int64)
+        ids = np.array([dataset_id(self.dataset_names, c["dataset"]) for c in self.cases], dtype=np.int64)
         return ids[self._case_of]
 
     @property
@@ -112,8 +113,8 @@ class SliceDataset(Dataset):
     def _open(self, case_idx: int):
         arrays = self._arrays.get(case_idx)
         if arrays is None:
-            folder = self.cache / self.cases[case_idx]["path"]
-            arrays = tuple(np.load(folder / f"{name}.npy", mmap_mode="r") for name in ("images", "brain_mask", "seg"))
+            folder = case_folder(self.cache, self.cases[case_idx])
+            arrays = tuple(np.load(folder / name, mmap_mode="r") for name in (IMAGES, BRAIN_MASK, SEG))
             self._arrays[case_idx] = arrays
         return arrays
 
@@ -127,10 +128,20 @@ class SliceDataset(Dataset):
             if s >= 0:
                 out[j] = images[k, s][window]
         case = self.cases[case_idx]
-        return {
+        extra = {}
+        if self.context_slices:
+            offsets = [d for d in range(-self.context_slices, self.context_slices + 1) if d]
+            context = np.zeros((len(self.modalities), len(offsets)) + self._shape(), dtype=np.float32)
+            for n, d in enumerate(offsets):
+                if 0 <= k + d < images.shape[0]:
+                    for j, s in enumerate(stored):
+                        if s >= 0:
+                            context[j, n] = images[k + d, s][window]
+            extra["context"] = torch.from_numpy(context)
+        return extra | {
             "images": torch.from_numpy(out),
             "available": torch.from_numpy(available.copy()),
-            "dataset_id": self.dataset_names.index(case["dataset"]),
+            "dataset_id": dataset_id(self.dataset_names, case["dataset"]),
             "brain_mask": torch.from_numpy(np.array(brain[k][window], dtype=bool)),
             "seg": torch.from_numpy(np.array(seg[k][window], dtype=np.uint8)),
             "case_id": case["case_id"],

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..io import write_text
-from ..modalities import canonical
+from ..modalities import KNOWN_MODALITIES, canonical
 
 COLUMNS = ("case_id", "dataset", "modality", "path")
 MASK_KINDS = ("seg", "brainmask")
@@ -45,7 +45,7 @@ def normalise_kind(name: str) -> str:
         return "seg"
     if key in ("brainmask", "brain_mask", "brain"):
         return "brainmask"
-    return canonical(key)
+    return canonical(key, KNOWN_MODALITIES)
 
 
 def rows_to_cases(rows: Iterable[dict], base: Path | None = None) -> list[Case]:

@@ -67,13 +67,6 @@ class ModalityConsistentBatchSampler(Sampler[list[int]]):
         """Select the order of this epoch."""
         self.epoch = epoch
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch = int(state["epoch"])
-        self.seed = int(state["seed"])
-
     def __len__(self) -> int:
         return sum(math.ceil(len(m) / self.batch_size) for m in self.groups.values())
 

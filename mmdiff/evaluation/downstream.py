@@ -31,6 +31,7 @@ from monai.networks.nets import UNet
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..data.cache import SEG, case_dir
 from ..io import write_json, write_text
 from .protocol import EvalCase, load_cases
 
@@ -53,7 +54,7 @@ def segmentation_net(in_channels: int) -> UNet:
 def load_segmentation_cases(cache: str | Path, split: str | Sequence[str],
                             dataset: str = "brats") -> list[tuple[EvalCase, np.ndarray]]:
     """``(case, label map [X, Y, Z])`` for the labelled cases of a split (EvalCase keeps only a lesion mask)."""
-    return [(case, np.load(Path(cache) / "cases" / case.dataset / case.case_id / "seg.npy").transpose(1, 2, 0))
+    return [(case, np.load(case_dir(cache, case.dataset, case.case_id) / SEG).transpose(1, 2, 0))
             for case in load_cases(cache, split, datasets=[dataset]) if case.lesion is not None]
 
 

@@ -7,20 +7,25 @@ the dataset has one) and clipped to [0, 1]; data range 1. The healthy-brain medi
 bright lesion (enhancing tumour on T1C, restricted diffusion on DWI) cannot move that scale, a global
 gain error of a method is not counted against it (only contrast and structure are), and, unlike a
 high percentile, the median does not stretch a smooth prediction that regresses to the mean.
+
+Lesion contrast (what a reader looks at): the mean of a lesion over the mean of the healthy brain,
+in the synthetic volume and in the real one, for the whole lesion and each label of the lesion mask
+(BraTS: 1 necrotic/non-enhancing core, 2 oedema, 3 enhancing). A synthetic T1C without enhancement
+scores about 1 where the real one scores 1.4-1.5 however good its PSNR is.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..modalities import MODALITIES
+from ..data.cache import BRAIN_MASK, IMAGES, SEG, case_folder, read_index
+from ..modalities import KNOWN_MODALITIES
 from ..pipelines.ldm import SCHEDULERS, use_scheduler
 from .metrics import mae, masked_ssim, psnr, ssim_map
 
@@ -49,15 +54,16 @@ class Task:
         return cls(tuple(s.strip() for s in sources.split("+")), target.strip())
 
 
-# The paper's one-to-one and many-to-one tasks.
+# The paper's one-to-one and many-to-one tasks, and mmdiff's PD task (for models trained with PD).
 PAPER_TASKS = tuple(Task.parse(t) for t in (
     "t1->t1c", "t2->flair", "t1->t2", "flair->dwi", "flair->adc",
-    "t1+t2->flair", "t1+t2+flair->t1c", "t1+t2+flair->adc", "flair+dwi->adc", "flair+adc->dwi"))
+    "t1+t2->flair", "t1+t2+flair->t1c", "t1+t2+flair->adc", "flair+dwi->adc", "flair+adc->dwi",
+    "t1+t2+flair->pd"))
 
 
 def tasks_for(available: Sequence[str], protocol: str = "paper") -> list[Task]:
     """The protocol's tasks that a case with the ``available`` modalities supports."""
-    available = [m for m in MODALITIES if m in available]
+    available = [m for m in KNOWN_MODALITIES if m in available]
     if protocol == "paper":
         return [t for t in PAPER_TASKS if t.target in available and set(t.sources) <= set(available)]
     if protocol == "all-subsets":
@@ -72,7 +78,10 @@ def tasks_for(available: Sequence[str], protocol: str = "paper") -> list[Task]:
 
 @dataclass
 class EvalCase:
-    """One prepared case: ``images`` modality -> ``[X, Y, Z]`` in [0, 1]; ``brain`` and ``lesion`` bool ``[X, Y, Z]``."""
+    """One prepared case: ``images`` modality -> ``[X, Y, Z]`` in [0, 1]; ``brain`` and ``lesion`` bool
+    ``[X, Y, Z]``; ``labels`` the lesion mask's labels (uint8, 0 outside). ``scored``: the axial
+    slices that are scored (every ``slice_stride``-th); methods get the whole volume, so a 2.5D model
+    sees each slice's real neighbours."""
 
     dataset: str
     case_id: str
@@ -80,28 +89,29 @@ class EvalCase:
     images: dict[str, np.ndarray]
     brain: np.ndarray
     lesion: np.ndarray | None
+    labels: np.ndarray | None = None
+    scored: slice = field(default_factory=lambda: slice(None))
 
 
 def load_cases(cache: str | Path, split: str | Sequence[str] = "test", datasets: Sequence[str] | None = None,
                slice_stride: int = 1) -> Iterator[EvalCase]:
-    """The cases of ``split`` in a prepared cache, every ``slice_stride``-th axial slice."""
-    cache = Path(cache)
-    if not (cache / "index.json").exists():
-        raise FileNotFoundError(f"{cache} is not a prepared cache (no index.json): run `mmdiff prepare` first")
+    """The cases of ``split`` in a prepared cache; every ``slice_stride``-th axial slice is scored."""
     splits = {split} if isinstance(split, str) else set(split)
-    for entry in json.loads((cache / "index.json").read_text())["cases"]:
+    for entry in read_index(cache)["cases"]:
         if entry["split"] not in splits or (datasets is not None and entry["dataset"] not in datasets):
             continue
-        folder = cache / entry["path"]
-        images = np.load(folder / "images.npy", mmap_mode="r")[::slice_stride]
-        brain = np.load(folder / "brain_mask.npy", mmap_mode="r")[::slice_stride]
-        seg = np.load(folder / "seg.npy", mmap_mode="r")[::slice_stride] if entry.get("has_seg") else None
+        folder = case_folder(cache, entry)
+        images = np.load(folder / IMAGES, mmap_mode="r")
+        brain = np.load(folder / BRAIN_MASK, mmap_mode="r")
+        seg = np.load(folder / SEG, mmap_mode="r") if entry.get("has_seg") else None
         yield EvalCase(
             dataset=entry["dataset"], case_id=entry["case_id"], split=entry["split"],
             images={m: np.ascontiguousarray(images[:, i].transpose(1, 2, 0), dtype=np.float32)
                     for i, m in enumerate(entry["modalities"])},
             brain=np.ascontiguousarray(brain.transpose(1, 2, 0)) > 0,
             lesion=None if seg is None else np.ascontiguousarray(seg.transpose(1, 2, 0)) > 0,
+            labels=None if seg is None else np.ascontiguousarray(seg.transpose(1, 2, 0)),
+            scored=slice(None, None, slice_stride),
         )
 
 
@@ -112,10 +122,41 @@ def robust_normalise(volume: np.ndarray, brain: np.ndarray, lesion: np.ndarray |
     return np.clip(volume / (3 * median), 0, 1).astype(np.float32) if median > 0 else np.zeros_like(volume)
 
 
+LESION_LABELS = (1, 2, 3)
+
+
+def lesion_contrast(volume: np.ndarray, brain: np.ndarray, region: np.ndarray) -> float:
+    """Mean of ``volume`` in ``region`` over its mean in the healthy brain (brain outside the region's
+    lesion); NaN where either is empty or dark."""
+    healthy = brain & ~region
+    if not region.any() or not healthy.any():
+        return float("nan")
+    normal = float(volume[healthy].mean())
+    return float(volume[region].mean()) / normal if normal > 0 else float("nan")
+
+
+def contrast_scores(prediction: np.ndarray, reference: np.ndarray, brain: np.ndarray,
+                    lesion: np.ndarray | None, labels: np.ndarray | None) -> dict[str, float]:
+    """Lesion contrast (module doc) of the synthetic and the real volume: ``contrast_lesion`` /
+    ``contrast_lesion_real`` over the whole lesion and ``contrast_label{k}`` / ``..._real`` per label.
+    The healthy brain is the brain outside every lesion label."""
+    scores = {}
+    outside = brain & ~lesion if lesion is not None else brain
+    regions = {"lesion": lesion} | {f"label{k}": None if labels is None else labels == k for k in LESION_LABELS}
+    for name, region in regions.items():
+        for suffix, volume in (("", prediction), ("_real", reference)):
+            if region is None or not region.any():
+                scores[f"contrast_{name}{suffix}"] = float("nan")
+            else:
+                scores[f"contrast_{name}{suffix}"] = lesion_contrast(volume, outside | region, region)
+    return scores
+
+
 def score(prediction: np.ndarray, reference: np.ndarray, brain: np.ndarray,
-          lesion: np.ndarray | None) -> dict[str, float]:
+          lesion: np.ndarray | None, labels: np.ndarray | None = None) -> dict[str, float]:
     """Per-volume PSNR, SSIM and MAE in each region (``psnr_brain``, ``ssim_lesion``, ...), after
-    :func:`robust_normalise`; a region a case lacks is NaN."""
+    :func:`robust_normalise`, and the lesion contrasts (:func:`contrast_scores`); a region a case
+    lacks is NaN."""
     pred = torch.from_numpy(robust_normalise(prediction, brain, lesion).transpose(2, 0, 1).copy())
     ref = torch.from_numpy(robust_normalise(reference, brain, lesion).transpose(2, 0, 1).copy())
     regions = {"brain": brain, "whole": np.ones_like(brain),
@@ -130,19 +171,20 @@ def score(prediction: np.ndarray, reference: np.ndarray, brain: np.ndarray,
         scores[f"psnr_{region}"] = float(psnr(pred, ref, mask, pooled=True))
         scores[f"ssim_{region}"] = float(masked_ssim(similarity, mask, pooled=True))
         scores[f"mae_{region}"] = float(mae(pred, ref, mask, pooled=True))
-    return scores
+    return scores | contrast_scores(prediction, reference, brain, lesion, labels)
 
 
 # --- methods: each maps (case, task) -> (prediction [X, Y, Z], uncertainty or None) ---
 
 # Contrast most like each target, best first: the "copy the nearest sequence" baseline.
 NEAREST = {
-    "t1": ("t1c", "flair", "t2", "dwi", "adc"),
-    "t1c": ("t1", "flair", "t2", "dwi", "adc"),
-    "t2": ("adc", "flair", "dwi", "t1c", "t1"),
-    "flair": ("t2", "dwi", "t1c", "t1", "adc"),
-    "dwi": ("flair", "t2", "adc", "t1c", "t1"),
-    "adc": ("t2", "flair", "dwi", "t1", "t1c"),
+    "t1": ("t1c", "flair", "t2", "pd", "dwi", "adc"),
+    "t1c": ("t1", "flair", "t2", "pd", "dwi", "adc"),
+    "t2": ("adc", "pd", "flair", "dwi", "t1c", "t1"),
+    "flair": ("t2", "pd", "dwi", "t1c", "t1", "adc"),
+    "dwi": ("flair", "t2", "pd", "adc", "t1c", "t1"),
+    "adc": ("t2", "flair", "dwi", "pd", "t1", "t1c"),
+    "pd": ("t2", "flair", "dwi", "t1c", "t1", "adc"),
 }
 
 
@@ -174,26 +216,27 @@ class VoxelwiseRegression:
         return np.column_stack([np.ones(len(values)), values, *pairs])
 
     def samples(self, dataset: str) -> np.ndarray:
-        """Brain voxels of the dataset's training cases, read once: ``[N, 6]`` over :data:`MODALITIES`,
-        NaN where a case lacks the modality."""
+        """Brain voxels of the dataset's training cases, read once: ``[N, K]`` over
+        :data:`~mmdiff.modalities.KNOWN_MODALITIES`, NaN where a case lacks the modality."""
         if dataset not in self._samples:
             rng = np.random.default_rng(self.seed)
-            cases = list(load_cases(self.cache, self.split, datasets=[dataset], slice_stride=2))
+            cases = list(load_cases(self.cache, self.split, datasets=[dataset]))
             rows = []
             for case in cases:
-                index = np.flatnonzero(case.brain)
+                index = np.flatnonzero(case.brain[..., ::2])
                 index = rng.choice(index, size=min(len(index), self.voxels // max(1, len(cases))), replace=False)
-                table = np.full((len(index), len(MODALITIES)), np.nan, dtype=np.float32)
+                table = np.full((len(index), len(KNOWN_MODALITIES)), np.nan, dtype=np.float32)
                 for m, image in case.images.items():
-                    table[:, MODALITIES.index(m)] = image.reshape(-1)[index]
+                    table[:, KNOWN_MODALITIES.index(m)] = image[..., ::2].reshape(-1)[index]
                 rows.append(table)
-            self._samples[dataset] = np.concatenate(rows) if rows else np.empty((0, len(MODALITIES)), np.float32)
+            self._samples[dataset] = (np.concatenate(rows) if rows
+                                      else np.empty((0, len(KNOWN_MODALITIES)), np.float32))
         return self._samples[dataset]
 
     def fit(self, dataset: str, task: Task) -> np.ndarray:
         key = (dataset, task)
         if key not in self._fits:
-            columns = [MODALITIES.index(m) for m in (*task.sources, task.target)]
+            columns = [KNOWN_MODALITIES.index(m) for m in (*task.sources, task.target)]
             table = self.samples(dataset)[:, columns]
             table = table[~np.isnan(table).any(axis=1)]
             if not len(table):
@@ -220,7 +263,7 @@ class PipelineMethod:
                  scheduler: str | None = None):
         self.pipeline, self.name = pipeline, name
         self.steps, self.samples, self.seed, self.batch_size = steps, samples, seed, batch_size
-        self.is_diffusion = hasattr(pipeline, "scheduler")
+        self.is_diffusion = pipeline.engine == "ldm"
         self.scheduler = scheduler
         if scheduler is not None and scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")

@@ -18,7 +18,9 @@ from ..viz import display, montage
 from .protocol import NORMALISATION, EvalCase, Task, load_cases, robust_normalise, score, tasks_for
 
 Method = Callable[[EvalCase, Task], tuple[np.ndarray, np.ndarray | None]]
-SUMMARY_COLUMNS = ("psnr_brain", "ssim_brain", "mae_brain", "psnr_lesion", "ssim_lesion", "psnr_whole", "ssim_whole")
+SUMMARY_COLUMNS = ("psnr_brain", "ssim_brain", "mae_brain", "psnr_lesion", "ssim_lesion", "psnr_whole", "ssim_whole",
+                   "contrast_lesion", "contrast_lesion_real")
+CONTRAST_COLUMNS = tuple(f"contrast_label{k}{suffix}" for k in (1, 2, 3) for suffix in ("", "_real"))
 
 
 def evaluate(cache: str | Path, methods: Sequence[Method], out: str | Path, protocol: str = "paper",
@@ -40,11 +42,14 @@ def evaluate(cache: str | Path, methods: Sequence[Method], out: str | Path, prot
     for case, task in tqdm(work, desc="evaluate", unit="task", disable=not progress):
         reference = case.images[task.target]
         results = {}
+        k = case.scored
         for method in methods:
             prediction, uncertainty = method(case, task)
             results[method.name] = (prediction, uncertainty)
             rows.append({"dataset": case.dataset, "case": case.case_id, "split": case.split, "task": task.name, "method": method.name,
-                         **score(prediction, reference, case.brain, case.lesion)})
+                         **score(prediction[..., k], reference[..., k], case.brain[..., k],
+                                 None if case.lesion is None else case.lesion[..., k],
+                                 None if case.labels is None else case.labels[..., k])})
         if figures and (task, case.dataset) not in shown:  # one figure row per task and dataset
             shown[(task, case.dataset)] = _figure_row(case, task, results)
     _write_csv(rows, out / "scores.csv", overwrite)
@@ -100,8 +105,8 @@ def aggregate(rows: list[dict]) -> dict[tuple[str, str, str], dict[str, tuple[fl
     table = {}
     for key, group in groups.items():
         table[key] = {}
-        for column in SUMMARY_COLUMNS:
-            values = np.array([float(r[column]) for r in group])
+        for column in SUMMARY_COLUMNS + CONTRAST_COLUMNS:
+            values = np.array([float(r.get(column, "nan")) for r in group])
             values = values[~np.isnan(values)]
             table[key][column] = ((float(values.mean()), float(values.std()), len(values)) if len(values)
                                   else (math.nan, math.nan, 0))
@@ -150,12 +155,32 @@ def summary_markdown(rows: list[dict], slice_stride: int = 1) -> str:
         "Overview: PSNR brain (dB) / SSIM brain, mean over each dataset's case-tasks (their number in brackets).",
         "",
         overview_markdown(rows),
+        "Lesion contrast: mean lesion / mean healthy brain, synthetic vs real (the ratio of the two: 1 is "
+        "faithful; a synthetic that draws normal tissue over the lesion is near 1 / real).",
+        "",
         "| dataset | task | method | PSNR brain (dB) | SSIM brain | MAE brain | PSNR lesion | SSIM lesion "
-        "| PSNR whole | SSIM whole |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| PSNR whole | SSIM whole | lesion contrast synth / real |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {method: i for i, method in enumerate(dict.fromkeys(row["method"] for row in rows))}  # as evaluated
-    for (dataset, task, method), stats in sorted(table.items(), key=lambda item: (*item[0][:2], order[item[0][2]])):
-        cells = [_cell(stats[c], 3 if c.startswith(("ssim", "mae")) else 2) for c in SUMMARY_COLUMNS]
+    ranked = sorted(table.items(), key=lambda item: (*item[0][:2], order[item[0][2]]))
+    for (dataset, task, method), stats in ranked:
+        cells = [_cell(stats[c], 3 if c.startswith(("ssim", "mae")) else 2) for c in SUMMARY_COLUMNS[:7]]
+        cells.append(_contrast_cell(stats, "contrast_lesion"))
         lines.append(f"| {dataset} | {task} | {method} | " + " | ".join(cells) + " |")
+    labelled = [(key, stats) for key, stats in ranked if any(stats[f"contrast_label{k}"][2] for k in (2, 3))]
+    if labelled:
+        lines += ["", "Lesion contrast per label (BraTS: 1 necrotic/non-enhancing core, 2 oedema, 3 enhancing), "
+                  "synthetic / real, mean over cases:", "",
+                  "| dataset | task | method | label 1 | label 2 | label 3 |", "|---|---|---|---|---|---|"]
+        for (dataset, task, method), stats in labelled:
+            cells = [_contrast_cell(stats, f"contrast_label{k}") for k in (1, 2, 3)]
+            lines.append(f"| {dataset} | {task} | {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _contrast_cell(stats: dict, column: str) -> str:
+    synthetic, real = stats[column], stats[f"{column}_real"]
+    if not synthetic[2] or not real[2]:
+        return "-"
+    return f"{synthetic[0]:.2f} / {real[0]:.2f}"

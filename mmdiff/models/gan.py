@@ -2,13 +2,21 @@
 
 Generator layout (after PMM-Synth), at every resolution level:
 
-- a modality-specific encoder stream per *source* modality (encoders of absent modalities are not
-  run, so they get no gradient; in a batch whose samples differ in sources, the encoders of a modality
-  run on the whole batch and the samples without it are masked out of the fusion);
-- a common encoder stream over the stacked, masked images plus one mask plane per modality;
-- a fusion: masked mean and masked max over the source streams, concatenated with the common
-  stream, mixed by a 1x1 conv;
-- a modality-specific decoder per output modality, a U-Net decoder over the fused levels, ending in tanh.
+- a common encoder stream over the stacked, masked images plus one mask plane per modality (and,
+  with ``context_slices = k``, the ``k`` axial neighbours on each side of every source: 2.5D input,
+  so that neighbouring output slices agree and the network sees the lesion's extent through the slab);
+- with ``modality_streams`` (PMM-Synth's layout), a modality-specific encoder stream per *source*
+  modality (encoders of absent modalities are not run, so they get no gradient; in a batch whose
+  samples differ in sources, the encoders of a modality run on the whole batch and the samples
+  without it are masked out of the fusion), fused with the common stream by masked mean and masked
+  max over the source streams, concatenated with the common stream and mixed by a 1x1 conv;
+  without them (the lean layout), the common stream alone is the fused representation;
+- a modality-specific decoder per output modality, a U-Net decoder over the fused levels, ending in
+  tanh; or, with ``shared_decoder``, one decoder whose last layer has a channel per modality.
+
+The lean layout (``modality_streams=False, shared_decoder=True``) is one U-Net: per slice it costs a
+fraction of the PMM-Synth layout's FLOPs (which run ``2 M + 1`` encoder/decoder towers), which is what
+makes a whole volume run in seconds on a CPU.
 
 Every conv block is conv -> GroupNorm -> PFM (``F * (1 + gamma) + beta`` from the dataset embedding)
 -> SiLU. The network is fully convolutional: train on crops, run on whole slices whose sides are
@@ -77,10 +85,10 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """U-Net decoder over fused levels (finest first) -> one image channel in [-1, 1]."""
+    """U-Net decoder over fused levels (finest first) -> ``out_channels`` image channels in [-1, 1]."""
 
     def __init__(self, block_out_channels: Sequence[int], layers_per_block: int, embedding_dim: int,
-                 norm_num_groups: int):
+                 norm_num_groups: int, out_channels: int = 1):
         super().__init__()
         self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
         self.levels = nn.ModuleList()
@@ -93,7 +101,7 @@ class Decoder(nn.Module):
                 for _ in range(layers_per_block - 1)
             ]
             self.levels.append(nn.ModuleList(blocks))
-        self.conv_out = nn.Conv2d(block_out_channels[0], 1, 1)
+        self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, 1)
 
     def forward(self, fused: list[torch.Tensor], embedding: torch.Tensor) -> torch.Tensor:
         x = fused[-1]
@@ -118,6 +126,13 @@ class MultiModalGenerator(ModelMixin, ConfigMixin):
         norm_num_groups: GroupNorm groups (must divide every width).
         use_pfm: if False (the PFM ablation), every sample gets the null dataset's embedding whatever
             its dataset id, so the modulation is one learned scale and shift shared by all sites.
+        modality_streams: PMM-Synth's per-modality encoder streams and their fusion (False: the
+            common stream only).
+        shared_decoder: one decoder with a channel per modality instead of one decoder each.
+        context_slices: axial neighbours on each side of every source fed to the common stream (2.5D).
+        patch_size: the network runs on ``patch_size x patch_size`` patches folded into channels
+            (pixel unshuffle in, pixel shuffle out), so every level costs ``patch_size ** 2`` times
+            less; the last layer still predicts each pixel.
     """
 
     @register_to_config
@@ -131,27 +146,54 @@ class MultiModalGenerator(ModelMixin, ConfigMixin):
         embedding_dim: int = 128,
         norm_num_groups: int = 8,
         use_pfm: bool = True,
+        modality_streams: bool = True,
+        shared_decoder: bool = False,
+        context_slices: int = 0,
+        patch_size: int = 1,
     ):
         super().__init__()
         check_dataset_names(num_datasets, dataset_names)
+        if context_slices < 0:
+            raise ValueError(f"context_slices must be >= 0, got {context_slices}")
+        if patch_size < 1:
+            raise ValueError(f"patch_size must be >= 1, got {patch_size}")
         num_modalities = len(modalities)
+        area = patch_size ** 2
         levels = dict(block_out_channels=block_out_channels, layers_per_block=layers_per_block,
                       embedding_dim=embedding_dim, norm_num_groups=norm_num_groups)
         self.dataset_embedding = DatasetEmbedding(num_datasets, embedding_dim)
-        self.modality_encoders = nn.ModuleList(Encoder(1, **levels) for _ in range(num_modalities))
-        self.common_encoder = Encoder(2 * num_modalities, **levels)
-        self.fusion = nn.ModuleList(nn.Conv2d(3 * channels, channels, 1) for channels in block_out_channels)
-        self.modality_decoders = nn.ModuleList(Decoder(**levels) for _ in range(num_modalities))
+        if modality_streams:
+            self.modality_encoders = nn.ModuleList(Encoder(area, **levels) for _ in range(num_modalities))
+            self.fusion = nn.ModuleList(nn.Conv2d(3 * channels, channels, 1) for channels in block_out_channels)
+        self.common_encoder = Encoder((2 + 2 * context_slices) * num_modalities * area, **levels)
+        if shared_decoder:
+            self.decoder = Decoder(**levels, out_channels=num_modalities * area)
+        else:
+            self.modality_decoders = nn.ModuleList(Decoder(**levels, out_channels=area) for _ in range(num_modalities))
+        self.unfold, self.fold = nn.PixelUnshuffle(patch_size), nn.PixelShuffle(patch_size)
 
-    def forward(self, images: torch.Tensor, source_mask: torch.Tensor, dataset_id: torch.Tensor | int) -> torch.Tensor:
+    @property
+    def size_multiple(self) -> int:
+        """Slice sides must be multiples of this."""
+        return self.config.patch_size * 2 ** (len(self.config.block_out_channels) - 1)
+
+    def forward(self, images: torch.Tensor, source_mask: torch.Tensor, dataset_id: torch.Tensor | int,
+                context: torch.Tensor | None = None, targets: Sequence[int] | None = None) -> torch.Tensor:
         """Images ``[B, M, H, W]`` in [-1, 1] (non-sources are zeroed here), source mask ``[B, M]``,
-        dataset ids ``[B]`` or an int (``-1``: null) -> every modality ``[B, M, H, W]`` in [-1, 1]."""
+        dataset ids ``[B]`` or an int (``-1``: null) -> every modality ``[B, M, H, W]`` in [-1, 1].
+
+        ``context`` ``[B, M, 2k, H, W]``: the ``k = context_slices`` axial neighbours below and above
+        each slice (order ``-k .. -1, +1 .. +k``; zeros beyond the volume), for a 2.5D model; left
+        out, each neighbour is taken to equal the slice itself. ``targets`` (modality indices) limits
+        which per-modality decoders run; the other channels come back as -1 (background). The shared
+        decoder always gives every modality.
+        """
         batch, num_modalities, height, width = images.shape
         if num_modalities != len(self.config.modalities):
             raise ValueError(
                 f"images have {num_modalities} modalities, the model expects {len(self.config.modalities)}"
             )
-        multiple = 2 ** (len(self.config.block_out_channels) - 1)
+        multiple = self.size_multiple
         if height % multiple or width % multiple:
             raise ValueError(f"image size {height}x{width} is not divisible by {multiple}")
         mask = torch.as_tensor(source_mask, device=images.device).bool().expand(batch, num_modalities)
@@ -162,13 +204,33 @@ class MultiModalGenerator(ModelMixin, ConfigMixin):
         dataset_id = torch.as_tensor(dataset_id, device=images.device).long().expand(batch)
         if not self.config.use_pfm:
             dataset_id = torch.full_like(dataset_id, NULL_DATASET_ID)
-        embedding = self.dataset_embedding(dataset_id)
+        embedding = self.dataset_embedding(dataset_id, images.dtype)
 
-        common = self.common_encoder(torch.cat([images, mask_planes], dim=1), embedding)
-        present = [i for i in range(num_modalities) if mask[:, i].any()]
-        streams = [self.modality_encoders[i](images[:, i : i + 1], embedding) for i in present]
+        k = self.config.context_slices
+        planes = [images]
+        if k:
+            if context is None:
+                context = images[:, :, None].expand(-1, -1, 2 * k, -1, -1)
+            elif context.shape != (batch, num_modalities, 2 * k, height, width):
+                raise ValueError(f"context has shape {tuple(context.shape)}, expected "
+                                 f"{(batch, num_modalities, 2 * k, height, width)}")
+            planes.append((context * mask_planes[:, :, None]).flatten(1, 2))
+        common = self.common_encoder(self.unfold(torch.cat(planes + [mask_planes], dim=1)), embedding)
+        fused = common if not self.config.modality_streams else self._fuse(images, mask, common, embedding)
+
+        if self.config.shared_decoder:
+            return self.fold(self.decoder(fused, embedding))
+        wanted = range(num_modalities) if targets is None else sorted(set(targets))
+        out = images.new_full((batch, num_modalities, height, width), -1.0)
+        for i in wanted:
+            out[:, i:i + 1] = self.fold(self.modality_decoders[i](fused, embedding))
+        return out
+
+    def _fuse(self, images, mask, common, embedding) -> list[torch.Tensor]:
+        """PMM-Synth's fusion: per level, masked mean and max over the source streams, plus the common stream."""
+        present = [i for i in range(images.shape[1]) if mask[:, i].any()]
+        streams = [self.modality_encoders[i](self.unfold(images[:, i : i + 1]), embedding) for i in present]
         stream_mask = mask[:, present]  # [B, S]: which samples have each stream
-
         fused = []
         for level, fusion in enumerate(self.fusion):
             features = torch.stack([stream[level] for stream in streams], dim=1)  # [B, S, C, h, w]
@@ -176,8 +238,7 @@ class MultiModalGenerator(ModelMixin, ConfigMixin):
             mean = (features * keep).sum(1) / keep.sum(1)
             maximum = features.masked_fill(~keep, torch.finfo(features.dtype).min).amax(1)
             fused.append(fusion(torch.cat([mean, maximum, common[level]], dim=1)))
-
-        return torch.cat([decoder(fused, embedding) for decoder in self.modality_decoders], dim=1)
+        return fused
 
 
 class ModalityDiscriminators(ModelMixin, ConfigMixin):

@@ -32,15 +32,21 @@ class DatasetEmbedding(nn.Module):
         self.sinusoid = Timesteps(sinusoidal_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.mlp = TimestepEmbedding(sinusoidal_dim, embedding_dim)
 
-    def forward(self, dataset_id: torch.Tensor) -> torch.Tensor:
-        dataset_id = torch.as_tensor(dataset_id, device=self.mlp.linear_1.weight.device).long().reshape(-1)
-        if ((dataset_id < NULL_DATASET_ID) | (dataset_id >= self.num_datasets)).any():
-            raise ValueError(
-                f"dataset ids must lie in 0..{self.num_datasets - 1} or be {NULL_DATASET_ID} (null), "
-                f"got {sorted(set(dataset_id.tolist()))}"
-            )
+    def forward(self, dataset_id: torch.Tensor | int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``dataset_id``: an int or ``[B]``, on the device the features are on (it is not moved, so
+        the embedding works with offloaded or meta weights); ``dtype``: the features' compute dtype
+        (default: float32), which is not necessarily the weights' storage dtype (layerwise casting
+        stores them in fp8)."""
+        dataset_id = torch.as_tensor(dataset_id).long().reshape(-1)
+        if dataset_id.device.type == "cpu":  # a check that needs no device sync
+            bad = (dataset_id < NULL_DATASET_ID) | (dataset_id >= self.num_datasets)
+            if bad.any():
+                raise ValueError(
+                    f"dataset ids must lie in 0..{self.num_datasets - 1} or be {NULL_DATASET_ID} (null), "
+                    f"got {sorted(set(dataset_id.tolist()))}"
+                )
         index = torch.where(dataset_id == NULL_DATASET_ID, self.num_datasets, dataset_id)
-        return self.mlp(self.sinusoid(index).to(self.mlp.linear_1.weight.dtype))
+        return self.mlp(self.sinusoid(index).to(dtype or torch.float32))
 
 
 class FeatureModulation(nn.Module):

@@ -115,7 +115,7 @@ class ConditionalLatentUNet(ModelMixin, ConfigMixin):
         sources = source_latents * mask[:, :, None, None, None]
         mask_planes = mask[:, :, None, None].expand(batch, num_modalities, height, width)
         sample = torch.cat([noisy_latents.flatten(1, 2), sources.flatten(1, 2), mask_planes], dim=1)
-        condition = self.dataset_embedding(dataset_id) + self.source_mask_embedding(mask)
+        condition = self.dataset_embedding(dataset_id, noisy_latents.dtype) + self.source_mask_embedding(mask)
 
         prediction = self.unet(sample, timestep, class_labels=condition).sample
         prediction = prediction.reshape(batch, num_modalities, channels, height, width)

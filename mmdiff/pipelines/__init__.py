@@ -16,23 +16,22 @@ diffusers 0.42, ``MMDiffPipeline.from_pretrained`` loads that as is. The generic
   through an import hook to stay cheap, can break interpreter start-up, and setuptools cannot ship
   a ``.pth`` from ``pyproject.toml`` without custom build code.
 
-So importing this package registers ``MMDiffPipeline`` and ``MMGANPipeline`` as attributes of the
-``diffusers`` module (unless diffusers has a class of that name), which also imports the component
-modules. ``DiffusionPipeline.from_pretrained(path)`` then returns the mmdiff pipeline with remote
-code off; **import mmdiff.pipelines first** (any of its names will do). Without it, diffusers
-raises ``AttributeError: module diffusers has no attribute MMDiffPipeline``.
-"""
+So ``import mmdiff`` (see :mod:`mmdiff`) gives the ``diffusers`` module a fallback for the names
+``MMDiffPipeline`` and ``MMGANPipeline`` (unless diffusers has a class of that name) that imports
+this package, and with it the component modules, on first use; it imports neither torch nor
+diffusers itself. ``DiffusionPipeline.from_pretrained(path)`` then returns the mmdiff pipeline
+with remote code off.
 
-import diffusers
+Each pipeline class names its engine (``MMDiffPipeline.engine == "ldm"``, ``MMGANPipeline.engine
+== "gan"``); :func:`load_pipeline` loads a folder, a Hub repo or a published pipeline as the class
+its ``model_index.json`` names.
+"""
 
 from .common import MMDiffPipelineOutput, prepare_inputs, resolve_dataset_id
 from .gan import MMGANPipeline
 from .ldm import SCHEDULERS, MMDiffPipeline, sample_latents, use_scheduler
+from .loading import ENGINES, PIPELINES, load_pipeline, resolve_source
 
-for _pipeline in (MMDiffPipeline, MMGANPipeline):
-    if getattr(diffusers, _pipeline.__name__, None) is None:
-        setattr(diffusers, _pipeline.__name__, _pipeline)
-del _pipeline
-
-__all__ = ["SCHEDULERS", "MMDiffPipeline", "MMDiffPipelineOutput", "MMGANPipeline", "prepare_inputs",
-           "resolve_dataset_id", "sample_latents", "use_scheduler"]
+__all__ = ["ENGINES", "PIPELINES", "SCHEDULERS", "MMDiffPipeline", "MMDiffPipelineOutput", "MMGANPipeline",
+           "load_pipeline", "prepare_inputs", "resolve_dataset_id", "resolve_source", "sample_latents",
+           "use_scheduler"]

@@ -1,16 +1,18 @@
 """What both mmdiff pipelines share: reading and checking the inputs, the training preprocessing,
 slice batches, and putting the results back on the input grid.
 
-Preprocessing is the one the models were trained with (``mmdiff.data.prepare``):
+Preprocessing is the one the model was trained with:
 
 - brain mask: the one given, or :func:`~mmdiff.data.prepare.derive_brain_mask` over the inputs;
-- each input is clipped at the 99.5th percentile of its voxels inside the brain and scaled to [0, 1],
-  background 0 (:func:`~mmdiff.data.prepare.normalise`), over the whole volume (a 2D input: over the slice);
-- in plane, each axial slice (``data[..., k]`` of the canonical RAS array) is zero-padded
-  symmetrically up to the next multiple of the model's total downsampling. Nothing is cropped, so
-  no brain is lost and the write-back is exact; training saw the brain centred in 192 x 192 at
-  1 mm, and the networks are fully convolutional, so other slice sizes run (inputs should still be
-  skull-stripped and about 1 mm in plane, like the training data);
+- intensities: the pipeline's :class:`~mmdiff.data.preprocessing.MRIPreprocessor` (saved with the
+  model; pipelines saved without one use the 99.5th-percentile rule), per input over the whole
+  volume (a 2D input: over the slice);
+- in plane, the network runs on a window around the brain: the brain's bounding box over all slices,
+  grown symmetrically to the next multiple of the model's size multiple (zero-padded where it
+  leaves the grid). Nothing with brain is cropped and the write-back is exact; outside the window
+  the outputs are 0. Training saw the brain centred in 192 x 192 at 1 mm, and the networks are
+  fully convolutional, so other window sizes run (inputs should still be skull-stripped and about
+  1 mm in plane, like the training data);
 - axial slices without brain are not run and come back as 0.
 
 Outputs are in the model's normalised [0, 1] scale (not scanner units), zero outside the brain, on
@@ -25,6 +27,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import nibabel as nib
@@ -33,12 +36,12 @@ import torch
 from diffusers.utils import BaseOutput
 from nibabel.processing import resample_from_to
 
-from ..data.prepare import derive_brain_mask, grids_overlap, normalise, same_grid
+from ..data.prepare import derive_brain_mask, grids_overlap, same_grid
+from ..data.preprocessing import MRIPreprocessor
 from ..io import SYNTHETIC_DESCRIP, Volume, VolumeError, load_volume
-from ..modalities import canonical
+from ..modalities import KNOWN_MODALITIES, canonical
 from ..models.pfm import NULL_DATASET_ID
 
-CLIP_PERCENTILE = 99.5
 OUTPUT_TYPES = ("np", "pt", "nifti")
 
 ImageInput = np.ndarray | torch.Tensor | str | os.PathLike
@@ -47,6 +50,11 @@ ImageInput = np.ndarray | torch.Tensor | str | os.PathLike
 @dataclass
 class MMDiffPipelineOutput(BaseOutput):
     """Output of the mmdiff pipelines.
+
+    Unlike most diffusers pipelines, whose ``images`` is a batch (a list or a stacked array), an
+    mmdiff call is one exam and ``images`` is a dict keyed by sequence name (``out.images["t1c"]``):
+    the targets are different images of one subject, each on the input's own grid, and a NIfTI
+    output carries its own header. One call is one exam; a list of exams is refused.
 
     Args:
         images: target modality -> synthetic image, shaped like the input, in the model's [0, 1] scale.
@@ -87,7 +95,7 @@ def resolve_dataset_id(dataset: str | None, dataset_names: Sequence[str] | None)
 def _canonical_names(names, modalities: Sequence[str], what: str) -> list[str]:
     found = []
     for name in names:
-        modality = canonical(name)
+        modality = canonical(name, KNOWN_MODALITIES)
         if modality not in modalities:
             raise ValueError(f"{what} {name!r}: the model was not trained on {modality} "
                              f"(it knows {', '.join(modalities)})")
@@ -102,7 +110,11 @@ def _read(name: str, value) -> np.ndarray | Volume:
     if isinstance(value, (str, os.PathLike)):
         return load_volume(value)
     if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().float().numpy()
+        value = value.detach().cpu()
+    if np.iscomplexobj(value) or (isinstance(value, torch.Tensor) and value.is_complex()):
+        raise ValueError(f"{name}: complex values; pass real images (the magnitude, e.g. abs(image))")
+    if isinstance(value, torch.Tensor):
+        value = value.float().numpy()
     array = np.array(value, dtype=np.float32)
     if array.ndim not in (2, 3):
         raise ValueError(f"{name}: expected a 2D slice [H, W] or a volume [X, Y, Z], got shape {array.shape}")
@@ -139,10 +151,11 @@ def _brain_mask(volumes: list[np.ndarray]) -> np.ndarray:
 
 @dataclass
 class PreparedInputs:
-    """Checked, normalised and padded inputs, and what is needed to write results back.
+    """Checked, normalised inputs in the network's window, and what is needed to write results back.
 
-    ``images`` is ``[M, X', Y', Z]`` over all the model's modalities (zeros for non-sources), padded in
-    plane by ``padding``; ``brain`` is ``[X, Y, Z]``; ``slices`` are the axial slices with brain.
+    ``images`` is ``[M, X', Y', Z]`` over all the model's modalities (zeros for non-sources): the
+    in-plane window ``window = ((x0, x1), (y0, y1))`` of the input grid (it may reach past the grid's
+    edges, where it is zero); ``brain`` is ``[X, Y, Z]``; ``slices`` are the axial slices with brain.
     """
 
     images: np.ndarray
@@ -151,7 +164,7 @@ class PreparedInputs:
     target_mask: np.ndarray
     targets: list[str]
     slices: np.ndarray
-    padding: tuple[tuple[int, int], tuple[int, int]]
+    window: tuple[tuple[int, int], tuple[int, int]]
     output_type: str
     reference: Volume | None
     affine: np.ndarray | None
@@ -162,6 +175,8 @@ class PreparedInputs:
         return self.brain.shape[2]
 
     def num_batches(self, batch_size: int) -> int:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
         return -(-len(self.slices) // batch_size)
 
     def batches(self, batch_size: int, generator=None) -> Iterator[tuple[np.ndarray, torch.Tensor, object]]:
@@ -180,6 +195,17 @@ class PreparedInputs:
             batch = torch.from_numpy(np.ascontiguousarray(self.images[..., index].transpose(3, 0, 1, 2)))
             yield index, batch, [generator[k] for k in index] if isinstance(generator, list) else generator
 
+    def context(self, index: np.ndarray, k: int) -> torch.Tensor:
+        """The ``k`` axial neighbours below and above each slice in ``index``: ``[B, M, 2k, X', Y']``
+        in [0, 1] (order ``-k .. -1, +1 .. +k``; zeros beyond the volume), for a 2.5D model."""
+        offsets = [d for d in range(-k, k + 1) if d]
+        out = np.zeros((len(index), self.images.shape[0], len(offsets)) + self.images.shape[1:3], dtype=np.float32)
+        for n, d in enumerate(offsets):
+            for b, z in enumerate(index):
+                if 0 <= z + d < self.num_slices:
+                    out[b, :, n] = self.images[..., z + d]
+        return torch.from_numpy(out)
+
     def canvas(self) -> np.ndarray:
         """Zeros ``[T, X', Y', Z]`` to collect per-slice results for the targets."""
         return np.zeros((len(self.targets),) + self.images.shape[1:], dtype=np.float32)
@@ -190,9 +216,13 @@ class PreparedInputs:
         canvas[..., index] = values.float().cpu().numpy().transpose(1, 2, 3, 0)
 
     def _to_input_grid(self, volume: np.ndarray) -> np.ndarray:
-        """``[X', Y', Z]`` on the padded canonical grid -> the input's own grid and shape."""
-        (x0, x1), (y0, y1) = self.padding
-        volume = volume[x0:volume.shape[0] - x1, y0:volume.shape[1] - y1]
+        """``[X', Y', Z]`` in the window -> the input's grid (zeros outside the window)."""
+        full = np.zeros(self.brain.shape, dtype=volume.dtype)
+        full[_grid_part(self.window, self.brain.shape)] = volume[_window_part(self.window, self.brain.shape)]
+        return full
+
+    def _to_source(self, volume: np.ndarray) -> np.ndarray:
+        """``[X, Y, Z]`` on the canonical input grid -> the input's own voxel order and shape."""
         if self.reference is not None:
             volume = self.reference.to_source(volume)
         return volume[..., 0] if self.is_2d else volume
@@ -216,15 +246,36 @@ class PreparedInputs:
 
     def output(self, images: np.ndarray, uncertainty: np.ndarray | None, return_dict: bool = True):
         """Per-target canvases -> :class:`MMDiffPipelineOutput` (or its fields as a tuple)."""
-        brain = np.pad(self.brain, self.padding + ((0, 0),))
-
         def per_target(canvas):
-            return {name: self._convert(self._to_input_grid(volume))
-                    for name, volume in zip(self.targets, canvas * brain)}
+            return {name: self._convert(self._to_source(self._to_input_grid(volume) * self.brain))
+                    for name, volume in zip(self.targets, canvas)}
 
         result = (per_target(images), None if uncertainty is None else per_target(uncertainty),
-                  self._convert(self._to_input_grid(brain), synthetic=False))
+                  self._convert(self._to_source(self.brain), synthetic=False))
         return MMDiffPipelineOutput(*result) if return_dict else result
+
+
+def brain_window(brain: np.ndarray, multiple: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The in-plane window ``((x0, x1), (y0, y1))`` the network runs on: the bounding box of ``brain``
+    ``[X, Y, Z]`` over all slices, grown symmetrically to multiples of ``multiple`` (it may reach past
+    the grid's edges)."""
+    window = []
+    for axis in (0, 1):
+        present = np.flatnonzero(brain.any(axis=tuple(a for a in range(3) if a != axis)))
+        lo, hi = int(present[0]), int(present[-1]) + 1
+        extra = -(hi - lo) % multiple
+        window.append((lo - extra // 2, hi + extra - extra // 2))
+    return tuple(window)
+
+
+def _grid_part(window, shape) -> tuple[slice, slice]:
+    """The part of the grid ``shape`` that the window covers."""
+    return tuple(slice(max(lo, 0), min(hi, n)) for (lo, hi), n in zip(window, shape[:2]))
+
+
+def _window_part(window, shape) -> tuple[slice, slice]:
+    """Where that part lies inside the window."""
+    return tuple(slice(max(lo, 0) - lo, min(hi, n) - lo) for (lo, hi), n in zip(window, shape[:2]))
 
 
 def prepare_inputs(
@@ -235,10 +286,16 @@ def prepare_inputs(
     multiple: int,
     output_type: str = "np",
     affine: np.ndarray | None = None,
+    preprocessor: MRIPreprocessor | None = None,
 ) -> PreparedInputs:
     """Check and preprocess a pipeline call's inputs for a model over ``modalities`` whose slice sides
-    must be multiples of ``multiple``. Every problem raises a ``ValueError`` that names it."""
+    must be multiples of ``multiple``, with the model's intensity rule (``None``: the 99.5th-percentile
+    rule of pipelines saved without one). Every problem raises a ``ValueError`` that names it."""
+    preprocessor = preprocessor or MRIPreprocessor.legacy()
     modalities = list(modalities)
+    if not isinstance(images, Mapping):  # e.g. a list of cases: one call is one exam
+        raise ValueError(f"images must be one exam, a mapping sequence -> image ({{'t1': ..., 'flair': ...}}), "
+                         f"not a {type(images).__name__}: call the pipeline once per case")
     if not images:
         raise ValueError("no input images: pass images={'t1': ..., 'flair': ...}")
     sources = _canonical_names(images, modalities, "input")
@@ -255,7 +312,8 @@ def prepare_inputs(
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
 
-    read = {name: _read(name, value) for name, value in zip(sources, images.values())}
+    with ThreadPoolExecutor(max_workers=len(sources)) as pool:  # gzip inflation releases the GIL
+        read = dict(zip(sources, pool.map(_read, sources, images.values())))
     kinds = {isinstance(v, Volume) for v in read.values()}
     if len(kinds) > 1:
         raise ValueError("inputs mix NIfTI paths and arrays: pass every input the same way")
@@ -295,17 +353,15 @@ def prepare_inputs(
     if not brain.any():
         raise ValueError("the brain mask is empty")
 
-    height, width = grid_shape[:2]
-    padding = tuple((extra // 2, extra - extra // 2)
-                    for extra in (-height % multiple, -width % multiple))
-    stack = np.zeros((len(modalities), height + sum(padding[0]), width + sum(padding[1]), grid_shape[2]),
+    window = brain_window(brain, multiple)
+    stack = np.zeros((len(modalities), window[0][1] - window[0][0], window[1][1] - window[1][0], grid_shape[2]),
                      dtype=np.float32)
-    (x0, _), (y0, _) = padding
+    inside, part = _grid_part(window, grid_shape), _window_part(window, grid_shape)
     for name, volume in volumes.items():
-        normalised, top = normalise(volume, brain, CLIP_PERCENTILE)
+        normalised, top = preprocessor.normalise(volume, brain)
         if top <= 0:
             warnings.warn(f"{name} is zero inside the brain", stacklevel=4)
-        stack[modalities.index(name), x0:x0 + height, y0:y0 + width] = normalised
+        stack[(modalities.index(name),) + part] = normalised[inside]
     return PreparedInputs(
         images=stack,
         brain=brain,
@@ -313,7 +369,7 @@ def prepare_inputs(
         target_mask=np.isin(modalities, targets),
         targets=targets,
         slices=np.flatnonzero(brain.any(axis=(0, 1))),
-        padding=padding,
+        window=window,
         output_type=output_type,
         reference=reference,
         affine=None if affine is None else np.asarray(affine, dtype=np.float64),

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 
+from ..data.preprocessing import MRIPreprocessor
 from ..models.gan import MultiModalGenerator
 from .common import ImageInput, MMDiffPipelineOutput, from_network, prepare_inputs, resolve_dataset_id, to_network
 
@@ -21,25 +22,30 @@ class MMGANPipeline(DiffusionPipeline):
 
     Args:
         generator: the :class:`~mmdiff.models.MultiModalGenerator`.
+        preprocessor: the intensity rule the generator was trained with
+            (:class:`~mmdiff.data.preprocessing.MRIPreprocessor`; None: the 99.5th-percentile rule of
+            pipelines saved before it was stored).
     """
 
+    engine = "gan"
     model_cpu_offload_seq = "generator"
+    _optional_components = ["preprocessor"]
 
-    def __init__(self, generator: MultiModalGenerator):
+    def __init__(self, generator: MultiModalGenerator, preprocessor: MRIPreprocessor | None = None):
         super().__init__()
-        self.register_modules(generator=generator)
+        self.register_modules(generator=generator, preprocessor=preprocessor)
 
     @property
     def downsampling(self) -> int:
-        """How much the generator shrinks a slice side."""
-        return 2 ** (len(self.generator.config.block_out_channels) - 1)
+        """Slice sides must be multiples of this."""
+        return self.generator.size_multiple
 
     @property
     def modalities(self) -> list[str]:
         """The sequences the model knows, in its order."""
         return list(self.generator.config.modalities)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(
         self,
         images: Mapping[str, ImageInput],
@@ -59,17 +65,19 @@ class MMGANPipeline(DiffusionPipeline):
             raise ValueError("the GAN is deterministic: num_samples must be 1 (MMDiffPipeline gives uncertainty)")
         network = self.generator
         case = prepare_inputs(images, network.config.modalities, targets, brain_mask, self.downsampling,
-                              output_type, affine)
+                              output_type, affine, self.preprocessor)
         dataset_id = resolve_dataset_id(dataset, network.config.dataset_names)
         device = self._execution_device
         source_mask = torch.as_tensor(case.source_mask, device=device)
         target_index = np.flatnonzero(case.target_mask).tolist()
         predictions = case.canvas()
 
+        k = network.config.context_slices
         with self.progress_bar(total=case.num_batches(batch_size)) as progress_bar:
             for index, batch, _ in case.batches(batch_size):
                 batch = to_network(batch.to(device=device, dtype=network.dtype))
-                output = from_network(network(batch, source_mask, dataset_id))
+                context = to_network(case.context(index, k).to(device=device, dtype=network.dtype)) if k else None
+                output = from_network(network(batch, source_mask, dataset_id, context=context, targets=target_index))
                 case.put(predictions, index, output[:, target_index])
                 progress_bar.update()
         self.maybe_free_model_hooks()

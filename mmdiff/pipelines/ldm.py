@@ -84,6 +84,7 @@ class MMDiffPipeline(DiffusionPipeline):
             one assigned later (``pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)``).
     """
 
+    engine = "ldm"
     model_cpu_offload_seq = "vae->unet"
 
     def __init__(self, vae: AutoencoderKL, unet: ConditionalLatentUNet, scheduler: SchedulerMixin):

@@ -4,7 +4,10 @@ accelerate's ``save_state``/``load_state`` unpickle RNG and custom state (``weig
 so mmdiff writes its own: each model as ``<name>.safetensors``, and optimizer, LR scheduler,
 counters and RNG states in ``state.pt``, read back with ``torch.load(weights_only=True)``.
 A checkpoint is written to a temporary folder and renamed into place, so an interrupted write
-never leaves a half checkpoint behind ``--resume latest``.
+never leaves a half checkpoint behind ``--resume latest``; the temporary folders a killed run
+leaves are removed when a run starts in that folder. A checkpoint that cannot be read (corrupt,
+truncated, or a ``state.pt`` that is not tensors-only) raises :class:`CheckpointError`, and
+``--resume latest`` falls back to the newest one that can.
 """
 
 from __future__ import annotations
@@ -23,6 +26,12 @@ from safetensors.torch import load_file, save_file
 from ..io import atomic_dir
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+#: what ``atomic_dir`` names a checkpoint while it is written
+TEMPORARY_PATTERN = re.compile(r"^\.checkpoint-\d+\.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from, with the file and what to do."""
 
 
 def rng_state() -> dict:
@@ -97,22 +106,65 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def resolve_resume(run_dir: str | os.PathLike, resume: str | None) -> Path | None:
-    """``None`` -> no resume; ``latest`` -> newest checkpoint in ``run_dir`` (None if there is none); else a path."""
+def clean_temporaries(run_dir: str | os.PathLike) -> list[Path]:
+    """Remove the half-written checkpoint folders a killed run left in ``run_dir``; returns them.
+
+    Call it only where no other process is writing checkpoints into ``run_dir`` (a run's start)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    stale = [p for p in run_dir.iterdir() if TEMPORARY_PATTERN.match(p.name) and p.is_dir() and not p.is_symlink()]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def resume_candidates(run_dir: str | os.PathLike, resume: str | None) -> list[Path]:
+    """The checkpoints to try, in order: none without ``resume``; for ``latest`` every finished
+    checkpoint of ``run_dir``, newest first (the next is the fallback when one cannot be read);
+    else the one path given."""
     if not resume:
-        return None
+        return []
     if resume == "latest":
-        found = list_checkpoints(run_dir)
-        return found[-1] if found else None
+        return list_checkpoints(run_dir)[::-1]
     path = Path(resume)
     if not (path / "checkpoint.json").exists():
         raise FileNotFoundError(f"{path} is not an mmdiff checkpoint (no checkpoint.json)")
-    return path
+    return [path]
+
+
+def resolve_resume(run_dir: str | os.PathLike, resume: str | None) -> Path | None:
+    """``None`` -> no resume; ``latest`` -> newest checkpoint in ``run_dir`` (None if there is none); else a path."""
+    found = resume_candidates(run_dir, resume)
+    return found[0] if found else None
 
 
 def load_checkpoint(path: str | os.PathLike, models: dict[str, torch.nn.Module]) -> dict:
-    """Load weights into ``models`` (strict) and return the saved state (optimizer, counters, RNG...)."""
+    """Load weights into ``models`` (strict) and return the saved state (optimizer, counters, RNG...).
+
+    Raises :class:`CheckpointError` for a missing, corrupt or truncated file; ``state.pt`` is only
+    ever read as tensors (``weights_only=True``) and never unpickled.
+    """
     path = Path(path)
     for name, model in models.items():
-        model.load_state_dict(load_file(path / f"{name}.safetensors"))
-    return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        file = path / f"{name}.safetensors"
+        try:
+            tensors = load_file(file)
+        except FileNotFoundError:
+            raise CheckpointError(f"{file} is missing: {path.name} is incomplete") from None
+        except Exception as exc:  # safetensors' own error type: bad header, short file
+            raise CheckpointError(f"{file} is corrupt or truncated ({exc})") from None
+        try:
+            model.load_state_dict(tensors)
+        except RuntimeError:
+            raise CheckpointError(f"{file} does not fit the {name} of this config (another model size?): "
+                                  "resume with the config the run was trained with") from None
+    state_file = path / "state.pt"
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch's message would invite unpickling: say what it means instead
+        raise CheckpointError(f"{state_file} is corrupt, truncated or untrusted ({type(exc).__name__}): it "
+                              "holds no tensors-only mmdiff state, and mmdiff never unpickles anything") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{state_file} is not an mmdiff training state (no step)")
+    return state

@@ -9,7 +9,9 @@ from typing import Any
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+from ..resources import configs_dir
+
+CONFIG_DIR = configs_dir()
 STAGES = ("vae", "ldm", "gan")
 
 
@@ -18,7 +20,7 @@ class ConfigError(ValueError):
 
 
 def find_config(name: str | os.PathLike) -> Path:
-    """A config path, or a bare name (``ldm-tiny``) looked up in the repository's ``configs/``."""
+    """A config path, or a bare name (``ldm-tiny``) looked up in mmdiff's ``configs/`` (package data)."""
     path = Path(name)
     if path.is_file():
         return path

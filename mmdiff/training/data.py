@@ -16,10 +16,10 @@ from ..data.layouts import scan
 from ..data.manifest import read_manifest
 from ..data.prepare import PrepareConfig, prepare
 from ..data.sampler import ModalityConsistentBatchSampler
-from .config import CONFIG_DIR, ConfigError
+from .config import ConfigError
 
 logger = logging.getLogger(__name__)
-REPO_ROOT = CONFIG_DIR.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # relative data sources: from a checkout's root
 
 
 def cache_path(data_cfg: dict) -> Path:
@@ -41,12 +41,16 @@ def ensure_cache(data_cfg: dict, is_main_process: bool = True) -> Path:
             f"run `mmdiff prepare SOURCES --out {cache}` first, or set data.cache"
         )
     if is_main_process:
-        build_cache(cache, build)
+        build_cache(cache, {"modalities": data_cfg.get("modalities"), **build})
     return cache
 
 
 def build_cache(cache: Path, build: dict) -> None:
-    """Phantom cohorts (inside ``cache/sources``) plus any listed sources, prepared into ``cache``."""
+    """Phantom cohorts (inside ``cache/sources``) plus any listed sources, prepared into ``cache``.
+
+    ``build`` may name the cache's ``modalities`` (default: the data config's) and its intensity rule
+    (``normalisation``, ``median_scale``, ``clip_percentile``; default: :class:`PrepareConfig`'s).
+    """
     from ..data.phantom import write_cohorts
 
     cases = []
@@ -68,14 +72,16 @@ def build_cache(cache: Path, build: dict) -> None:
         cases += scan(path, dataset=source.get("name"))
     if not cases:
         raise ConfigError("data.build names no phantom cohorts and no sources")
-    config = PrepareConfig(size=int(build.get("size", 192)), spacing=build.get("spacing", 1.0),
+    intensity = {k: build[k] for k in ("normalisation", "median_scale", "clip_percentile") if k in build}
+    config = PrepareConfig(size=int(build.get("size", 192)), spacing=build.get("spacing", 1.0), **intensity,
                            **({"modalities": tuple(build["modalities"])} if build.get("modalities") else {}))
     prepare(cases, cache, config, num_workers=int(build.get("workers", 2)))
 
 
-def training_dataset(data_cfg: dict, cache: Path, seed: int) -> SliceDataset:
+def training_dataset(data_cfg: dict, cache: Path, seed: int, context_slices: int = 0) -> SliceDataset:
     return SliceDataset(cache, split="train", datasets=data_cfg.get("datasets"),
-                        modalities=data_cfg.get("modalities"), crop=data_cfg.get("crop"), seed=seed)
+                        modalities=data_cfg.get("modalities"), crop=data_cfg.get("crop"), seed=seed,
+                        context_slices=context_slices)
 
 
 def training_loader(dataset: SliceDataset, batch_size: int, seed: int, num_workers: int = 0):
@@ -88,14 +94,15 @@ def training_loader(dataset: SliceDataset, batch_size: int, seed: int, num_worke
     return loader, sampler
 
 
-def validation_samples(data_cfg: dict, cache: Path, slices_per_case: int, max_cases: int) -> list[dict]:
+def validation_samples(data_cfg: dict, cache: Path, slices_per_case: int, max_cases: int,
+                       context_slices: int = 0) -> list[dict]:
     """A fixed set of whole validation slices: evenly spaced through the middle of each held-out case.
 
     Uses the ``val`` split, or ``test`` where ``val`` is empty; two or more sequences are needed.
     """
     for split in ("val", "test"):
         dataset = SliceDataset(cache, split=split, datasets=data_cfg.get("datasets"),
-                               modalities=data_cfg.get("modalities"))
+                               modalities=data_cfg.get("modalities"), context_slices=context_slices)
         if len(dataset):
             break
     else:

@@ -13,8 +13,8 @@ from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 from monai.networks.nets import PatchDiscriminator
 
 from ..data.conditions import SynthesisConditionSampler, loss_weights
-from ..losses import (discriminator_loss, generator_loss, latent_diffusion_loss, lsgan_loss, vae_adversarial_loss,
-                      vae_loss)
+from ..losses import (discriminator_loss, generator_loss, latent_diffusion_loss, lesion_pixel_weight, lsgan_loss,
+                      vae_adversarial_loss, vae_loss)
 from ..models import (ConditionalLatentUNet, ModalityDiscriminators, MultiModalGenerator, build_vae,
                       decode_modalities, drop_dataset_id, encode_modalities, measure_scaling_factor)
 from ..models.vae import downsampling_factor
@@ -33,6 +33,9 @@ class Stage:
 
     #: the model whose weights get an EMA copy and are validated
     main: str
+    #: the cache's intensity rule (:class:`~mmdiff.data.preprocessing.MRIPreprocessor`), set by the
+    #: trainer and exported with the pipeline
+    preprocessor = None
     models: dict[str, torch.nn.Module]
     optimizers: dict[str, torch.optim.Optimizer]
 
@@ -242,6 +245,7 @@ class GANStage(Stage):
         model_cfg = dict(config["model"])
         disc_cfg = model_cfg.pop("discriminator", {})
         self.lambdas = model_cfg.pop("lambdas", {"lambda_syn": 100.0, "lambda_rec": 30.0, "lambda_adv": 1.0})
+        self.lesion_weight = float(model_cfg.pop("lesion_weight", 0.0))
         self.models = {
             "generator": MultiModalGenerator(modalities=modalities, num_datasets=len(dataset_names),
                                              dataset_names=dataset_names, **model_cfg),
@@ -257,8 +261,10 @@ class GANStage(Stage):
         sources = sources.to(x.device)
         synthesis_w, reconstruction_w = loss_weights(available, sources)
         inputs = x * sources[:, :, None, None]
+        context = to_network(batch["context"]) if "context" in batch else None
+        pixel_weight = lesion_pixel_weight(batch["seg"], self.lesion_weight) if self.lesion_weight else None
         with accelerator.accumulate(generator, discriminators):
-            fake = generator(inputs, sources, self._dataset_ids(batch))
+            fake = generator(inputs, sources, self._dataset_ids(batch), context=context)
             targets = (synthesis_w[0] > 0).nonzero().flatten().tolist()  # one condition per batch
             logs = {}
             if targets:  # real and fake in one discriminator call (one forward per backward, for DDP)
@@ -273,7 +279,7 @@ class GANStage(Stage):
             self.optimizers["discriminators"].zero_grad(set_to_none=True)
             fake_logits = discriminators(inputs, fake[:, targets], targets) if targets else {}
             g_terms = generator_loss(fake, x, synthesis_w, reconstruction_w, fake_logits or None,
-                                     **{k: float(v) for k, v in self.lambdas.items()})
+                                     **{k: float(v) for k, v in self.lambdas.items()}, pixel_weight=pixel_weight)
             accelerator.backward(g_terms["loss"])
             if accelerator.sync_gradients and self.train_cfg.get("grad_clip"):
                 accelerator.clip_grad_norm_(generator.parameters(), float(self.train_cfg["grad_clip"]))
@@ -283,12 +289,13 @@ class GANStage(Stage):
         return logs | {k: v.item() for k, v in g_terms.items()}
 
     @torch.no_grad()
-    def predict(self, images, sources, targets, dataset_id, generator=None):
+    def predict(self, images, sources, targets, dataset_id, generator=None, context=None):
         x = to_network(images) * sources[:, :, None, None]
-        return from_network(self.models["generator"](x, sources, dataset_id))
+        context = None if context is None else to_network(context)
+        return from_network(self.models["generator"](x, sources, dataset_id, context=context))
 
     def export(self, models, out):
-        MMGANPipeline(generator=models["generator"]).save_pretrained(out)
+        MMGANPipeline(generator=models["generator"], preprocessor=self.preprocessor).save_pretrained(out)
 
 
 STAGES = {"vae": VAEStage, "ldm": LDMStage, "gan": GANStage}

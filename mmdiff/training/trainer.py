@@ -24,11 +24,15 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from ..data.cache import cache_preprocessor
+from ..data.cache import describe as describe_cache
 from ..evaluation.metrics import psnr, ssim
+from ..evaluation.protocol import lesion_contrast
 from ..io import write_json, write_text
 from ..modalities import mask_key
 from ..viz import montage
-from .checkpoint import load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (CheckpointError, clean_temporaries, load_checkpoint, resume_candidates, rng_state,
+                         save_checkpoint, set_rng_state)
 from .config import ConfigError, load_config
 from .data import ensure_cache, training_dataset, training_loader, validation_samples
 from .stages import STAGES, Stage
@@ -106,16 +110,18 @@ def train(config: dict, output_dir: str | Path, max_steps: int | None = None, re
         write_text(output_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
     cache = ensure_cache(config["data"], accelerator.is_main_process)
     accelerator.wait_for_everyone()
-    dataset = training_dataset(config["data"], cache, seed)
+    context_slices = int(config.get("model", {}).get("context_slices", 0) or 0)  # a 2.5D model's neighbours
+    dataset = training_dataset(config["data"], cache, seed, context_slices)
     loader, sampler = training_loader(dataset, int(train_cfg["batch_size"]), seed,
                                       int(config["data"].get("num_workers", 0)))
     val_cfg = config.get("validation", {})
     val_samples = validation_samples(config["data"], cache, int(val_cfg.get("slices_per_case", 2)),
-                                     int(val_cfg.get("cases_per_dataset", 1)))
+                                     int(val_cfg.get("cases_per_dataset", 1)), context_slices)
 
     stage_cls = STAGES[config["stage"]]
     extra = {"vae_path": _vae_for_ldm(config, output_dir)} if config["stage"] == "ldm" else {}
     stage: Stage = stage_cls(config, dataset.dataset_names, dataset.modalities, accelerator.device, **extra)
+    stage.preprocessor = cache_preprocessor(cache)  # exported with the model: it is fed as it was trained
     names = list(stage.models)
     for name in names:
         stage.models[name].to(accelerator.device).train()
@@ -139,18 +145,30 @@ def train(config: dict, output_dir: str | Path, max_steps: int | None = None, re
         ema.to(accelerator.device)
 
     step, batches_done = 0, 0
-    checkpoint = resolve_resume(output_dir, resume)
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, {n: accelerator.unwrap_model(stage.models[n]) for n in names})
-        for n in names:
-            stage.optimizers[n].load_state_dict(state["optimizers"][n])
-            schedulers[n].load_state_dict(state["schedulers"][n])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        stage.load_state_dict(state["stage"])
+    if accelerator.is_main_process:
+        for stale in clean_temporaries(output_dir):
+            logger.info("removed %s, a checkpoint a killed run left half-written", stale.name)
+    candidates = resume_candidates(output_dir, resume)
+    for i, checkpoint in enumerate(candidates):
+        try:
+            state = load_checkpoint(checkpoint, {n: accelerator.unwrap_model(stage.models[n]) for n in names})
+            _restore(state, names, stage, schedulers, ema)
+        except CheckpointError as exc:
+            if i + 1 == len(candidates):
+                raise CheckpointError(f"cannot resume from {checkpoint}: {exc}. "
+                                      + ("Resume from another checkpoint with --resume PATH, or start again "
+                                         "without --resume" if resume != "latest" else
+                                         "No earlier complete checkpoint is left: start again without --resume")
+                                      ) from None
+            logger.warning("cannot resume from %s (%s): falling back to %s, the previous complete checkpoint",
+                           checkpoint.name, exc, candidates[i + 1].name)
+            continue
         step, batches_done = int(state["step"]), int(state["batches_done"])
         set_rng_state(state["rng"])
         logger.info("resumed from %s at step %d", checkpoint, step)
+        break
+    if accelerator.is_main_process:  # a run that starts over (step 0) forgets every record of the one before
+        _forget_metrics_after(output_dir / "metrics.jsonl", step if step else -1, finished=step >= total)
 
     if accelerator.is_main_process and accelerator.log_with:
         accelerator.init_trackers("mmdiff", config=_flat(config))
@@ -221,13 +239,59 @@ def train(config: dict, output_dir: str | Path, max_steps: int | None = None, re
         stage.export(unwrapped, final)
         write_json(final / "training_info.json", {
             "stage": config["stage"], "steps": step, "datasets": dataset.dataset_names,
-            "modalities": dataset.modalities, "cache": str(cache), "processes": accelerator.num_processes,
-            "rank_checksums": checksums, "validation": metrics, "config": config,
+            "modalities": dataset.modalities, "data": describe_cache(cache, config["data"].get("datasets")),
+            "processes": accelerator.num_processes, "device": accelerator.device.type,
+            "rank_checksums": checksums, "validation": metrics, "config": portable_config(config),
             "train_minutes": train_minutes})
     accelerator.wait_for_everyone()
     for tracker in accelerator.trackers:  # not end_training(): it would end the process group a sub-run shares
         tracker.finish()
     return final
+
+
+def portable_config(config: dict) -> dict:
+    """The config for a published record: an absolute ``data.cache`` (this machine's path) is left out;
+    the record's ``data`` section identifies the data instead."""
+    cache = str(config.get("data", {}).get("cache", ""))
+    if not Path(cache).is_absolute():
+        return config
+    return {**config, "data": {k: v for k, v in config["data"].items() if k != "cache"}}
+
+
+def _restore(state: dict, names, stage: Stage, schedulers: dict, ema) -> None:
+    """Optimizers, LR schedules, EMA and stage state from a checkpoint's ``state.pt``."""
+    try:
+        for n in names:
+            stage.optimizers[n].load_state_dict(state["optimizers"][n])
+            schedulers[n].load_state_dict(state["schedulers"][n])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        stage.load_state_dict(state["stage"])
+        missing = [key for key in ("batches_done", "rng") if key not in state]
+        if missing:
+            raise KeyError(", ".join(missing))
+    except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+        raise CheckpointError("its state.pt does not hold this run's training state "
+                              f"({type(exc).__name__}: {exc})") from None
+
+
+def _forget_metrics_after(path: Path, step: int, finished: bool) -> None:
+    """Drop the ``metrics.jsonl`` records a resumed run will write again: those after ``step`` (all
+    for ``step=-1``, and when the run resumes at its last step, that step's final validation); a line
+    a killed run left half-written goes too."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) > step or (finished and record.get("step") == step
+                                            and any(k.startswith("val/") for k in record)):
+            continue
+        kept.append(line)
+    write_text(path, "".join(f"{line}\n" for line in kept))
 
 
 def _past(deadline: float, accelerator) -> bool:
@@ -266,7 +330,8 @@ def validation_condition(available: torch.Tensor, index: int, reconstruct: bool)
 
 @torch.no_grad()
 def validate(stage: Stage, samples: list[dict], accelerator, step: int, output_dir: Path, ema) -> dict:
-    """PSNR/SSIM inside the brain per target sequence, on fixed slices, with the EMA weights.
+    """PSNR/SSIM inside the brain per target sequence, and the lesion-contrast error where a slice has
+    a lesion, on fixed slices, with the EMA weights.
 
     Every process runs it (a DDP forward may synchronise); the main process logs and writes the grid.
     """
@@ -292,13 +357,22 @@ def validate(stage: Stage, samples: list[dict], accelerator, step: int, output_d
         sources = torch.stack([c[0] for c in conditions]).to(device)
         targets = torch.stack([c[1] for c in conditions]).to(device)
         dataset_id = torch.tensor([samples[i]["dataset_id"] for i in indices], device=device)
-        pred = stage.predict(images, sources, targets, dataset_id, generator=generator).float()
+        extra = {"context": torch.stack([samples[i]["context"] for i in indices]).to(device)} \
+            if "context" in samples[indices[0]] else {}
+        pred = stage.predict(images, sources, targets, dataset_id, generator=generator, **extra).float()
         for row, i in enumerate(indices):
             brain = samples[i]["brain_mask"][None].to(device)
+            lesion = (samples[i]["seg"] > 0).numpy() & samples[i]["brain_mask"].numpy()
             for m in targets[row].nonzero().flatten().tolist():
                 name = stage.modalities[m]
                 scores[name]["psnr"].append(psnr(pred[row, m][None], images[row, m][None], brain).item())
                 scores[name]["ssim"].append(ssim(pred[row, m][None], images[row, m][None], brain).item())
+                if lesion.sum() >= 20:  # lesion contrast, synthetic against real (1 is faithful)
+                    healthy = samples[i]["brain_mask"].numpy()
+                    real = lesion_contrast(images[row, m].cpu().numpy(), healthy, lesion)
+                    synthetic = lesion_contrast(pred[row, m].cpu().numpy(), healthy, lesion)
+                    if np.isfinite(real) and np.isfinite(synthetic):
+                        scores[name]["contrast_error"].append(abs(synthetic / real - 1))
             if len(rows) < 8:
                 rows.append(_grid_row(stage.modalities, images[row], pred[row], sources[row], targets[row],
                                       samples[i]["case_id"], samples[i]["slice"]))
@@ -310,6 +384,9 @@ def validate(stage: Stage, samples: list[dict], accelerator, step: int, output_d
     if metrics:
         metrics["val/psnr"] = float(np.mean([v for k, v in metrics.items() if k.startswith("val/psnr_")]))
         metrics["val/ssim"] = float(np.mean([v for k, v in metrics.items() if k.startswith("val/ssim_")]))
+        errors = [v for k, v in metrics.items() if k.startswith("val/contrast_error_")]
+        if errors:  # |synthetic / real lesion contrast - 1|, for choosing checkpoints by lesions too
+            metrics["val/contrast_error"] = float(np.mean(errors))
     if accelerator.is_main_process:
         _log(accelerator, output_dir, step, metrics)
         montage(rows, output_dir / "validation" / f"step-{step:07d}.png", cell=128,

@@ -1,0 +1,142 @@
+"""The lean, 2.5D generator layout (one U-Net over patches, neighbouring slices as input) and the
+lesion-weighted L1: what the published one-step engine is built from."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mmdiff.data.dataset import SliceDataset
+from mmdiff.losses import lesion_pixel_weight, selective_l1
+from mmdiff.models import MultiModalGenerator
+from mmdiff.pipelines import MMGANPipeline
+from test_models import FLAIR, M, T1, T2, images, mask, perturb_modulations
+
+LEAN = dict(modality_streams=False, shared_decoder=True, context_slices=1, patch_size=2)
+
+
+def lean_generator(**kwargs) -> MultiModalGenerator:
+    torch.manual_seed(0)
+    settings = dict(num_datasets=2, block_out_channels=(8, 16), embedding_dim=16, norm_num_groups=4) | LEAN
+    return MultiModalGenerator(**(settings | kwargs))
+
+
+def test_lean_layout_has_one_tower_and_runs_on_multiples_of_its_patch_and_levels():
+    model = lean_generator()
+    assert model.size_multiple == 4
+    assert not hasattr(model, "modality_encoders") and not hasattr(model, "modality_decoders")
+    out = model(images(size=12), mask(T1, T2), 0)
+    assert out.shape == (2, M, 12, 12) and out.abs().max() <= 1
+    with pytest.raises(ValueError, match="divisible by 4"):
+        model(images(size=14), mask(T1), 0)
+    pmm = MultiModalGenerator(num_datasets=2, block_out_channels=(8, 16), embedding_dim=16, norm_num_groups=4)
+
+    def flops(network):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            network(images(size=32), mask(T1, T2), 0)
+        return counter.get_total_flops()
+
+    assert flops(model) < flops(pmm) / 4
+
+
+def test_context_is_live_masked_like_the_sources_and_defaults_to_the_slice_itself():
+    model = lean_generator().eval()
+    perturb_modulations(model)
+    x, sources = images(), mask(T1, FLAIR)
+    neighbours = torch.rand(2, M, 2, 16, 16) * 2 - 1
+    with torch.no_grad():
+        out = model(x, sources, 0, context=neighbours)
+        assert not torch.allclose(out, model(x, sources, 0, context=-neighbours))
+        # a non-source's neighbours are masked out like the non-source itself
+        changed = neighbours.clone()
+        changed[:, T2] = 5.0
+        torch.testing.assert_close(model(x, sources, 0, context=changed), out)
+        same = x[:, :, None].expand(-1, -1, 2, -1, -1)
+        torch.testing.assert_close(model(x, sources, 0), model(x, sources, 0, context=same))
+    with pytest.raises(ValueError, match="context has shape"):
+        model(x, sources, 0, context=neighbours[:, :, :1])
+
+
+def test_lean_generator_absent_sources_get_no_gradient_through_the_input():
+    """Zero gradient for a missing sequence: its pixels (and neighbours) cannot reach the output."""
+    model = lean_generator()
+    x = images().requires_grad_(True)
+    context = (torch.rand(2, M, 2, 16, 16) * 2 - 1).requires_grad_(True)
+    model(x, mask(T1, FLAIR), 0, context=context).square().mean().backward()
+    assert x.grad[:, T2].abs().sum() == 0 and context.grad[:, T2].abs().sum() == 0
+    assert x.grad[:, T1].abs().sum() > 0 and context.grad[:, FLAIR].abs().sum() > 0
+
+
+def test_pmm_layout_decodes_only_the_asked_targets():
+    model = MultiModalGenerator(num_datasets=2, block_out_channels=(8, 16), embedding_dim=16,
+                                norm_num_groups=4).eval()
+    x, sources = images(), mask(T1, T2)
+    with torch.no_grad():
+        full = model(x, sources, 0)
+        some = model(x, sources, 0, targets=[FLAIR])
+    torch.testing.assert_close(some[:, FLAIR], full[:, FLAIR])
+    assert torch.all(some[:, T1] == -1)
+
+
+def test_lesion_pixels_weigh_more_in_the_synthesis_l1():
+    target = torch.zeros(1, 2, 4, 4)
+    pred = torch.zeros(1, 2, 4, 4)
+    pred[0, 1, 0, 0] = 1.0  # one wrong pixel of 16
+    seg = torch.zeros(1, 4, 4, dtype=torch.uint8)
+    weight = torch.tensor([[0.0, 1.0]])
+    plain = selective_l1(pred, target, weight)
+    assert plain.item() == pytest.approx(1 / 16)
+    seg[0, 0, 0] = 2
+    lesion = selective_l1(pred, target, weight, lesion_pixel_weight(seg, 4.0))
+    assert lesion.item() == pytest.approx(5 / (16 + 4))
+    seg[0, 0, 0], seg[0, 3, 3] = 0, 1  # the error outside the lesion counts less than before
+    assert selective_l1(pred, target, weight, lesion_pixel_weight(seg, 4.0)).item() == pytest.approx(1 / 20)
+
+
+def test_slice_dataset_context_holds_the_neighbouring_slices(tiny_cache):
+    flat = SliceDataset(tiny_cache, split="train")
+    deep = SliceDataset(tiny_cache, split="train", context_slices=1)
+    case = flat.cases[0]
+    order = flat.case_slices(case["case_id"], case["dataset"])
+    first, middle = deep[order[0]], deep[order[1]]
+    assert middle["context"].shape == (len(flat.modalities), 2) + tuple(flat[order[1]]["images"].shape[1:])
+    torch.testing.assert_close(middle["context"][:, 0], flat[order[0]]["images"])
+    torch.testing.assert_close(middle["context"][:, 1], flat[order[2]]["images"])
+    assert first["context"][:, 0].abs().sum() == 0  # below the first stored slice: zeros
+    assert "context" not in flat[order[1]]
+
+
+def test_gan_pipeline_runs_a_2_5d_model_on_a_volume_with_its_neighbours():
+    """Slice k of a volume gets slices k-1 and k+1 as context: swapping them (same voxels, so the same
+    normalisation) changes slice k's result, and a volume's result does not depend on the batching."""
+    network = lean_generator(num_datasets=1, dataset_names=["brats"]).eval()
+    perturb_modulations(network)
+    pipe = MMGANPipeline(network)
+    pipe.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng(0)
+    volume = np.zeros((20, 20, 7), np.float32)
+    volume[4:16, 4:16] = rng.uniform(100, 200, (12, 12, 7))
+    images_ = {"t1": volume, "flair": volume[::-1].copy()}
+    one = pipe(images=images_, targets=["t2"], batch_size=1).images["t2"]
+    many = pipe(images=images_, targets=["t2"], batch_size=5).images["t2"]
+    np.testing.assert_allclose(one, many, atol=1e-5)
+    swapped = {k: v[..., [0, 1, 4, 3, 2, 5, 6]] for k, v in images_.items()}
+    other = pipe(images=swapped, targets=["t2"]).images["t2"]
+    assert not np.allclose(other[..., 3], one[..., 3], atol=1e-4)
+    for k in (0, 6):  # slices whose neighbours did not change
+        np.testing.assert_allclose(other[..., k], one[..., k], atol=1e-5)
+
+
+def test_training_validation_reports_the_lesion_contrast_error(tiny_cache, tmp_path):
+    """Checkpoints are chosen by lesions too: validation logs |synthetic / real lesion contrast - 1|."""
+    import json
+
+    from mmdiff.cli import main
+
+    assert main(["train", "--config", "gan-tiny", "--output-dir", str(tmp_path / "run"), "--max-steps", "2",
+                 f"data.cache={tiny_cache}", "validation.every=0", "checkpoint.every=0"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in records if "val/psnr" in r][-1]
+    assert final["val/contrast_error"] >= 0 and any(k.startswith("val/contrast_error_") for k in final)
