@@ -633,10 +633,11 @@ def build_demo(engines: Mapping[str, Engine] | None = None, examples: Sequence[E
                 downloads = gr.File(label="Synthesized NIfTI files and JSON sidecars", file_count="multiple",
                                     interactive=False, elem_id="downloads")
         with examples_anchor:
-            gr.Examples([[str(ex.files[m]) if m in ex.files else None for m in modalities]
-                         + [ex.dataset if ex.dataset in datasets else UNKNOWN_SITE, ex.targets] for ex in examples],
-                        inputs=[*uploads.values(), dataset, targets], example_labels=[ex.label for ex in examples],
-                        label="Examples: simulated phantom exams, one per kind of site", elem_id="examples")
+            if examples:
+                gr.Examples([[str(ex.files[m]) if m in ex.files else None for m in modalities]
+                             + [ex.dataset if ex.dataset in datasets else UNKNOWN_SITE, ex.targets] for ex in examples],
+                            inputs=[*uploads.values(), dataset, targets], example_labels=[ex.label for ex in examples],
+                            label="Examples: simulated phantom exams, one per kind of site", elem_id="examples")
         with gr.Row():
             plane = gr.Radio(list(PLANES), value="axial", label="Plane", elem_id="plane", scale=1)
             slice_index = gr.Slider(0, 1, value=0, step=1, label="Slice", elem_id="slice", scale=3)
