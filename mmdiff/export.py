@@ -19,6 +19,7 @@ from .data.cache import CACHE_JSON, INDEX_JSON
 from .data.cache import describe as describe_cache
 from .io import atomic_dir
 from .resources import model_card_template
+from .validation import CONFIG_ONLY_FILES
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 SYNTHESIS_TASK = "image-to-image"
@@ -280,7 +281,7 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, evaluation: str |
 
 #: what a pipeline folder publishes besides its components' configs and safetensors weights
 PUBLISHED_FILES = ("model_index.json", "README.md", "training_info.json")
-COMPONENT_PATTERNS = ("config.json", "scheduler_config.json", "*.safetensors", "*.safetensors.index.json")
+COMPONENT_PATTERNS = ("config.json", *CONFIG_ONLY_FILES, "*.safetensors", "*.safetensors.index.json")
 
 
 def publish_list(folder: str | os.PathLike) -> tuple[list[str], list[str]]:

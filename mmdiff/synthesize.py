@@ -77,7 +77,8 @@ def synthesize(
     from .pipelines import load_pipeline, resolve_source
 
     check_synthesize_options(engine, steps, samples, batch_size, seed, scheduler, targets, inputs or {})
-    inputs = check_input_files(inputs, brain_mask)
+    volumes = check_input_files(inputs, brain_mask)  # read once, here; the pipeline takes them as they are
+    inputs = {m: volume.path for m, volume in volumes.items()}
     input_files = list(inputs.values()) + ([Path(brain_mask)] if brain_mask else [])
     out = check_output_folder(out, input_files)
     if pipeline is None:
@@ -109,7 +110,7 @@ def synthesize(
                 raise OverwriteError(f"{file} exists (pass --overwrite to replace it)")
     generator = torch.Generator().manual_seed(seed)
     kwargs = {"num_inference_steps": steps, "num_samples": samples, "generator": generator} if diffusion else {}
-    result = pipe({m: str(p) for m, p in inputs.items()}, dataset=dataset, targets=targets, output_type="nifti",
+    result = pipe(volumes, dataset=dataset, targets=targets, output_type="nifti",
                   brain_mask=str(brain_mask) if brain_mask else None, batch_size=batch_size, **kwargs)
     provenance = {
         "model": str(source if source is not None else getattr(pipe, "name_or_path", None) or type(pipe).__name__),

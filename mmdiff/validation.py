@@ -13,12 +13,18 @@ import re
 import tempfile
 import warnings
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from .io import VolumeError, is_nifti, load_volume
+from .io import Volume, VolumeError, is_nifti, load_volume
 from .modalities import KNOWN_MODALITIES, canonical
+
+#: the config files of pipeline components that have no weights: schedulers, and the intensity rule
+#: (:class:`~mmdiff.data.preprocessing.MRIPreprocessor` takes its ``config_name`` from here)
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+CONFIG_ONLY_FILES = ("scheduler_config.json", PREPROCESSOR_CONFIG)
 
 #: pipeline classes mmdiff loads; components may only come from these libraries (no foreign code)
 PIPELINE_CLASSES = ("MMDiffPipeline", "MMGANPipeline")
@@ -49,20 +55,24 @@ def positive_int(value, option: str, minimum: int = 1, maximum: int | None = Non
 # ----------------------------------------------------------------------------------------- files
 
 def check_input_files(inputs: Mapping[str, str | os.PathLike], brain_mask: str | os.PathLike | None = None
-                      ) -> dict[str, Path]:
-    """Canonical sequence name -> path, after reading every file: refuses what cannot be used,
-    warns about constant volumes and about one image given for two sequences."""
+                      ) -> dict[str, Volume]:
+    """Canonical sequence name -> its volume, read (in parallel) and checked: refuses what cannot be
+    used, warns about constant volumes and about one image given for two sequences. The volumes go on
+    to the pipeline as they are, so each file is read once."""
     if not inputs:
-        raise ValueError("no input sequence given: pass at least one of --t1 --t2 --t1c --flair --dwi --adc")
+        raise ValueError("no input sequence given: pass at least one of "
+                         + " ".join(f"--{m}" for m in KNOWN_MODALITIES))
     checked: dict[str, Path] = {}
     for name, value in inputs.items():
         modality = canonical(name, KNOWN_MODALITIES)
         if modality in checked:
             raise ValueError(f"{modality} is given twice ({checked[modality]} and {value}): give each sequence once")
         checked[modality] = _existing_nifti(value, f"--{modality}")
+    with ThreadPoolExecutor(max_workers=len(checked)) as pool:  # gzip inflation releases the GIL
+        volumes = dict(zip(checked, pool.map(load_volume, checked.values())))
     data = {}
     for modality, path in checked.items():
-        volume = load_volume(path)
+        volume = volumes[modality]
         lo, hi = float(volume.data.min()), float(volume.data.max())
         if lo == hi:
             warnings.warn(f"{modality} ({path}) is constant (every voxel is {lo:g}): it carries no anatomy, "
@@ -76,7 +86,7 @@ def check_input_files(inputs: Mapping[str, str | os.PathLike], brain_mask: str |
     if brain_mask is not None:
         mask = _existing_nifti(brain_mask, "--brain-mask")
         load_volume(mask)
-    return checked
+    return volumes
 
 
 def _existing_nifti(value, option: str) -> Path:
@@ -131,10 +141,11 @@ def check_output_folder(out: str | os.PathLike, inputs: Iterable[str | os.PathLi
 
 # --------------------------------------------------------------------------------------- options
 
-def check_synthesize_options(engine: str, steps: int, samples: int, batch_size: int, seed: int,
+def check_synthesize_options(engine: str | None, steps: int, samples: int, batch_size: int, seed: int,
                              scheduler: str | None, targets: Iterable[str] | None, inputs: Iterable[str]) -> None:
-    """The options of ``mmdiff synthesize``, before any file or model is read."""
-    if engine not in ("ldm", "gan"):
+    """The options of ``mmdiff synthesize``, before any file or model is read (``engine`` None: not
+    known yet; the engine's own options are checked again once the pipeline folder names it)."""
+    if engine is not None and engine not in ("ldm", "gan"):
         raise ValueError(f"unknown engine {engine!r}: choose ldm or gan")
     positive_int(samples, "--samples")
     positive_int(batch_size, "--batch-size")
@@ -145,7 +156,7 @@ def check_synthesize_options(engine: str, steps: int, samples: int, batch_size: 
                              "(one sample, no uncertainty); drop --samples or use --engine ldm")
         if scheduler is not None:
             raise ValueError("--scheduler is for the diffusion engine: drop it or use --engine ldm")
-    else:
+    elif engine == "ldm":
         positive_int(steps, "--steps", maximum=1000)
     if targets:
         given = {canonical(m, KNOWN_MODALITIES) for m in inputs}
@@ -220,13 +231,13 @@ def check_pipeline_folder(path: str | os.PathLike) -> dict:
 def _check_component(folder: Path, name: str) -> None:
     if not folder.is_dir():
         raise PipelineError(f"{folder}: component {name} is missing: re-export the pipeline")
-    configs = [folder / c for c in ("config.json", "scheduler_config.json") if (folder / c).is_file()]
+    configs = [folder / c for c in ("config.json", *CONFIG_ONLY_FILES) if (folder / c).is_file()]
     if not configs:
         raise PipelineError(f"{folder} has no config.json: re-export the pipeline")
     for config in configs:
         _read_json(config, "re-export the pipeline")
-    if configs[0].name == "scheduler_config.json":
-        return  # schedulers have no weights
+    if configs[0].name in CONFIG_ONLY_FILES:
+        return  # schedulers and the preprocessor have no weights
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)

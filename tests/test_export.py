@@ -45,8 +45,12 @@ def fake_run(root: Path, pipe, **info) -> Path:
 
 
 def test_card_facts_come_from_the_run(tmp_path):
+    from mmdiff.data.preprocessing import MRIPreprocessor
+
     out = tmp_path / "mmdiff-gan"
-    assert main(["export", str(fake_run(tmp_path / "run", tiny_gan())), str(out)]) == 0
+    pipe = tiny_gan()
+    pipe.register_modules(preprocessor=MRIPreprocessor("percentile", clip_percentile=99.0))  # the model's own rule
+    assert main(["export", str(fake_run(tmp_path / "run", pipe)), str(out)]) == 0
     card = ModelCard.load(out / "README.md")
     assert card.data.datasets == ["brats", "ixi"]
     text = card.text

@@ -103,7 +103,10 @@ def no_model_load(monkeypatch):
     """Fail the test if synthesize gets as far as loading a model."""
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad option was refused")
-    monkeypatch.setattr(mmdiff.synthesize, "load_pipeline", refuse)
+    import mmdiff.pipelines
+
+    monkeypatch.setattr(mmdiff.pipelines, "load_pipeline", refuse)  # what synthesize calls
+    monkeypatch.setattr(mmdiff.pipelines.loading, "load_pipeline", refuse)
 
 
 def run_cli(args, capsys) -> tuple[int, str]:

@@ -30,6 +30,8 @@ import numpy as np
 from diffusers import ConfigMixin, ModelMixin, SchedulerMixin  # noqa: F401  (diffusers' loader looks these names up here)
 from diffusers.configuration_utils import register_to_config
 
+from ..validation import PREPROCESSOR_CONFIG
+
 NORMALISATIONS = ("median", "percentile")
 
 
@@ -42,7 +44,7 @@ class MRIPreprocessor(SchedulerMixin, ConfigMixin):
         clip_percentile: for ``"percentile"``: this percentile of the brain maps to 1.
     """
 
-    config_name = "preprocessor_config.json"
+    config_name = PREPROCESSOR_CONFIG
 
     @register_to_config
     def __init__(self, normalisation: str = "median", median_scale: float = 3.0, clip_percentile: float = 99.5):

@@ -106,7 +106,10 @@ def _canonical_names(names, modalities: Sequence[str], what: str) -> list[str]:
 
 
 def _read(name: str, value) -> np.ndarray | Volume:
-    """A NIfTI path -> its canonical ``Volume``; an array or tensor -> float32 array (2D or 3D)."""
+    """A NIfTI path -> its canonical ``Volume`` (a ``Volume`` already read is taken as is); an array or
+    tensor -> float32 array (2D or 3D)."""
+    if isinstance(value, Volume):
+        return value
     if isinstance(value, (str, os.PathLike)):
         return load_volume(value)
     if isinstance(value, torch.Tensor):
