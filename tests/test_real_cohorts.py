@@ -126,3 +126,19 @@ def test_real_wml_and_ms_cohorts_prepare_with_pd_and_their_masks(tmp_path):
     item = data[len(data) // 2]
     inside = item["images"][SEVEN.index("pd")][item["brain_mask"]]
     assert 0.2 < float(inside.median()) < 0.5  # median rule: normal brain near 1/3
+
+
+def test_evaluation_scores_pd_for_a_model_with_pd_and_leaves_a_model_without_out_of_that_task(pd_run, tmp_path):
+    from mmdiff.evaluation.protocol import PipelineMethod, Task
+    from mmdiff.evaluation.report import evaluate
+    from test_pipelines import tiny_gan
+
+    with_pd = MMGANPipeline.from_pretrained(pd_run / "run" / "final")
+    with_pd.set_progress_bar_config(disable=True)
+    methods = [PipelineMethod(with_pd, "with-pd"), PipelineMethod(tiny_gan(), "six")]
+    rows = evaluate(pd_run / "cache", methods, tmp_path / "eval", split=["train", "val", "test"], datasets=["wml"],
+                    tasks=[Task.parse("t1+t2+flair->pd"), Task.parse("t1->t2")], slice_stride=2, figures=False)
+    pd_rows = [r for r in rows if r["task"] == "t1+t2+flair->pd"]
+    assert pd_rows and {r["method"] for r in pd_rows} == {"with-pd"}
+    assert {r["method"] for r in rows if r["task"] == "t1->t2"} == {"with-pd", "six"}
+    assert all(np.isfinite(r["psnr_brain"]) for r in rows)

@@ -256,7 +256,10 @@ class PipelineMethod:
     """An mmdiff pipeline (LDM or GAN) as an evaluation method; a fixed seed per slice.
 
     ``scheduler`` (a name in :data:`mmdiff.pipelines.SCHEDULERS`) is set on the pipeline before each
-    call, so methods that share one diffusion pipeline can differ in scheduler and steps.
+    call, so methods that share one diffusion pipeline can differ in scheduler and steps. A task with a
+    sequence the model does not know is not one it can do (:meth:`supports`). A 2.5D model
+    (``pipeline.context_slices > 0``) gets the whole volume, so each scored slice has its real
+    neighbours; any other model gets only the scored slices.
     """
 
     def __init__(self, pipeline, name: str, steps: int = 20, samples: int = 1, seed: int = 0, batch_size: int = 16,
@@ -268,17 +271,30 @@ class PipelineMethod:
         if scheduler is not None and scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
 
+    def supports(self, task: Task) -> bool:
+        return set(task.sources) | {task.target} <= set(self.pipeline.modalities)
+
     def __call__(self, case: EvalCase, task: Task):
+        whole = getattr(self.pipeline, "context_slices", 0) > 0
+        scored = slice(None) if whole else case.scored
+        slices = np.arange(case.brain.shape[2])[scored]
         kwargs = {}
         if self.is_diffusion:
             if self.scheduler is not None:
                 use_scheduler(self.pipeline, self.scheduler)
-            generators = [torch.Generator().manual_seed(self.seed + k) for k in range(case.brain.shape[2])]
+            generators = [torch.Generator().manual_seed(self.seed + int(k)) for k in slices]  # per slice of the case
             kwargs = {"num_inference_steps": self.steps, "num_samples": self.samples, "generator": generators}
-        result = self.pipeline({m: case.images[m] for m in task.sources}, dataset=case.dataset,
-                               targets=[task.target], brain_mask=case.brain, batch_size=self.batch_size, **kwargs)
-        uncertainty = result.uncertainty[task.target] if result.uncertainty is not None else None
-        return result.images[task.target], uncertainty
+        result = self.pipeline({m: case.images[m][..., scored] for m in task.sources}, dataset=case.dataset,
+                               targets=[task.target], brain_mask=case.brain[..., scored], batch_size=self.batch_size,
+                               **kwargs)
+        outputs = [result.images[task.target], None if result.uncertainty is None else result.uncertainty[task.target]]
+        if not whole:  # back onto the case's slices (the others are not scored)
+            for n, output in enumerate(outputs):
+                if output is not None:
+                    full = np.zeros(case.brain.shape, dtype=np.float32)
+                    full[..., scored] = output
+                    outputs[n] = full
+        return tuple(outputs)
 
 
 BASELINES = {CopyNearest.name: lambda cache: CopyNearest(), VoxelwiseRegression.name: VoxelwiseRegression}

@@ -44,6 +44,8 @@ def evaluate(cache: str | Path, methods: Sequence[Method], out: str | Path, prot
         results = {}
         k = case.scored
         for method in methods:
+            if hasattr(method, "supports") and not method.supports(task):
+                continue  # a sequence the model does not know: no row, not a zero
             prediction, uncertainty = method(case, task)
             results[method.name] = (prediction, uncertainty)
             rows.append({"dataset": case.dataset, "case": case.case_id, "split": case.split, "task": task.name, "method": method.name,

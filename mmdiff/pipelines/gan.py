@@ -41,6 +41,11 @@ class MMGANPipeline(DiffusionPipeline):
         return self.generator.size_multiple
 
     @property
+    def context_slices(self) -> int:
+        """Axial neighbours on each side the generator reads (2.5D; 0: slice by slice)."""
+        return int(self.generator.config.context_slices)
+
+    @property
     def modalities(self) -> list[str]:
         """The sequences the model knows, in its order."""
         return list(self.generator.config.modalities)
