@@ -9,6 +9,7 @@
     mmdiff evaluate --pipeline P --data CACHE      scores on held-out cases, with baselines
     mmdiff export RUN_DIR OUT                      a training run -> pipeline folder + model card
     mmdiff push OUT --repo-id ORG/NAME             upload a pipeline folder to the Hub
+    mmdiff demo                                    the browser demo (gradio) on http://127.0.0.1:7860
 """
 
 from __future__ import annotations
@@ -206,6 +207,20 @@ def cmd_push(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise SystemExit('mmdiff demo needs gradio: pip install "mmdiff[demo]"') from None
+    from .demo import build_demo, launch, load_engines
+
+    engines = load_engines({"gan": args.gan, "ldm": args.ldm}, engines=args.engines)
+    limits = {"max_mb": args.max_upload_mb} if args.max_upload_mb else {}
+    demo = build_demo(engines, example_cohorts=args.examples, default_engine=args.engines[0], **limits)
+    launch(demo, server_name=args.host, server_port=args.port, share=args.share, **limits)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmdiff", description="Fill in missing MRI sequences.")
     parser.add_argument("--version", action="version", version=f"mmdiff {__version__}")
@@ -334,6 +349,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--message", help="commit message")
     p.add_argument("--dry-run", action="store_true", help="list what would be uploaded, upload nothing")
     p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("demo", help="serve the browser demo (gradio; pip install \"mmdiff[demo]\")")
+    p.add_argument("--host", default=None, help="address to bind (default: 127.0.0.1, or $GRADIO_SERVER_NAME)")
+    p.add_argument("--port", type=int, default=None, help="port (default: 7860, or $GRADIO_SERVER_PORT)")
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    p.add_argument("--engines", nargs="+", choices=["gan", "ldm"], default=["gan", "ldm"],
+                   help="engines offered; the first is the default (default: %(default)s)")
+    p.add_argument("--gan", metavar="PATH_OR_REPO", help="GAN pipeline (default: $MMDIFF_GAN_PIPELINE or the published one)")
+    p.add_argument("--ldm", metavar="PATH_OR_REPO", help="diffusion pipeline (default: $MMDIFF_LDM_PIPELINE or the published one)")
+    p.add_argument("--examples", nargs="*", metavar="COHORT",
+                   help="phantom cohorts bundled as examples (default: all four; none: --examples)")
+    p.add_argument("--max-upload-mb", type=float, help="largest upload accepted (default: 200, or $MMDIFF_DEMO_MAX_UPLOAD_MB)")
+    p.set_defaults(func=cmd_demo)
 
     # listed for --help; main() hands `mmdiff train ...` to mmdiff.train before parsing
     sub.add_parser("train", help="train a stage (vae, ldm, gan); see `mmdiff train --help`")
