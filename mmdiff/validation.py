@@ -212,9 +212,9 @@ def check_pipeline_folder(path: str | os.PathLike) -> dict:
         raise PipelineError(f"{index_file} names pipeline {name!r}; mmdiff loads {' or '.join(PIPELINE_CLASSES)} "
                             "only: pass an mmdiff pipeline folder")
     for name, entry in index.items():
-        if name.startswith("_"):
-            continue
-        if not (isinstance(entry, list) and len(entry) == 2):
+        if name.startswith("_") or not isinstance(entry, list):
+            continue  # the pipeline's own settings (the diffusion pipeline's calibration, say): no code
+        if len(entry) != 2:
             raise PipelineError(f"{index_file}: component {name!r} is {entry!r}, not [library, class]: "
                                 "re-export the pipeline")
         library, class_name = entry

@@ -231,3 +231,14 @@ def test_single_posterior_mean_runs_one_unet_step():
     for name, image in fast.images.items():
         np.testing.assert_array_equal(image, full.images[name])
         assert not np.array_equal(full.samples[name][0], image)  # the sample itself differs from the mean
+
+
+def test_a_saved_diffusion_pipeline_passes_the_pre_load_checks(tmp_path):
+    """Its model_index holds settings (coverage, interval scale, point estimate) beside components."""
+    from mmdiff.validation import check_pipeline_folder
+
+    pipe = tiny_ldm()
+    pipe.register_to_config(interval_scale=2.5, calibration_samples=4)
+    pipe.save_pretrained(tmp_path / "ldm")
+    index = check_pipeline_folder(tmp_path / "ldm")
+    assert index["calibration_samples"] == 4 and index["point_estimate"] == "posterior_mean"
