@@ -223,17 +223,21 @@ def calibrate_interval(
 ) -> float:
     """The interval scale (:func:`fit_interval_scale`) over validation slices, sampled as the pipeline samples.
 
-    Each slice is ``(images [M, H, W] in [0, 1], sources [M], targets [M], dataset_id, brain [H, W])``;
+    Each slice is ``(images [M, H, W] in [0, 1], sources [M], targets [M], dataset_id, brain [H, W],
+    context [M, 2k, H, W] in [0, 1] or None)`` (the context only for a 2.5D predictor);
     every brain voxel of every target (with ground truth) is one calibration point.
     """
     if num_samples < 2:
         raise ValueError("calibration needs num_samples >= 2 (a spread)")
     errors, spreads = [], []
     device = unet.device
-    for images, sources, targets, dataset_id, brain in slices:
+    for images, sources, targets, dataset_id, brain, context in slices:
         images = to_network(images[None].to(device=device, dtype=unet.dtype))
+        if context is not None:
+            context = to_network(context[None].to(device=device, dtype=unet.dtype))
         mu, residuals, expected = sample_residuals(predictor, vae, unet, scheduler, images, sources[None].to(device),
-                                                   dataset_id, num_samples, num_inference_steps, generator)
+                                                   dataset_id, num_samples, num_inference_steps, generator,
+                                                   context=context)
         point, std = point_and_spread(mu, residuals, expected, point_estimate)
         brain = torch.as_tensor(brain, device=device).bool()
         for m in torch.as_tensor(targets).nonzero().flatten().tolist():

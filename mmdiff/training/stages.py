@@ -207,10 +207,6 @@ class LDMStage(Stage):
         self.sampler = SCHEDULERS[self.sampler_name].from_config(self.scheduler.config)
 
         self.predictor = load_predictor(predictor_path, device)
-        if self.predictor.config.context_slices:
-            raise ConfigError("residual diffusion on a 2.5D predictor (context_slices > 0) is not trained yet: "
-                              "its training batches would need the predictor's neighbouring slices; use a "
-                              "slice-by-slice predictor (context_slices: 0)")
         predictor_names = list(self.predictor.config.dataset_names or [])
         unknown = [name for name in dataset_names if name not in predictor_names]
         if unknown:
@@ -242,8 +238,9 @@ class LDMStage(Stage):
         sources = sources.to(x.device)
         weight, _ = loss_weights(available, sources)  # (1 - sc) * m: synthesised, with ground truth
         dataset_id = self._predictor_ids(self._dataset_ids(batch))
+        context = to_network(batch["context"]) if "context" in batch else None  # a 2.5D predictor's
         with torch.no_grad():
-            mu = self.predictor(x, sources, dataset_id)
+            mu = self.predictor(x, sources, dataset_id, context=context)
             mu_latents = encode_modalities(self.vae, mu)
             latents = encode_modalities(self.vae, x)
             condition = torch.where(sources[:, :, None, None, None], latents, mu_latents)
@@ -257,11 +254,12 @@ class LDMStage(Stage):
         return {"loss": loss.item()}
 
     @torch.no_grad()
-    def predict(self, images, sources, targets, dataset_id, generator=None):
+    def predict(self, images, sources, targets, dataset_id, generator=None, context=None):
         """The pipeline's point estimate (``model.point_estimate`` over ``model.validation_samples`` runs)."""
         mu, residuals, expected = sample_residuals(
             self.predictor, self.vae, accelerator_free(self.models["unet"]), self.sampler, to_network(images), sources,
-            self._predictor_ids(dataset_id), self.validation_count, self.sampling_steps, generator)
+            self._predictor_ids(dataset_id), self.validation_count, self.sampling_steps, generator,
+            context=None if context is None else to_network(context))
         return from_network(point_and_spread(mu, residuals, expected, self.point_estimate)[0])
 
     def calibrate(self, unet) -> float | None:
@@ -274,7 +272,7 @@ class LDMStage(Stage):
         for i, sample in enumerate(self.calibration_slices):
             sources, targets = validation_condition(sample["available"], i, reconstruct=False)
             slices.append((sample["images"], sources, targets, int(self._predictor_ids(sample["dataset_id"])),
-                           sample["brain_mask"]))
+                           sample["brain_mask"], sample.get("context")))
         unet.eval()
         return calibrate_interval(self.predictor, self.vae, unet, self.sampler, slices, self.calibration_count,
                                   self.sampling_steps, self.coverage, self.point_estimate,

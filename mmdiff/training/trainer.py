@@ -96,6 +96,13 @@ def _ldm_components(config: dict, output_dir: Path) -> dict:
     return parts
 
 
+def _predictor_context(path: str | Path) -> int:
+    """``context_slices`` of a predictor (a pipeline folder's ``generator/`` or a generator folder)."""
+    path = Path(path)
+    config = path / "generator" / "config.json" if (path / "generator").is_dir() else path / "config.json"
+    return int(json.loads(config.read_text()).get("context_slices", 0) or 0)
+
+
 def train(config: dict, output_dir: str | Path, max_steps: int | None = None, resume: str | None = None,
           max_minutes: float | None = None) -> Path:
     """Train the stage a config names into ``output_dir``; returns the exported ``output_dir/final``.
@@ -125,7 +132,10 @@ def train(config: dict, output_dir: str | Path, max_steps: int | None = None, re
         write_text(output_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
     cache = ensure_cache(config["data"], accelerator.is_main_process)
     accelerator.wait_for_everyone()
-    context_slices = int(config.get("model", {}).get("context_slices", 0) or 0)  # a 2.5D model's neighbours
+    parts = _ldm_components(config, output_dir) if config["stage"] == "ldm" else {}
+    # a 2.5D model's neighbours: the GAN's own setting, or the LDM predictor's
+    context_slices = (_predictor_context(parts["predictor_path"]) if parts
+                      else int(config.get("model", {}).get("context_slices", 0) or 0))
     dataset = training_dataset(config["data"], cache, seed, context_slices)
     loader, sampler = training_loader(dataset, int(train_cfg["batch_size"]), seed,
                                       int(config["data"].get("num_workers", 0)))
@@ -134,7 +144,7 @@ def train(config: dict, output_dir: str | Path, max_steps: int | None = None, re
                                      int(val_cfg.get("cases_per_dataset", 1)), context_slices)
 
     stage_cls = STAGES[config["stage"]]
-    extra = _ldm_components(config, output_dir) | {"validation": val_samples} if config["stage"] == "ldm" else {}
+    extra = parts | {"validation": val_samples} if config["stage"] == "ldm" else {}
     stage: Stage = stage_cls(config, dataset.dataset_names, dataset.modalities, accelerator.device, **extra)
     stage.preprocessor = cache_preprocessor(cache)  # exported with the model: it is fed as it was trained
     names = list(stage.models)

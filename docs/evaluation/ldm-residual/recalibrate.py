@@ -19,7 +19,7 @@ names = info["datasets"]
 slices = []
 for i, s in enumerate(samples):
     sources, targets = validation_condition(s["available"], i, reconstruct=False)
-    slices.append((s["images"], sources, targets, pipe.unet.config.dataset_names.index(names[s["dataset_id"]]), s["brain_mask"]))
+    slices.append((s["images"], sources, targets, pipe.unet.config.dataset_names.index(names[s["dataset_id"]]), s["brain_mask"], None))
 for estimate in ("posterior_mean", "sample_mean"):
     scale = calibrate_interval(pipe.predictor, pipe.vae, pipe.unet, pipe.scheduler, slices, K, 10, pipe.config.coverage,
                                estimate, torch.Generator().manual_seed(1))
