@@ -191,9 +191,10 @@ def test_scheduler_swap(scheduler_class):
     pipe = tiny_ldm()
     vae, unet, index = pipe.vae, pipe.unet, dict(pipe.config)
     volume = brain_volume(2)
-    reference = pipe({"t1": volume}, num_inference_steps=STEPS, generator=seeded(0))
+    sampled = dict(num_inference_steps=STEPS, num_samples=2, point_estimate="sample_mean")  # every step runs
+    reference = pipe({"t1": volume}, generator=seeded(0), **sampled)
     pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
-    swapped = pipe({"t1": volume}, num_inference_steps=STEPS, generator=seeded(0))
+    swapped = pipe({"t1": volume}, generator=seeded(0), **sampled)
     assert type(pipe.scheduler) is scheduler_class
     assert pipe.vae is vae and pipe.unet is unet
     assert {k: v for k, v in pipe.config.items() if k != "scheduler"} == {k: v for k, v in index.items()
@@ -201,9 +202,9 @@ def test_scheduler_swap(scheduler_class):
     assert pipe.config["scheduler"] == ("diffusers", scheduler_class.__name__)
     np.testing.assert_array_equal(swapped.mask, reference.mask)
     # the swapped scheduler is the one that samples: the same as a pipeline built with it, not the old one
-    built = MMDiffPipeline(vae, unet, scheduler_class.from_config(pipe.scheduler.config))
+    built = MMDiffPipeline(vae, unet, scheduler_class.from_config(pipe.scheduler.config), pipe.predictor)
     built.set_progress_bar_config(disable=True)
-    expected = built({"t1": volume}, num_inference_steps=STEPS, generator=seeded(0))
+    expected = built({"t1": volume}, generator=seeded(0), **sampled)
     for name, image in swapped.images.items():
         assert image.shape == volume.shape and np.isfinite(image).all() and 0 <= image.min() <= image.max() <= 1
         np.testing.assert_array_equal(image, expected.images[name])

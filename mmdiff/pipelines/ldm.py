@@ -276,7 +276,6 @@ class MMDiffPipeline(DiffusionPipeline):
     """
 
     engine = "ldm"
-    model_cpu_offload_seq = "predictor->vae->unet"
     _callback_tensor_inputs = ["latents"]
     _optional_components = ["preprocessor"]
 
@@ -290,6 +289,12 @@ class MMDiffPipeline(DiffusionPipeline):
         self.register_to_config(coverage=coverage, interval_scale=interval_scale,
                                 calibration_samples=calibration_samples, point_estimate=point_estimate)
         self._interrupt = False
+
+    @property
+    def model_cpu_offload_seq(self) -> str:
+        """diffusers' offload order; the Haar latent has no weights to move (and accelerate's offload
+        hooks need a module with parameters), so it is left out of the chain."""
+        return "predictor->vae->unet" if any(True for _ in self.vae.parameters()) else "predictor->unet"
 
     @property
     def interrupt(self) -> bool:
