@@ -77,7 +77,9 @@ def _figure_row(case: EvalCase, task: Task, results: dict) -> tuple:
     """Inputs, real, each method's synthetic and |error|, and uncertainty, on the slice with most lesion
     (most brain without one). Images share the [0, 1] scale, errors [0, 0.5]; std maps are windowed."""
     weights = (case.lesion if case.lesion is not None and case.lesion.any() else case.brain).sum(axis=(0, 1))
-    k = int(np.argmax(weights))
+    scored = np.zeros(len(weights), bool)
+    scored[case.scored] = True  # a method may leave the other slices empty
+    k = int(np.argmax(np.where(scored, weights, -1)))
     norm = lambda v: robust_normalise(v, case.brain, case.lesion)  # noqa: E731
     panels = [(m, _fixed(display(norm(case.images[m]), 2, k), 1.0)) for m in task.sources]
     real = norm(case.images[task.target])
