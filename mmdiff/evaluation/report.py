@@ -76,11 +76,12 @@ def _fixed(image: np.ndarray, top: float) -> np.ndarray:
 def _figure_row(case: EvalCase, task: Task, results: dict) -> tuple:
     """Inputs, real, each method's synthetic and |error|, and uncertainty, on the slice with most lesion
     (most brain without one). Images share the [0, 1] scale, errors [0, 0.5]; std maps are windowed."""
-    weights = (case.lesion if case.lesion is not None and case.lesion.any() else case.brain).sum(axis=(0, 1))
-    scored = np.zeros(len(weights), bool)
-    scored[case.scored] = True  # a method may leave the other slices empty
-    k = int(np.argmax(np.where(scored, weights, -1)))
-    norm = lambda v: robust_normalise(v, case.brain, case.lesion)  # noqa: E731
+    # only the scored slices (a method may leave the others empty), normalised as they are scored
+    s = case.scored
+    brain, lesion = case.brain[..., s], None if case.lesion is None else case.lesion[..., s]
+    weights = (lesion if lesion is not None and lesion.any() else brain).sum(axis=(0, 1))
+    k = int(np.argmax(weights))
+    norm = lambda v: robust_normalise(v[..., s], brain, lesion)  # noqa: E731
     panels = [(m, _fixed(display(norm(case.images[m]), 2, k), 1.0)) for m in task.sources]
     real = norm(case.images[task.target])
     panels.append((f"real {task.target}", _fixed(display(real, 2, k), 1.0)))
@@ -89,7 +90,7 @@ def _figure_row(case: EvalCase, task: Task, results: dict) -> tuple:
         panels.append((name, _fixed(display(synthetic, 2, k), 1.0)))
         panels.append(("|error|", _fixed(display(np.abs(synthetic - real), 2, k), 0.5)))
         if uncertainty is not None:
-            panels.append(("std", display(uncertainty, 2, k)))
+            panels.append(("std", display(uncertainty[..., s], 2, k)))
     return (f"{case.dataset}/{case.case_id}"[:28], panels)
 
 
