@@ -49,3 +49,20 @@ def test_score_rows_and_summary_carry_the_contrasts():
     text = summary_markdown(rows)
     assert f"1.00 / {(4 * 1.1 + 9 * 1.5) / 13:.2f} |" in text  # whole lesion, synthetic / real
     assert "| brats | t1->t1c | m | 1.00 / 1.10 | - | 1.00 / 1.50 |" in text
+
+
+def test_figure_rows_show_a_scored_slice_normalised_like_the_scores():
+    """A slice-by-slice model is run on every k-th slice only: its figure panel must not be empty."""
+    from mmdiff.evaluation.protocol import EvalCase, Task
+    from mmdiff.evaluation.report import _figure_row
+
+    brain, labels, real = _case()
+    brain = np.repeat(brain[..., :1], 7, axis=2)
+    real = np.repeat(real[..., :1], 7, axis=2)
+    lesion = np.repeat((labels > 0)[..., :1], 7, axis=2)
+    case = EvalCase("brats", "a", "test", {"t1": real, "t1c": real}, brain, lesion, None, slice(None, None, 3))
+    prediction = np.zeros_like(real)
+    prediction[..., ::3] = real[..., ::3]  # only the scored slices, as PipelineMethod returns them
+    _, panels = _figure_row(case, Task(("t1",), "t1c"), {"m": (prediction, None)})
+    synthetic = dict(panels)["m"]
+    assert synthetic.max() > 0
