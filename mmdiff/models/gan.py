@@ -32,7 +32,6 @@ from collections.abc import Sequence
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
-from monai.networks.nets import PatchDiscriminator
 from torch import nn
 
 from ..modalities import MODALITIES
@@ -263,6 +262,9 @@ class ModalityDiscriminators(ModelMixin, ConfigMixin):
         norm: str = "INSTANCE",
     ):
         super().__init__()
+        # imported here: MONAI takes ~1.5 s to import, and synthesis (the generator) never needs it
+        from monai.networks.nets import PatchDiscriminator
+
         self.discriminators = nn.ModuleList(
             PatchDiscriminator(
                 spatial_dims=2, channels=channels, in_channels=len(modalities) + 1, out_channels=1,
