@@ -158,6 +158,7 @@ def _preprocessing(data: dict | None, preprocessor) -> tuple[str, str]:
     intensity = (preprocessor or MRIPreprocessor.legacy()).describe()
     if data is None:
         return ("- as prepared by `mmdiff prepare` (the run did not record its preparation settings);\n"
+                f"- intensities: {intensity};\n"
                 "- outputs come back in the normalised [0, 1] scale, zero outside the brain, on the input grid.",
                 "the training data's")
     preparation = data["preparation"]
