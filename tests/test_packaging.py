@@ -101,7 +101,9 @@ def _venv_with_wheel(tmp: Path, wheel: Path) -> Path:
                                   capture_output=True, text=True, check=True).stdout.strip())
     ours = {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}
     ours |= {p for p in sys.path if p.endswith("site-packages")}
-    (purelib / "dependencies.pth").write_text("\n".join(sorted(p for p in ours if not p.startswith(str(REPO)))) + "\n")
+    # site-packages folders only (CI's venv lives inside the checkout, so no path filter on REPO); the
+    # editable install's own .pth inside them is not run from here (only site dirs run .pth files)
+    (purelib / "dependencies.pth").write_text("\n".join(sorted(p for p in ours if Path(p) != REPO)) + "\n")
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps",
                     "--no-index", str(wheel)], check=True, env=fresh_env(), timeout=600)
     return venv
