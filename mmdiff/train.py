@@ -26,6 +26,9 @@ def build_parser(prog: str = "python -m mmdiff.train") -> argparse.ArgumentParse
     parser.add_argument("--max-minutes", type=float,
                         help="also stop after this much wall time (minutes); default train.max_minutes")
     parser.add_argument("--resume", help="'latest' (newest checkpoint in the run folder) or a checkpoint path")
+    parser.add_argument("--init-from", metavar="PATH",
+                        help="start from these weights (a checkpoint, run or pipeline folder) with a fresh schedule: "
+                             "fine-tuning; layers that do not fit start fresh (default train.init_from)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=1e-4")
     return parser
 
@@ -35,6 +38,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m mmdiff.train") ->
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config, args.overrides)
+        if args.init_from:
+            config.setdefault("train", {})["init_from"] = args.init_from
         output_dir = Path(args.output_dir or Path("runs") / Path(args.config).stem)
         final = train(config, output_dir, max_steps=args.max_steps, resume=args.resume,
                       max_minutes=args.max_minutes)

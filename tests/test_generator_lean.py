@@ -41,6 +41,27 @@ def test_lean_layout_has_one_tower_and_runs_on_multiples_of_its_patch_and_levels
     assert flops(model) < flops(pmm) / 4
 
 
+def test_refine_layer_draws_each_pixel_from_all_positions_of_its_patch():
+    """Without ``refine_channels`` each of a 2 x 2 patch's pixels has its own output weights (the
+    checkerboard: silence one and every pixel at that position goes flat); with it a 3 x 3 conv at
+    full resolution draws every pixel from features of all four positions."""
+    from mmdiff.models.gan import Decoder
+
+    torch.manual_seed(0)
+    fused = [torch.randn(1, 8, 8, 8), torch.randn(1, 16, 4, 4)]
+    embedding = torch.zeros(1, 16)
+    for refine in (0, 4):
+        decoder = Decoder((8, 16), 1, 16, 4, out_channels=1, patch_size=2, refine_channels=refine).eval()
+        assert hasattr(decoder, "refine") == bool(refine)
+        with torch.no_grad():
+            decoder.conv_out.weight[0::4] = 0  # the unfolded channels of the top-left pixel of each patch
+            decoder.conv_out.bias[0::4] = 0
+            out = decoder(fused, embedding)
+        assert out.shape == (1, 1, 16, 16)
+        top_left = out[0, 0, 0::2, 0::2]
+        assert (top_left.std() == 0) == (refine == 0), refine
+
+
 def test_context_is_live_masked_like_the_sources_and_defaults_to_the_slice_itself():
     model = lean_generator().eval()
     perturb_modulations(model)

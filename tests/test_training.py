@@ -55,6 +55,32 @@ def test_zero_steps_validates_the_initial_model(tiny_cache, tmp_path):
     assert [p.name for p in (tmp_path / "run").glob("checkpoint-*")] == ["checkpoint-0"]
 
 
+def test_init_from_fine_tunes_matching_weights_and_starts_new_layers_fresh(tiny_cache, tmp_path, capsys):
+    """``--init-from``: a new run starts from another run's weights, tensor by tensor where names and
+    shapes match (here a wider output head is new), with a fresh schedule; the source is untouched."""
+    assert _train("gan-tiny", tmp_path / "a", tiny_cache, "--max-steps", "2", "validation.every=0",
+                  "model.refine_channels=0") == 0
+    source = load_file(tmp_path / "a" / "checkpoint-2" / "generator.safetensors")
+    for start in (tmp_path / "a" / "checkpoint-2", tmp_path / "a" / "final"):  # a checkpoint, or an exported folder
+        out = tmp_path / f"b-{start.name}"
+        assert _train("gan-tiny", out, tiny_cache, "--max-steps", "0", "model.refine_channels=4",
+                      "--init-from", str(start)) == 0
+        started = load_file(out / "checkpoint-0" / "generator.safetensors")
+        exported = load_file(tmp_path / "a" / "final" / "generator" / "diffusion_pytorch_model.safetensors")
+        reference = source if start.name.startswith("checkpoint") else exported
+        shared = [k for k in started if k in reference and started[k].shape == reference[k].shape]
+        assert sorted(set(started) - set(shared)) == ["decoder.conv_out.bias", "decoder.conv_out.weight",
+                                                      "decoder.refine.1.bias", "decoder.refine.1.weight"]
+        for key in shared:
+            torch.testing.assert_close(started[key], reference[key].float(), msg=key)
+        assert "decoder.refine.1.weight" in started and "decoder.refine.1.weight" not in reference
+        assert started["decoder.conv_out.weight"].shape != reference["decoder.conv_out.weight"].shape
+        assert json.loads((out / "checkpoint-0" / "checkpoint.json").read_text())["step"] == 0
+    assert _train("vae-tiny", tmp_path / "c", tiny_cache, "--max-steps", "0", "--init-from",
+                  str(tmp_path / "a" / "checkpoint-2")) == 2
+    assert "no weights there fit" in capsys.readouterr().err
+
+
 def test_resume_equals_an_uninterrupted_run(tiny_cache, tmp_path):
     full = tmp_path / "full"
     assert _train("gan-tiny", full, tiny_cache, "--max-steps", "8", "checkpoint.every=4", "checkpoint.keep=null",

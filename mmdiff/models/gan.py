@@ -84,10 +84,17 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """U-Net decoder over fused levels (finest first) -> ``out_channels`` image channels in [-1, 1]."""
+    """U-Net decoder over fused levels (finest first) -> ``out_channels`` image channels in [-1, 1].
+
+    With ``patch_size > 1`` the finest level is ``patch_size`` times coarser than the image and a
+    pixel shuffle unfolds it. Predicting each of a patch's pixels by its own 1 x 1 weights leaves a
+    period-``patch_size`` checkerboard (fine lines in a sagittal view); ``refine_channels > 0``
+    unfolds features instead and lets a 3 x 3 conv at full resolution draw the pixels, so
+    neighbouring pixels come from shared weights (the sub-pixel conv of ESPCN with a refinement).
+    """
 
     def __init__(self, block_out_channels: Sequence[int], layers_per_block: int, embedding_dim: int,
-                 norm_num_groups: int, out_channels: int = 1):
+                 norm_num_groups: int, out_channels: int = 1, patch_size: int = 1, refine_channels: int = 0):
         super().__init__()
         self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
         self.levels = nn.ModuleList()
@@ -100,7 +107,11 @@ class Decoder(nn.Module):
                 for _ in range(layers_per_block - 1)
             ]
             self.levels.append(nn.ModuleList(blocks))
-        self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, 1)
+        area = patch_size ** 2
+        self.conv_out = nn.Conv2d(block_out_channels[0], (refine_channels or out_channels) * area, 1)
+        self.fold = nn.PixelShuffle(patch_size)
+        if refine_channels:
+            self.refine = nn.Sequential(nn.SiLU(), nn.Conv2d(refine_channels, out_channels, 3, padding=1))
 
     def forward(self, fused: list[torch.Tensor], embedding: torch.Tensor) -> torch.Tensor:
         x = fused[-1]
@@ -108,7 +119,8 @@ class Decoder(nn.Module):
             x = torch.cat([self.upsample(x), skip], dim=1)
             for block in blocks:
                 x = block(x, embedding)
-        return torch.tanh(self.conv_out(x))
+        x = self.fold(self.conv_out(x))
+        return torch.tanh(self.refine(x) if hasattr(self, "refine") else x)
 
 
 class MultiModalGenerator(ModelMixin, ConfigMixin):
@@ -132,6 +144,9 @@ class MultiModalGenerator(ModelMixin, ConfigMixin):
         patch_size: the network runs on ``patch_size x patch_size`` patches folded into channels
             (pixel unshuffle in, pixel shuffle out), so every level costs ``patch_size ** 2`` times
             less; the last layer still predicts each pixel.
+        refine_channels: with ``patch_size > 1``, the decoder unfolds this many feature channels and
+            a 3 x 3 conv at full resolution draws the image from them (0: the unfolded channels are
+            the image, which leaves a patch-sized checkerboard; see :class:`Decoder`).
     """
 
     @register_to_config
@@ -149,6 +164,7 @@ class MultiModalGenerator(ModelMixin, ConfigMixin):
         shared_decoder: bool = False,
         context_slices: int = 0,
         patch_size: int = 1,
+        refine_channels: int = 0,
     ):
         super().__init__()
         check_dataset_names(num_datasets, dataset_names)
@@ -165,11 +181,14 @@ class MultiModalGenerator(ModelMixin, ConfigMixin):
             self.modality_encoders = nn.ModuleList(Encoder(area, **levels) for _ in range(num_modalities))
             self.fusion = nn.ModuleList(nn.Conv2d(3 * channels, channels, 1) for channels in block_out_channels)
         self.common_encoder = Encoder((2 + 2 * context_slices) * num_modalities * area, **levels)
+        if refine_channels < 0:
+            raise ValueError(f"refine_channels must be >= 0, got {refine_channels}")
+        output = dict(patch_size=patch_size, refine_channels=refine_channels)
         if shared_decoder:
-            self.decoder = Decoder(**levels, out_channels=num_modalities * area)
+            self.decoder = Decoder(**levels, **output, out_channels=num_modalities)
         else:
-            self.modality_decoders = nn.ModuleList(Decoder(**levels, out_channels=area) for _ in range(num_modalities))
-        self.unfold, self.fold = nn.PixelUnshuffle(patch_size), nn.PixelShuffle(patch_size)
+            self.modality_decoders = nn.ModuleList(Decoder(**levels, **output) for _ in range(num_modalities))
+        self.unfold = nn.PixelUnshuffle(patch_size)
 
     @property
     def size_multiple(self) -> int:
@@ -218,11 +237,11 @@ class MultiModalGenerator(ModelMixin, ConfigMixin):
         fused = common if not self.config.modality_streams else self._fuse(images, mask, common, embedding)
 
         if self.config.shared_decoder:
-            return self.fold(self.decoder(fused, embedding))
+            return self.decoder(fused, embedding)
         wanted = range(num_modalities) if targets is None else sorted(set(targets))
         out = images.new_full((batch, num_modalities, height, width), -1.0)
         for i in wanted:
-            out[:, i:i + 1] = self.fold(self.modality_decoders[i](fused, embedding))
+            out[:, i:i + 1] = self.modality_decoders[i](fused, embedding)
         return out
 
     def _fuse(self, images, mask, common, embedding) -> list[torch.Tensor]:

@@ -168,3 +168,40 @@ def load_checkpoint(path: str | os.PathLike, models: dict[str, torch.nn.Module])
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"{state_file} is not an mmdiff training state (no step)")
     return state
+
+
+def init_weights(source: str | os.PathLike, models: dict[str, torch.nn.Module]) -> dict[str, dict[str, list[str]]]:
+    """Start ``models`` from the weights in ``source`` (fine-tuning), matching tensors by name and shape.
+
+    ``source`` is a checkpoint folder (``<name>.safetensors``) or a model or pipeline folder
+    (``<name>/diffusion_pytorch_model.safetensors``, e.g. a published pipeline to fine-tune on one's
+    own data). Unlike :func:`load_checkpoint` this is not strict: a layer the source lacks or has in
+    another shape (a new output layer, a wider dataset embedding) keeps its fresh initialisation,
+    and the report says which: per model, ``loaded``, ``fresh`` and ``unused`` (source tensors that
+    found no place). A model with no file in ``source`` starts fresh. No optimizer state or step
+    counter is taken: this is a new run.
+    """
+    source = Path(source)
+    if not source.is_dir():
+        raise CheckpointError(f"--init-from {source}: no such folder (a checkpoint, model or pipeline folder)")
+    report: dict[str, dict[str, list[str]]] = {}
+    for name, model in models.items():
+        candidates = [source / f"{name}.safetensors", source / name / "diffusion_pytorch_model.safetensors"]
+        file = next((c for c in candidates if c.is_file()), None)
+        own = model.state_dict()
+        if file is None:
+            report[name] = {"loaded": [], "fresh": sorted(own), "unused": []}
+            continue
+        try:
+            tensors = load_file(file)
+        except Exception as exc:
+            raise CheckpointError(f"{file} is corrupt or truncated ({exc})") from None
+        fits = {k: v for k, v in tensors.items() if k in own and own[k].shape == v.shape}
+        model.load_state_dict({k: v.to(own[k].dtype) for k, v in fits.items()}, strict=False)
+        report[name] = {"loaded": sorted(fits), "fresh": sorted(set(own) - set(fits)),
+                        "unused": sorted(set(tensors) - set(fits))}
+    if not any(r["loaded"] for r in report.values()):
+        raise CheckpointError(f"--init-from {source}: no weights there fit this config's "
+                              f"{', '.join(models)} (another model?)")
+    return report
+

@@ -31,7 +31,7 @@ from ..evaluation.protocol import lesion_contrast
 from ..io import write_json, write_text
 from ..modalities import mask_key
 from ..viz import montage
-from .checkpoint import (CheckpointError, clean_temporaries, load_checkpoint, resume_candidates, rng_state,
+from .checkpoint import (CheckpointError, clean_temporaries, init_weights, load_checkpoint, resume_candidates, rng_state,
                          save_checkpoint, set_rng_state)
 from .config import ConfigError, load_config
 from .data import REPO_ROOT, ensure_cache, training_dataset, training_loader, validation_samples
@@ -192,6 +192,18 @@ def train(config: dict, output_dir: str | Path, max_steps: int | None = None, re
         set_rng_state(state["rng"])
         logger.info("resumed from %s at step %d", checkpoint, step)
         break
+    init_from = train_cfg.get("init_from")
+    if init_from and step == 0:  # fine-tuning: weights only, a fresh schedule; a resumed run keeps its own
+        report = init_weights(Path(init_from).expanduser(),
+                              {n: accelerator.unwrap_model(stage.models[n]) for n in names})
+        for name, parts_of in report.items():
+            logger.info("%s from %s: %d tensors loaded, fresh: %s, unused: %s", name, init_from,
+                        len(parts_of["loaded"]), ", ".join(parts_of["fresh"]) or "none",
+                        ", ".join(parts_of["unused"]) or "none")
+        if ema is not None:  # the average starts from the loaded weights, not the random ones
+            ema = EMAModel(accelerator.unwrap_model(stage.models[stage.main]).parameters(),
+                           decay=float(train_cfg["ema_decay"]))
+            ema.to(accelerator.device)
     if accelerator.is_main_process:  # a run that starts over (step 0) forgets every record of the one before
         _forget_metrics_after(output_dir / "metrics.jsonl", step if step else -1, finished=step >= total)
 
