@@ -11,16 +11,30 @@ Composite losses return dicts of named terms (``"loss"`` is the one to backpropa
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from monai.losses import PatchAdversarialLoss, SSIMLoss
+
+if TYPE_CHECKING:
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 Logits = torch.Tensor | Mapping[int, torch.Tensor]
 
-_patch_lsgan = PatchAdversarialLoss(criterion="least_squares", reduction="none", no_activation_leastsq=True)
+
+@functools.cache
+def _patch_lsgan_loss():
+    """MONAI's least-squares patch loss, built on first use: MONAI takes seconds to import, and
+    synthesis (which imports the models, and through them this module) never needs it."""
+    from monai.losses import PatchAdversarialLoss
+
+    return PatchAdversarialLoss(criterion="least_squares", reduction="none", no_activation_leastsq=True)
+
+
+def _patch_lsgan(*args, **kwargs):
+    return _patch_lsgan_loss()(*args, **kwargs)
 
 
 def _selective_mean(
@@ -151,6 +165,8 @@ def vae_loss(
     posterior-collapse setting (a BraTS autoencoder fell from 37 to 16.6 dB with it).
     """
     l1 = F.l1_loss(recon, target)
+    from monai.losses import SSIMLoss
+
     ssim = SSIMLoss(spatial_dims=2, data_range=data_range)(recon.float(), target.float())
     kl = posterior.kl().mean()
     loss = l1 + ssim_weight * ssim + kl_weight * kl

@@ -13,7 +13,8 @@ from test_pipelines import DATASETS, brain_slice, inputs, tiny_gan, tiny_ldm
 
 from mmdiff.models import HaarWavelet
 from mmdiff.pipelines import MMDiffPipeline
-from mmdiff.pipelines.ldm import TRAINING_SCHEDULER, fit_interval_scale, point_and_spread, sample_residuals
+from mmdiff.pipelines.ldm import (TRAINING_SCHEDULER, ResidualFit, fit_interval_scale, point_and_spread,
+                                  sample_residuals)
 from mmdiff.training import load_config
 from mmdiff.training.stages import LDMStage
 
@@ -125,6 +126,51 @@ def test_interval_scale_calibrates_coverage():
     assert np.mean(np.abs(fresh) <= scale * fresh_spread) == pytest.approx(0.9, abs=0.01)
     with pytest.raises(ValueError, match="coverage"):
         fit_interval_scale(errors, spread, 1.0)
+
+
+def test_residual_weight_is_the_least_squares_weight_for_k_runs():
+    """Runs estimate the residual with independent noise: the mean of K runs deserves weight
+    signal / (signal + noise / K), fitted from runs of another K; noise alone gets weight 0."""
+    rng = np.random.default_rng(0)
+    signal = rng.normal(0, 1, 200_000)  # E[residual | sources] at each voxel
+    errors = signal + rng.normal(0, 1, signal.size)  # y - mu: the residual plus what no model can know
+    runs = signal + rng.normal(0, 1, (4, signal.size))  # each run: the signal plus unit noise
+    fit = ResidualFit.fit(errors, runs)
+    for k in (1, 2, 4, 8):
+        assert fit.weight(k) == pytest.approx(1 / (1 + 1 / k), abs=0.02), k
+        measured = errors - fit.weight(k) * runs[:k].mean(0) if k <= 4 else None
+        if measured is not None:  # the fitted weight is (close to) the best one for the mean of k runs
+            best = min(np.square(errors - w * runs[:k].mean(0)).mean() for w in np.linspace(0, 1, 41))
+            assert np.square(measured).mean() == pytest.approx(best, rel=2e-3)
+    assert ResidualFit.fit(errors, rng.normal(0, 1, (4, signal.size))).weight(8) < 0.02  # unrelated: shrunk away
+    assert ResidualFit.fit(errors, -runs).weight(1) == 0.0  # harmful: never subtracted back
+    assert ResidualFit.fit(errors, np.zeros((2, signal.size))).weight(1) == 1.0  # an untrained UNet: nothing to weigh
+
+
+def test_point_estimate_applies_the_fitted_weight_for_its_k(tmp_path):
+    """A residual weighted 0 leaves the predictor's image exactly; the weight is stored in the pipeline
+    config and depends on K; pipelines saved before it keep weight 1."""
+    pipe, gan = tiny_ldm(), tiny_gan()
+    volume = square_volume(2)
+    kwargs = dict(dataset="brats", num_inference_steps=3)
+    plain = pipe(inputs(volume), num_samples=1, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert pipe.residual_weight(1) == 1.0
+    pipe.register_to_config(residual_fit={"cross": 0.2, "signal": 0.4, "noise": 0.4})  # w(1) = 0.2 / 0.8, w(4) = 0.2 / 0.5
+    pipe.save_pretrained(tmp_path)
+    loaded = MMDiffPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.residual_weight(1) == pytest.approx(0.25) and loaded.residual_weight(4) == pytest.approx(0.4)
+    weighted = loaded(inputs(volume), num_samples=1, generator=torch.Generator().manual_seed(0), **kwargs)
+    reference = gan(inputs(volume), dataset="brats").images
+    for name, image in weighted.images.items():
+        inside = (plain.images[name] > 0) & (plain.images[name] < 1) & (reference[name] > 0) & (reference[name] < 1)
+        np.testing.assert_allclose(image[inside], (reference[name] + 0.25 * (plain.images[name] - reference[name]))[inside],
+                                   atol=1e-5)
+    loaded.register_to_config(residual_fit={"cross": 0.0, "signal": 1.0, "noise": 0.0})
+    silenced = loaded(inputs(volume), num_samples=2, generator=torch.Generator().manual_seed(0), **kwargs)
+    for name, image in silenced.images.items():
+        np.testing.assert_array_equal(image, reference[name])
+        assert silenced.uncertainty[name][silenced.mask].mean() > 0  # the samples still spread
 
 
 def test_pipeline_uncertainty_uses_the_calibrated_scale(tmp_path):

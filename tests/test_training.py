@@ -125,6 +125,7 @@ def test_ldm_tiny_needs_no_other_step(tiny_cache, tmp_path):
     assert index["predictor"] == ["mmdiff.models.gan", "MultiModalGenerator"]
     assert index["scheduler"] == ["diffusers", "DPMSolverMultistepScheduler"]  # the config's sampler, as given
     assert index["coverage"] == 0.9 and index["interval_scale"] > 0 and index["calibration_samples"] == 2
+    assert set(index["residual_fit"]) == {"cross", "signal", "noise"}  # the point estimate's residual weight
     predictor = json.loads((final / "predictor" / "config.json").read_text())
     assert predictor["_name_or_path"].endswith("predictor-stage/final/generator")
     info = json.loads((final / "training_info.json").read_text())
@@ -135,6 +136,25 @@ def test_ldm_tiny_needs_no_other_step(tiny_cache, tmp_path):
     scored = [k for k in info["validation"] if k.startswith("val/psnr_")]
     assert len(scored) >= 3 and {k.removeprefix("val/psnr_") for k in scored} <= set(info["modalities"])
     assert all(5 < info["validation"][k] < 60 for k in scored + ["val/psnr"])
+
+    # `mmdiff calibrate` refits both on a cache's validation cases into a new folder, never the input
+    from mmdiff.cli import main as cli
+
+    before = (final / "model_index.json").read_text()
+    out = tmp_path / "calibrated"
+    assert cli(["calibrate", str(final), "--data", str(tiny_cache), "--out", str(out), "--samples", "3",
+                "--steps", "2", "--coverage", "0.8", "--slices-per-case", "1"]) == 0
+    assert (final / "model_index.json").read_text() == before
+    record = json.loads((out / "calibration.json").read_text())
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["coverage"] == 0.8 and index["calibration_samples"] == 3
+    assert index["interval_scale"] == record["interval_scale"] > 0 and index["residual_fit"] == record["residual_fit"]
+    # the weight is least squares over [0, 1] (0 is the predictor alone): never worse than the predictor there
+    assert record["voxels"] > 0 and record["point_mse"] <= record["predictor_mse"] + 1e-12
+    assert set(record["residual_weight"]) == {"1", "2", "4", "8"}
+    assert (out / "training_info.json").is_file()
+    assert cli(["calibrate", str(final), "--data", str(tiny_cache), "--out", str(final), "--overwrite"]) == 2
+    assert cli(["calibrate", str(final), "--data", str(tiny_cache), "--out", str(out)]) == 2  # exists
 
 
 def test_config_errors_before_training(tiny_cache, tmp_path, capsys):

@@ -23,18 +23,27 @@ only move away from the predictor where the data say so.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
-from diffusers.models.unets.unet_2d import UNet2DOutput
+from diffusers.utils import BaseOutput
 from torch import nn
 
 from ..losses import latent_diffusion_loss
 from ..modalities import MODALITIES
 from .gan import ModulatedConvBlock
 from .pfm import NULL_DATASET_ID, DatasetEmbedding, check_dataset_names
+
+
+@dataclass
+class UNet2DOutput(BaseOutput):
+    """diffusers' ``UNet2DOutput`` (same field), defined here: importing it from ``diffusers.models.unets``
+    imports every diffusers transformer, about a second of each synthesis command's start-up."""
+
+    sample: torch.Tensor
 
 
 class ModulatedResBlock(nn.Module):

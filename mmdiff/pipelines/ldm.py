@@ -5,15 +5,18 @@ sequence in one pass; the :class:`~mmdiff.models.unet.ResidualUNet` samples the 
 in the latent (:class:`~mmdiff.models.wavelet.HaarWavelet` by default). ``num_samples = K`` draws K
 residuals per slice:
 
-- the point estimate is ``mu`` + their mean: a single sample from the posterior has twice the
-  posterior mean's squared error (-3 dB), the mean of K samples ``1 + 1/K`` times it;
+- the point estimate is ``mu`` + the residual's posterior mean (or the mean of the K samples: a single
+  sample from the posterior has twice the posterior mean's squared error, -3 dB, the mean of K
+  samples ``1 + 1/K`` times it), the residual weighted by :class:`ResidualFit`, fitted on validation
+  slices so that a residual which does not help there is shrunk toward 0 (the predictor's image);
 - the uncertainty is their per-voxel standard deviation, times a scale fitted on validation slices
   (``interval_scale`` in the pipeline config) so that ``image +- uncertainty`` covers the stated
   fraction (``coverage``) of brain voxels;
 - ``return_samples=True`` also returns the individual samples (``mu`` + one residual each).
 
 The maths lives in :func:`sample_residuals` (and :func:`denoise` under it), which the pipeline's
-``__call__`` and the training stage's validation and calibration both call.
+``__call__`` and the training stage's validation and calibration (:func:`calibrate`, also
+``mmdiff calibrate``) all call.
 """
 
 from __future__ import annotations
@@ -140,10 +143,10 @@ def sample_residuals(
             :meth:`~mmdiff.models.MultiModalGenerator.forward`).
 
     Returns:
-        ``(mu [B, M, H, W], residuals [K, B, M, H, W], expected [B, M, H, W])`` in [-1, 1] units: a
-        sample is ``mu + residual``; ``expected`` is the posterior-mean residual (the mean over the K
-        runs of the UNet's first-step clean prediction, see :func:`denoise`). An untrained
-        (zero-output) UNet gives residuals and ``expected`` that are exactly zero.
+        ``(mu [B, M, H, W], residuals [K, B, M, H, W], posteriors [K, B, M, H, W])`` in [-1, 1] units:
+        a sample is ``mu + residual``; each run's ``posteriors[k]`` is its estimate of the posterior-mean
+        residual (the UNet's first-step clean prediction, see :func:`denoise`), and their mean is the
+        pipeline's. An untrained (zero-output) UNet gives residuals and posteriors that are exactly zero.
     """
     batch = images.shape[0]
     sources = torch.as_tensor(sources, device=images.device).bool().expand(batch, -1)
@@ -167,30 +170,74 @@ def sample_residuals(
                                  num_inference_steps, generator, callback, interrupted, first_only)
         residuals.append(to_image(latents))
         firsts.append(first)
-    return mu, torch.stack(residuals), to_image(torch.stack(firsts).mean(0))
+    return mu, torch.stack(residuals), torch.stack([to_image(first) for first in firsts])
 
 
 #: how the pipeline's image is formed from the K runs (see :func:`point_and_spread`)
 POINT_ESTIMATES = ("posterior_mean", "sample_mean")
 
 
-def point_and_spread(mu: torch.Tensor, residuals: torch.Tensor, expected: torch.Tensor | None = None,
-                     point_estimate: str = "sample_mean") -> tuple[torch.Tensor, torch.Tensor | None]:
+def point_and_spread(mu: torch.Tensor, residuals: torch.Tensor, posteriors: torch.Tensor | None = None,
+                     point_estimate: str = "sample_mean", residual_weight: float = 1.0,
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(point estimate, per-voxel std of the samples or None for one sample)``, in [-1, 1] units.
 
     ``"sample_mean"``: ``mu`` + the mean of the K residual samples (MSE ``MMSE * (1 + 1/K)`` for a
-    perfect sampler); ``"posterior_mean"``: ``mu + expected``, the UNet's own estimate of the residual's
-    posterior mean (no ``1/K`` term; needs ``expected`` from :func:`sample_residuals`).
+    perfect sampler); ``"posterior_mean"``: ``mu`` + the mean of the K runs' posterior-mean residuals
+    (``posteriors`` from :func:`sample_residuals`; no sampling error, only the first step's). The
+    residual is added times ``residual_weight`` (:meth:`ResidualFit.weight`; 1: as the UNet gives it).
     """
+    point = mu + float(residual_weight) * point_runs(residuals, posteriors, point_estimate).mean(0)
+    return point, residuals.std(0) if len(residuals) > 1 else None
+
+
+def point_runs(residuals: torch.Tensor, posteriors: torch.Tensor | None, point_estimate: str) -> torch.Tensor:
+    """The K per-run residual estimates ``[K, ...]`` whose mean the point estimate adds to ``mu``."""
     if point_estimate not in POINT_ESTIMATES:
         raise ValueError(f"point_estimate must be one of {', '.join(POINT_ESTIMATES)}, got {point_estimate!r}")
-    if point_estimate == "posterior_mean":
-        if expected is None:
-            raise ValueError("the posterior_mean point estimate needs the expected residual")
-        point = mu + expected
-    else:
-        point = mu + residuals.mean(0)
-    return point, residuals.std(0) if len(residuals) > 1 else None
+    if point_estimate == "sample_mean":
+        return residuals
+    if posteriors is None:
+        raise ValueError("the posterior_mean point estimate needs the posterior-mean residuals")
+    return posteriors
+
+
+@dataclass(frozen=True)
+class ResidualFit:
+    """How much of the UNet's residual the point estimate adds, for any number of runs K.
+
+    The point estimate is ``mu + w * m_K``, ``m_K`` the mean of K runs' residual estimates ``r_k``
+    (each ``E[r | sources]`` plus run-to-run noise). The ``w`` that minimises its squared error is
+    ``<y - mu, m_K> / <m_K, m_K>``; the noise is independent of the error, so over calibration voxels
+
+        w(K) = cross / (signal + noise / K),   clipped to [0, 1],
+
+    with ``cross`` the mean of ``(y - mu) * m``, ``noise`` the mean per-run variance of ``r_k`` and
+    ``signal`` the mean of ``m^2`` less ``noise / K_cal`` (unbiased for ``E[r | sources]^2``). A
+    residual that does not help on held-out slices (an undertrained UNet, a site it never saw) is
+    shrunk toward 0, the predictor's own image; one run (K = 1) is noisier and weighs less than the
+    mean of 8. With one calibration run the noise cannot be told from the signal: ``noise`` is 0 and
+    the K = 1 weight is used for every K (cautious for larger K).
+    """
+
+    cross: float
+    signal: float
+    noise: float
+
+    def weight(self, num_samples: int) -> float:
+        energy = max(self.signal, 0.0) + self.noise / max(int(num_samples), 1)
+        if energy <= 0:
+            return 1.0  # nothing to weigh: an untrained UNet's residual is exactly zero
+        return float(np.clip(self.cross / energy, 0.0, 1.0))
+
+    @classmethod
+    def fit(cls, predictor_errors: np.ndarray, runs: np.ndarray) -> "ResidualFit":
+        """From ``y - mu`` ``[N]`` and the K runs' residual estimates ``[K, N]`` at the same voxels."""
+        errors, runs = np.asarray(predictor_errors, np.float64), np.asarray(runs, np.float64)
+        mean = runs.mean(0)
+        noise = float(runs.var(0, ddof=1).mean()) if len(runs) > 1 else 0.0
+        return cls(cross=float((errors * mean).mean()), signal=float(np.square(mean).mean()) - noise / len(runs),
+                   noise=noise)
 
 
 def fit_interval_scale(errors: np.ndarray, spread: np.ndarray, coverage: float) -> float:
@@ -208,42 +255,69 @@ def fit_interval_scale(errors: np.ndarray, spread: np.ndarray, coverage: float) 
     return float(np.quantile(ratio, level, method="higher"))
 
 
+@dataclass
+class Calibration:
+    """What :func:`calibrate` fits on validation slices, stored in the pipeline config."""
+
+    residual_fit: ResidualFit | None  #: the point estimate's residual weight for any K (None: weight 1)
+    interval_scale: float | None  #: see :func:`fit_interval_scale` (None with one sample: no spread)
+    num_samples: int  #: K of the calibration runs (the scale is fitted for this K)
+    voxels: int  #: calibration points (brain voxels of synthesised sequences with ground truth)
+    predictor_mse: float  #: of ``mu`` on them, [-1, 1] units
+    point_mse: float  #: of the weighted point estimate at K = ``num_samples`` on them
+
+    def weight(self, num_samples: int) -> float:
+        return 1.0 if self.residual_fit is None else self.residual_fit.weight(num_samples)
+
+
 @torch.no_grad()
-def calibrate_interval(
+def calibrate(
     predictor: MultiModalGenerator,
     vae: Latent,
     unet: ResidualUNet,
     scheduler: SchedulerMixin,
-    slices: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]],
+    slices: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor | None]],
     num_samples: int,
     num_inference_steps: int,
     coverage: float,
     point_estimate: str = "posterior_mean",
     generator: torch.Generator | None = None,
-) -> float:
-    """The interval scale (:func:`fit_interval_scale`) over validation slices, sampled as the pipeline samples.
+    fit_weight: bool = True,
+) -> Calibration:
+    """The residual weight (:class:`ResidualFit`), then the interval scale, over validation slices
+    sampled as the pipeline samples.
 
     Each slice is ``(images [M, H, W] in [0, 1], sources [M], targets [M], dataset_id, brain [H, W],
-    context [M, 2k, H, W] in [0, 1] or None)`` (the context only for a 2.5D predictor);
-    every brain voxel of every target (with ground truth) is one calibration point.
+    context [M, 2k, H, W] in [0, 1] or None)`` (the context only for a 2.5D predictor); every brain
+    voxel of every target (with ground truth) is one calibration point. The scale is fitted for the
+    weighted point estimate at ``num_samples`` runs (``fit_weight=False`` keeps the weight at 1).
     """
-    if num_samples < 2:
-        raise ValueError("calibration needs num_samples >= 2 (a spread)")
-    errors, spreads = [], []
+    errors, runs, spreads = [], [], []
     device = unet.device
     for images, sources, targets, dataset_id, brain, context in slices:
         images = to_network(images[None].to(device=device, dtype=unet.dtype))
         if context is not None:
             context = to_network(context[None].to(device=device, dtype=unet.dtype))
-        mu, residuals, expected = sample_residuals(predictor, vae, unet, scheduler, images, sources[None].to(device),
-                                                   dataset_id, num_samples, num_inference_steps, generator,
-                                                   context=context)
-        point, std = point_and_spread(mu, residuals, expected, point_estimate)
+        mu, residuals, posteriors = sample_residuals(predictor, vae, unet, scheduler, images,
+                                                     sources[None].to(device), dataset_id, num_samples,
+                                                     num_inference_steps, generator, context=context)
+        estimates = point_runs(residuals, posteriors, point_estimate)
+        std = residuals.std(0) if num_samples > 1 else None
         brain = torch.as_tensor(brain, device=device).bool()
         for m in torch.as_tensor(targets).nonzero().flatten().tolist():
-            errors.append((point[0, m] - images[0, m])[brain].cpu().numpy())
-            spreads.append(std[0, m][brain].cpu().numpy())
-    return fit_interval_scale(np.concatenate(errors), np.concatenate(spreads), coverage)
+            errors.append((images[0, m] - mu[0, m])[brain].double().cpu().numpy())
+            runs.append(estimates[:, 0, m][:, brain].double().cpu().numpy())
+            if std is not None:
+                spreads.append(std[0, m][brain].cpu().numpy())
+    if not errors:
+        raise ValueError("no voxels to calibrate on")
+    errors, runs = np.concatenate(errors), np.concatenate(runs, axis=1)
+    fit = ResidualFit.fit(errors, runs) if fit_weight else None
+    weight = 1.0 if fit is None else fit.weight(num_samples)
+    point_errors = errors - weight * runs.mean(0)
+    scale = fit_interval_scale(point_errors, np.concatenate(spreads), coverage) if spreads else None
+    return Calibration(residual_fit=fit, interval_scale=scale, num_samples=num_samples, voxels=int(errors.size),
+                       predictor_mse=float(np.mean(errors ** 2)), point_mse=float(np.mean(point_errors ** 2)))
 
 
 @dataclass
@@ -270,6 +344,9 @@ class MMDiffPipeline(DiffusionPipeline):
         point_estimate: the default image: ``"posterior_mean"`` (``mu`` + the UNet's posterior-mean
             residual) or ``"sample_mean"`` (``mu`` + the mean of the K sampled residuals); see
             :func:`point_and_spread`. The scale is fitted for this choice.
+        residual_fit: ``{cross, signal, noise}`` of a :class:`ResidualFit` fitted on validation slices
+            with the scale (:func:`calibrate`): the point estimate of K runs adds the residual times
+            ``ResidualFit.weight(K)`` (None: times 1, as the UNet gives it). Samples are never weighted.
         preprocessor: the intensity rule the models were trained with
             (:class:`~mmdiff.data.preprocessing.MRIPreprocessor`; None: the 99.5th-percentile rule of
             pipelines saved before it was stored).
@@ -281,13 +358,16 @@ class MMDiffPipeline(DiffusionPipeline):
 
     def __init__(self, vae: Latent, unet: ResidualUNet, scheduler: SchedulerMixin, predictor: MultiModalGenerator,
                  coverage: float = 0.9, interval_scale: float | None = None, calibration_samples: int | None = None,
-                 point_estimate: str = "posterior_mean", preprocessor: MRIPreprocessor | None = None):
+                 point_estimate: str = "posterior_mean", preprocessor: MRIPreprocessor | None = None,
+                 residual_fit: Mapping[str, float] | None = None):
         super().__init__()
         if point_estimate not in POINT_ESTIMATES:
             raise ValueError(f"point_estimate must be one of {', '.join(POINT_ESTIMATES)}, got {point_estimate!r}")
         self.register_modules(vae=vae, unet=unet, scheduler=scheduler, predictor=predictor, preprocessor=preprocessor)
         self.register_to_config(coverage=coverage, interval_scale=interval_scale,
-                                calibration_samples=calibration_samples, point_estimate=point_estimate)
+                                calibration_samples=calibration_samples, point_estimate=point_estimate,
+                                residual_fit=None if residual_fit is None else
+                                {k: float(v) for k, v in dict(residual_fit).items()})
         self._interrupt = False
 
     @property
@@ -295,6 +375,12 @@ class MMDiffPipeline(DiffusionPipeline):
         """diffusers' offload order; the Haar latent has no weights to move (and accelerate's offload
         hooks need a module with parameters), so it is left out of the chain."""
         return "predictor->vae->unet" if any(True for _ in self.vae.parameters()) else "predictor->unet"
+
+    def residual_weight(self, num_samples: int) -> float:
+        """The weight of the UNet's residual in the point estimate of ``num_samples`` runs (see
+        :class:`ResidualFit`; 1 for a pipeline calibrated before it was fitted)."""
+        fit = self.config.get("residual_fit")
+        return 1.0 if fit is None else ResidualFit(**fit).weight(num_samples)
 
     @property
     def interrupt(self) -> bool:
@@ -388,6 +474,7 @@ class MMDiffPipeline(DiffusionPipeline):
         scale = self.config.interval_scale if self.config.interval_scale is not None else 1.0
         point_estimate = point_estimate or self.config.point_estimate
         first_only = num_samples == 1 and point_estimate == "posterior_mean" and not return_samples
+        weight = self.residual_weight(num_samples)
 
         callback = None
         if callback_on_step_end is not None:
@@ -402,11 +489,11 @@ class MMDiffPipeline(DiffusionPipeline):
                 batch = to_network(batch.to(device=device, dtype=self.unet.dtype))
                 k = self.context_slices
                 context = to_network(case.context(index, k).to(device=device, dtype=self.unet.dtype)) if k else None
-                mu, residuals, expected = sample_residuals(
+                mu, residuals, posteriors = sample_residuals(
                     self.predictor, self.vae, self.unet, self.scheduler, batch,
                     torch.as_tensor(case.source_mask, device=device), dataset_id, num_samples, num_inference_steps,
                     batch_generator, callback, lambda: self.interrupt, first_only, context)
-                mean, std = point_and_spread(mu, residuals, expected, point_estimate)
+                mean, std = point_and_spread(mu, residuals, posteriors, point_estimate, weight)
                 case.put(point, index, from_network(mean[:, target_index]))
                 if spread is not None:
                     case.put(spread, index, std[:, target_index] * (scale / 2))  # [-1, 1] -> [0, 1] units

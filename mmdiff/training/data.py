@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -118,3 +119,27 @@ def validation_samples(data_cfg: dict, cache: Path, slices_per_case: int, max_ca
         picks = np.linspace(0.3, 0.7, slices_per_case) * (len(indices) - 1)
         samples += [dataset[indices[int(round(p))]] for p in picks]
     return samples
+
+
+def validation_condition(available: torch.Tensor, index: int, reconstruct: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed all-but-one condition per validation slice: the target cycles through its sequences."""
+    present = available.nonzero().flatten().tolist()
+    if reconstruct:
+        return available.clone(), available.clone()
+    target = present[index % len(present)]
+    targets = torch.zeros_like(available)
+    targets[target] = True
+    return available & ~targets, targets
+
+
+def calibration_slices(samples: list[dict], dataset_id: Callable[[int], int]) -> list[tuple]:
+    """Validation slices as :func:`mmdiff.pipelines.ldm.calibrate` takes them, each with the all-but-one
+    condition :func:`validation_condition` gives it; ``dataset_id`` maps the cache's dataset id to the
+    model's (``-1``: the null dataset)."""
+    slices = []
+    for i, sample in enumerate(samples):
+        sources, targets = validation_condition(sample["available"], i, reconstruct=False)
+        slices.append((sample["images"], sources, targets, int(dataset_id(int(sample["dataset_id"]))),
+                       sample["brain_mask"], sample.get("context")))
+    return slices
+

@@ -6,6 +6,8 @@ Images arrive in [0, 1] (the cache's units); networks see ``x * 2 - 1``.
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 import torch
@@ -18,7 +20,7 @@ from ..models import (HaarWavelet, ModalityDiscriminators, MultiModalGenerator, 
                       diffusion_loss, drop_dataset_id, encode_modalities, latent_channels, measure_scaling_factor)
 from ..pipelines import MMDiffPipeline, MMGANPipeline
 from ..pipelines.common import from_network, to_network
-from ..pipelines.ldm import SCHEDULERS, TRAINING_SCHEDULER, calibrate_interval, point_and_spread, sample_residuals
+from ..pipelines.ldm import SCHEDULERS, TRAINING_SCHEDULER, Calibration, calibrate, point_and_spread, sample_residuals
 from .config import ConfigError
 
 
@@ -256,35 +258,35 @@ class LDMStage(Stage):
     @torch.no_grad()
     def predict(self, images, sources, targets, dataset_id, generator=None, context=None):
         """The pipeline's point estimate (``model.point_estimate`` over ``model.validation_samples`` runs)."""
-        mu, residuals, expected = sample_residuals(
+        mu, residuals, posteriors = sample_residuals(
             self.predictor, self.vae, accelerator_free(self.models["unet"]), self.sampler, to_network(images), sources,
             self._predictor_ids(dataset_id), self.validation_count, self.sampling_steps, generator,
             context=None if context is None else to_network(context))
-        return from_network(point_and_spread(mu, residuals, expected, self.point_estimate)[0])
+        return from_network(point_and_spread(mu, residuals, posteriors, self.point_estimate)[0])
 
-    def calibrate(self, unet) -> float | None:
-        """The interval scale fitted on the validation slices (all-but-one conditions), or None without any."""
-        from .trainer import validation_condition
+    def calibrate(self, unet) -> Calibration | None:
+        """The residual weight and interval scale fitted on the validation slices (all-but-one
+        conditions, :func:`~mmdiff.pipelines.ldm.calibrate`), or None without any."""
+        from .data import calibration_slices
 
-        if not self.calibration_slices or self.calibration_count < 2:
+        if not self.calibration_slices:
             return None
-        slices = []
-        for i, sample in enumerate(self.calibration_slices):
-            sources, targets = validation_condition(sample["available"], i, reconstruct=False)
-            slices.append((sample["images"], sources, targets, int(self._predictor_ids(sample["dataset_id"])),
-                           sample["brain_mask"], sample.get("context")))
+        slices = calibration_slices(self.calibration_slices, lambda i: int(self._predictor_ids(i)))
         unet.eval()
-        return calibrate_interval(self.predictor, self.vae, unet, self.sampler, slices, self.calibration_count,
-                                  self.sampling_steps, self.coverage, self.point_estimate,
-                                  torch.Generator(device="cpu").manual_seed(1))
+        return calibrate(self.predictor, self.vae, unet, self.sampler, slices, self.calibration_count,
+                         self.sampling_steps, self.coverage, self.point_estimate,
+                         torch.Generator(device="cpu").manual_seed(1))
 
     def export(self, models, out):
         unet = models["unet"]
-        scale = self.calibrate(unet)
+        fitted = self.calibrate(unet)
+        scale = fitted.interval_scale if fitted is not None else None
         MMDiffPipeline(vae=self.vae, unet=unet, scheduler=self.sampler, predictor=self.predictor,
                        coverage=self.coverage, interval_scale=scale,
                        calibration_samples=self.calibration_count if scale is not None else None,
-                       point_estimate=self.point_estimate, preprocessor=self.preprocessor).save_pretrained(out)
+                       point_estimate=self.point_estimate, preprocessor=self.preprocessor,
+                       residual_fit=None if fitted is None or fitted.residual_fit is None
+                       else dataclasses.asdict(fitted.residual_fit)).save_pretrained(out)
 
 
 def accelerator_free(model: torch.nn.Module) -> torch.nn.Module:

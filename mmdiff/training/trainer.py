@@ -34,7 +34,7 @@ from ..viz import montage
 from .checkpoint import (CheckpointError, clean_temporaries, init_weights, load_checkpoint, resume_candidates, rng_state,
                          save_checkpoint, set_rng_state)
 from .config import ConfigError, load_config
-from .data import REPO_ROOT, ensure_cache, training_dataset, training_loader, validation_samples
+from .data import REPO_ROOT, ensure_cache, training_dataset, training_loader, validation_condition, validation_samples
 from .stages import STAGES, Stage
 
 logger = logging.getLogger(__name__)
@@ -352,17 +352,6 @@ def _log(accelerator, output_dir: Path, step: int, record: dict) -> None:
     if accelerator.is_main_process:
         with open(output_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps({"step": step, **record}) + "\n")
-
-
-def validation_condition(available: torch.Tensor, index: int, reconstruct: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed all-but-one condition per validation slice: the target cycles through its sequences."""
-    present = available.nonzero().flatten().tolist()
-    if reconstruct:
-        return available.clone(), available.clone()
-    target = present[index % len(present)]
-    targets = torch.zeros_like(available)
-    targets[target] = True
-    return available & ~targets, targets
 
 
 @torch.no_grad()

@@ -1,0 +1,78 @@
+"""``mmdiff calibrate``: refit a diffusion pipeline's point-estimate weight and uncertainty scale.
+
+A diffusion pipeline stores two numbers fitted on validation slices (:func:`mmdiff.pipelines.ldm.calibrate`):
+``residual_weight`` (how much of the UNet's residual the point estimate adds to its predictor's image)
+and ``interval_scale`` (so that ``image +- uncertainty`` covers ``coverage`` of brain voxels). Training
+fits them on its own validation split at export; this command refits them on the validation cases of
+any prepared cache -- another site's data, more slices, another ``coverage`` -- and writes a new
+pipeline folder (the input folder is never changed). What it fitted, on how many voxels, and the
+predictor's and the point estimate's error there go to ``calibration.json`` in the new folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import torch
+
+from .io import atomic_dir, write_json
+
+
+def calibrate_pipeline(pipe, cache: Path, out: Path, num_samples: int = 4, num_inference_steps: int = 10,
+                       coverage: float | None = None, slices_per_case: int = 4, cases_per_dataset: int = 4,
+                       seed: int = 1, fit_weight: bool = True, overwrite: bool = False) -> dict:
+    """Fit ``residual_weight`` and ``interval_scale`` of ``pipe`` (an :class:`~mmdiff.pipelines.MMDiffPipeline`)
+    on ``cache``'s validation cases (test cases where it has none) and save the pipeline to ``out``."""
+    from .data.cache import cache_preprocessor, read_index
+    from .data.preprocessing import MRIPreprocessor
+    from .pipelines.ldm import calibrate
+    from .training.data import calibration_slices, validation_samples
+
+    if getattr(pipe, "engine", None) != "ldm":
+        raise ValueError("calibrate: only a diffusion (ldm) pipeline has a residual weight and an uncertainty scale")
+    out = Path(out)
+    source = Path(pipe.config.get("_name_or_path") or "")
+    if source.is_dir() and out.resolve() == source.resolve():
+        raise ValueError(f"{out} is the pipeline being calibrated: write the calibrated pipeline to another folder")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists: choose another folder or pass --overwrite")
+    own = pipe.preprocessor or MRIPreprocessor.legacy()
+    data = cache_preprocessor(cache)
+    if own.describe() != data.describe():  # the rule and its parameter, in words
+        raise ValueError(f"the cache was prepared with {data.describe()} but the pipeline was trained with "
+                         f"{own.describe()}: calibrate on a cache prepared like its training data")
+    modalities = list(pipe.modalities)
+    index = read_index(cache)
+    if list(index["modalities"]) != modalities:
+        raise ValueError(f"the cache's sequences {index['modalities']} differ from the pipeline's {modalities}")
+    names = list(pipe.unet.config.dataset_names or [])
+    cache_names = list(index["datasets"])
+    samples = validation_samples({"modalities": modalities}, Path(cache), slices_per_case, cases_per_dataset,
+                                 pipe.context_slices)
+    if not samples:
+        raise ValueError(f"{cache} has no held-out case with two or more sequences to calibrate on")
+    unknown = sorted({cache_names[int(s["dataset_id"])] for s in samples} - set(names))
+    slices = calibration_slices(samples, lambda i: names.index(cache_names[i]) if cache_names[i] in names else -1)
+    coverage = float(pipe.config.coverage if coverage is None else coverage)
+    fitted = calibrate(pipe.predictor, pipe.vae, pipe.unet, pipe.scheduler, slices, num_samples, num_inference_steps,
+                       coverage, pipe.config.point_estimate, torch.Generator(device="cpu").manual_seed(seed),
+                       fit_weight=fit_weight)
+    fit = None if fitted.residual_fit is None else dataclasses.asdict(fitted.residual_fit)
+    pipe.register_to_config(residual_fit=fit, interval_scale=fitted.interval_scale,
+                            calibration_samples=num_samples if fitted.interval_scale is not None else None,
+                            coverage=coverage)
+    record = {"residual_weight": {k: fitted.weight(k) for k in (1, 2, 4, 8)}, "residual_fit": fit,
+              "interval_scale": fitted.interval_scale, "coverage": coverage, "num_samples": num_samples,
+              "num_inference_steps": num_inference_steps, "point_estimate": pipe.config.point_estimate,
+              "slices": len(slices), "voxels": fitted.voxels, "predictor_mse": fitted.predictor_mse,
+              "point_mse": fitted.point_mse, "datasets": sorted({cache_names[int(s["dataset_id"])] for s in samples}),
+              "datasets_unknown_to_the_model": unknown, "seed": seed}
+    with atomic_dir(out) as tmp:  # replaces an older ``out`` only once the new one is whole
+        pipe.save_pretrained(tmp)
+        for extra in ("README.md", "training_info.json"):  # the card and the run record travel with the weights
+            if (source / extra).is_file():
+                shutil.copyfile(source / extra, tmp / extra)
+        write_json(tmp / "calibration.json", record)
+    return record
