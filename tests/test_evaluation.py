@@ -10,7 +10,7 @@ import pytest
 
 from mmdiff.cli import main
 from mmdiff.evaluation.protocol import (PAPER_TASKS, CopyNearest, EvalCase, PipelineMethod, Task, VoxelwiseRegression,
-                                        load_cases, robust_normalise, score, tasks_for)
+                                        load_cases, robust_normalise, score, tasks_for, uncertainty_scores)
 from mmdiff.evaluation.report import evaluate
 from test_pipelines import tiny_gan, tiny_ldm
 
@@ -158,6 +158,38 @@ def test_evaluate_command_compares_schedulers_and_steps(tiny_cache, tmp_path, ca
     assert by_method["ldm (ddim, 3 steps)"] != by_method["ldm (dpm++, 3 steps)"]
     summary = (tmp_path / "e" / "summary.md").read_text()
     assert summary.index("(ddim, 3 steps)") < summary.index("(ddim, 1 steps)") < summary.index("(dpm++, 3 steps)")
+
+
+def test_uncertainty_scores_coverage_and_rank_correlation():
+    rng = np.random.default_rng(0)
+    brain = np.zeros((20, 20, 4), bool)
+    brain[2:18, 2:18] = True
+    reference = rng.uniform(0, 1, brain.shape).astype(np.float32)
+    spread = rng.uniform(0.01, 0.2, brain.shape).astype(np.float32)
+    prediction = reference + rng.normal(0, 1, brain.shape).astype(np.float32) * spread  # errors ~ N(0, spread^2)
+    scores = uncertainty_scores(prediction, reference, 1.645 * spread, brain)
+    assert scores["coverage"] == pytest.approx(0.90, abs=0.03)
+    assert scores["spearman_uncertainty"] > 0.3
+    shuffled = uncertainty_scores(prediction, reference, rng.permutation(spread.ravel()).reshape(spread.shape), brain)
+    assert abs(shuffled["spearman_uncertainty"]) < 0.1  # an uncertainty that says nothing about where the errors are
+    assert all(np.isnan(v) for v in uncertainty_scores(prediction, reference, None, brain).values())
+
+
+def test_evaluate_reports_the_uncertainty_of_sampling_pipelines(tiny_cache, tmp_path, capsys):
+    pipe = tiny_ldm()
+    pipe.register_to_config(interval_scale=3.0)
+    pipe.save_pretrained(tmp_path / "ldm")
+    assert main(["evaluate", "--data", str(tiny_cache), "--datasets", "glioma", "--tasks", "t1->t1c",
+                 "--pipeline", str(tmp_path / "ldm"), "--steps", "2", "--samples", "3", "--slice-stride", "4",
+                 "--out", str(tmp_path / "e"), "--quiet"]) == 0, capsys.readouterr().err
+    with open(tmp_path / "e" / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    ldm = [r for r in rows if r["method"] == "ldm"]
+    copy = [r for r in rows if r["method"] == "copy-nearest"]
+    assert ldm and all(0 < float(r["coverage"]) <= 1 for r in ldm)
+    assert copy and all(r["coverage"] == "nan" for r in copy)
+    summary = (tmp_path / "e" / "summary.md").read_text()
+    assert "Spearman(uncertainty, abs error)" in summary and "| glioma | t1->t1c | ldm |" in summary.split("Uncertainty")[1]
 
 
 def test_evaluate_data_by_config_name_builds_that_cache(tmp_path, monkeypatch, capsys):

@@ -174,6 +174,25 @@ def score(prediction: np.ndarray, reference: np.ndarray, brain: np.ndarray,
     return scores | contrast_scores(prediction, reference, brain, lesion, labels)
 
 
+def uncertainty_scores(prediction: np.ndarray, reference: np.ndarray, uncertainty: np.ndarray | None,
+                       brain: np.ndarray) -> dict[str, float]:
+    """How well a per-voxel uncertainty describes the error, over brain voxels (NaN without one).
+
+    ``coverage``: the fraction of voxels with ``|prediction - reference| <= uncertainty``, in the
+    pipeline's own [0, 1] units (where its interval was calibrated; not renormalised);
+    ``spearman_uncertainty``: the rank correlation of the uncertainty with ``|error|`` (1: the larger
+    the stated uncertainty, the larger the error; 0: it says nothing about where the errors are).
+    """
+    if uncertainty is None or not brain.any():
+        return {"coverage": float("nan"), "spearman_uncertainty": float("nan")}
+    from scipy.stats import spearmanr
+
+    error = np.abs(prediction[brain].astype(np.float64) - reference[brain])
+    spread = uncertainty[brain].astype(np.float64)
+    correlation = spearmanr(spread, error).statistic if spread.std() > 0 and error.std() > 0 else float("nan")
+    return {"coverage": float(np.mean(error <= spread)), "spearman_uncertainty": float(correlation)}
+
+
 # --- methods: each maps (case, task) -> (prediction [X, Y, Z], uncertainty or None) ---
 
 # Contrast most like each target, best first: the "copy the nearest sequence" baseline.

@@ -15,12 +15,14 @@ from tqdm.auto import tqdm
 
 from ..io import atomic_path, write_text
 from ..viz import display, montage
-from .protocol import NORMALISATION, EvalCase, Task, load_cases, robust_normalise, score, tasks_for
+from .protocol import (NORMALISATION, EvalCase, Task, load_cases, robust_normalise, score, tasks_for,
+                       uncertainty_scores)
 
 Method = Callable[[EvalCase, Task], tuple[np.ndarray, np.ndarray | None]]
 SUMMARY_COLUMNS = ("psnr_brain", "ssim_brain", "mae_brain", "psnr_lesion", "ssim_lesion", "psnr_whole", "ssim_whole",
                    "contrast_lesion", "contrast_lesion_real")
 CONTRAST_COLUMNS = tuple(f"contrast_label{k}{suffix}" for k in (1, 2, 3) for suffix in ("", "_real"))
+UNCERTAINTY_COLUMNS = ("coverage", "spearman_uncertainty")
 
 
 def evaluate(cache: str | Path, methods: Sequence[Method], out: str | Path, protocol: str = "paper",
@@ -51,7 +53,9 @@ def evaluate(cache: str | Path, methods: Sequence[Method], out: str | Path, prot
             rows.append({"dataset": case.dataset, "case": case.case_id, "split": case.split, "task": task.name, "method": method.name,
                          **score(prediction[..., k], reference[..., k], case.brain[..., k],
                                  None if case.lesion is None else case.lesion[..., k],
-                                 None if case.labels is None else case.labels[..., k])})
+                                 None if case.labels is None else case.labels[..., k]),
+                         **uncertainty_scores(prediction[..., k], reference[..., k],
+                                              None if uncertainty is None else uncertainty[..., k], case.brain[..., k])})
         if figures and (task, case.dataset) not in shown:  # one figure row per task and dataset
             shown[(task, case.dataset)] = _figure_row(case, task, results)
     _write_csv(rows, out / "scores.csv", overwrite)
@@ -110,7 +114,7 @@ def aggregate(rows: list[dict]) -> dict[tuple[str, str, str], dict[str, tuple[fl
     table = {}
     for key, group in groups.items():
         table[key] = {}
-        for column in SUMMARY_COLUMNS + CONTRAST_COLUMNS:
+        for column in SUMMARY_COLUMNS + CONTRAST_COLUMNS + UNCERTAINTY_COLUMNS:
             values = np.array([float(r.get(column, "nan")) for r in group])
             values = values[~np.isnan(values)]
             table[key][column] = ((float(values.mean()), float(values.std()), len(values)) if len(values)
@@ -180,6 +184,15 @@ def summary_markdown(rows: list[dict], slice_stride: int = 1) -> str:
                   "| dataset | task | method | label 1 | label 2 | label 3 |", "|---|---|---|---|---|---|"]
         for (dataset, task, method), stats in labelled:
             cells = [_contrast_cell(stats, f"contrast_label{k}") for k in (1, 2, 3)]
+            lines.append(f"| {dataset} | {task} | {method} | " + " | ".join(cells) + " |")
+    uncertain = [(key, stats) for key, stats in ranked if stats["coverage"][2]]
+    if uncertain:
+        lines += ["", "Uncertainty (methods that state one): coverage of image ± uncertainty over brain voxels, in "
+                  "the pipeline's own units (the nominal value is the pipeline's `coverage`), and the Spearman "
+                  "rank correlation of the uncertainty with |error| (0: it does not say where the errors are).", "",
+                  "| dataset | task | method | coverage | Spearman(uncertainty, abs error) |", "|---|---|---|---|---|"]
+        for (dataset, task, method), stats in uncertain:
+            cells = [_cell(stats["coverage"], 3), _cell(stats["spearman_uncertainty"], 3)]
             lines.append(f"| {dataset} | {task} | {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
