@@ -6,7 +6,9 @@ and ``interval_scale`` (so that ``image +- uncertainty`` covers ``coverage`` of 
 fits them on its own validation split at export; this command refits them on the validation cases of
 any prepared cache -- another site's data, more slices, another ``coverage`` -- and writes a new
 pipeline folder (the input folder is never changed). What it fitted, on how many voxels, and the
-predictor's and the point estimate's error there go to ``calibration.json`` in the new folder.
+predictor's and the point estimate's error there go to ``calibration.json`` in the new folder; the
+model card is left behind (its numbers were the old pipeline's): evaluate the new folder and
+``mmdiff export`` it to write one.
 """
 
 from __future__ import annotations
@@ -71,8 +73,9 @@ def calibrate_pipeline(pipe, cache: Path, out: Path, num_samples: int = 4, num_i
               "datasets_unknown_to_the_model": unknown, "seed": seed}
     with atomic_dir(out) as tmp:  # replaces an older ``out`` only once the new one is whole
         pipe.save_pretrained(tmp)
-        for extra in ("README.md", "training_info.json"):  # the card and the run record travel with the weights
-            if (source / extra).is_file():
-                shutil.copyfile(source / extra, tmp / extra)
+        # the run record travels with the weights (`mmdiff export` renders a card from it and a new
+        # evaluation); the old card does not: its numbers are the uncalibrated pipeline's
+        if (source / "training_info.json").is_file():
+            shutil.copyfile(source / "training_info.json", tmp / "training_info.json")
         write_json(tmp / "calibration.json", record)
     return record

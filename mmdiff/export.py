@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -256,7 +257,8 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, evaluation: str |
            method: str | None = None, dtype: str = "float16", repo_id: str | None = None,
            training_note: str | None = None, downstream: str | os.PathLike | None = None,
            overwrite: bool = False) -> Path:
-    """``run_dir/final`` (a trained pipeline) -> ``out``: weights in ``dtype``, ``training_info.json``
+    """``run_dir/final`` (a trained pipeline; or ``run_dir`` itself, a pipeline folder with its
+    ``training_info.json``) -> ``out``: weights in ``dtype``, ``training_info.json``
     and a ``README.md`` model card; ``evaluation`` (an ``mmdiff evaluate`` folder) fills its results,
     taking the rows of ``method`` (default: the folder name of ``out``); ``training_note`` adds what the
     run's own record cannot tell (e.g. that it resumed another run on other data); ``downstream`` (an
@@ -265,6 +267,8 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, evaluation: str |
 
     run_dir, out = Path(run_dir), Path(out)
     final = run_dir / "final"
+    if not (final / "model_index.json").exists() and (run_dir / "training_info.json").exists():
+        final = run_dir  # a pipeline folder with its run record (e.g. one `mmdiff calibrate` wrote)
     if not (final / "model_index.json").exists():
         raise FileNotFoundError(f"{final} holds no trained pipeline: train to the end (or point at a run folder)")
     if dtype not in DTYPES:
@@ -286,11 +290,13 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, evaluation: str |
         cast_safetensors(tmp, DTYPES[dtype])
         (tmp / "training_info.json").write_text(json.dumps({**info, "exported_dtype": dtype}, indent=2) + "\n")
         (tmp / "README.md").write_text(card)
+        if (final / "calibration.json").is_file():  # what `mmdiff calibrate` fitted, and on what
+            shutil.copyfile(final / "calibration.json", tmp / "calibration.json")
     return out
 
 
 #: what a pipeline folder publishes besides its components' configs and safetensors weights
-PUBLISHED_FILES = ("model_index.json", "README.md", "training_info.json")
+PUBLISHED_FILES = ("model_index.json", "README.md", "training_info.json", "calibration.json")
 COMPONENT_PATTERNS = ("config.json", *CONFIG_ONLY_FILES, "*.safetensors", "*.safetensors.index.json")
 
 

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from mmdiff.data.cache import fingerprint, read_index
+from mmdiff.export import publish_list
 from mmdiff.models import MultiModalGenerator
 from mmdiff.train import main as train_main
 from mmdiff.training.trainer import lr_factor
@@ -152,7 +153,10 @@ def test_ldm_tiny_needs_no_other_step(tiny_cache, tmp_path):
     # the weight is least squares over [0, 1] (0 is the predictor alone): never worse than the predictor there
     assert record["voxels"] > 0 and record["point_mse"] <= record["predictor_mse"] + 1e-12
     assert set(record["residual_weight"]) == {"1", "2", "4", "8"}
-    assert (out / "training_info.json").is_file()
+    assert (out / "training_info.json").is_file() and not (out / "README.md").exists()  # the old card's numbers
+    assert cli(["export", str(out), str(tmp_path / "published")]) == 0  # a card for the calibrated pipeline
+    assert (tmp_path / "published" / "calibration.json").read_text() == (out / "calibration.json").read_text()
+    assert "calibration.json" in publish_list(tmp_path / "published")[0]
     assert cli(["calibrate", str(final), "--data", str(tiny_cache), "--out", str(final), "--overwrite"]) == 2
     assert cli(["calibrate", str(final), "--data", str(tiny_cache), "--out", str(out)]) == 2  # exists
 
