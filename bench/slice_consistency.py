@@ -11,10 +11,14 @@ reports, inside the brain, on the evaluation's scale (each volume / 3 x its heal
 - ``checkerboard``: mean |a - b - c + d| / 4 over every 2 x 2 block of an axial slice (the Haar HH
   band: near 0 for smooth anatomy, large for a pixel-level alternating pattern at any offset);
 
+``inplane_step`` is also a measure of sharpness: a blurred image has smaller neighbour differences
+than the real one. A diffusion pipeline is scored twice, its point estimate (K samples) and its first
+single sample, which should be the sharper of the two;
+
 for the real volume too, and writes ``slice_consistency.png`` (mid-sagittal and coronal planes, real
 then each pipeline) and ``slice_consistency.json``.
 
-    python bench/slice_consistency.py PIPELINE [PIPELINE ...] [--target t1c] [--out bench/results]
+    python bench/slice_consistency.py PIPELINE [PIPELINE ...] [--target t1c] [--slab 0] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -69,22 +73,37 @@ def main() -> int:
     parser.add_argument("pipelines", nargs="+", help="pipeline folders (gan / ldm: the published ones)")
     parser.add_argument("--target", default="t1c")
     parser.add_argument("--steps", type=int, default=10, help="diffusion steps (ldm)")
+    parser.add_argument("--samples", type=int, default=4, help="K for a diffusion pipeline's point estimate; its "
+                                                               "first sample is shown and scored too")
+    parser.add_argument("--slab", type=int, default=0, help="synthesize only this many central brain slices "
+                                                            "(0: the whole volume; for the slow diffusion engine)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
 
     images, reference, brain, lesion, dataset, description = load_case(args.target)
     depth = np.flatnonzero(brain.any((0, 1)))
+    if args.slab:
+        middle = int(depth.mean())
+        keep = slice(max(middle - args.slab // 2, 0), middle - args.slab // 2 + args.slab)
+        images = {m: v[..., keep] for m, v in images.items()}
+        reference, brain, lesion = reference[..., keep], brain[..., keep], lesion[..., keep]
+        depth = np.flatnonzero(brain.any((0, 1)))
     slices = slice(int(depth[0] + 0.25 * len(depth)), int(depth[0] + 0.75 * len(depth)))  # the central half
     volumes = {"real": robust_normalise(reference, brain, lesion)}
     for source in args.pipelines:
         pipe = load_pipeline(source)
         pipe.set_progress_bar_config(disable=True)
-        kwargs = {"num_inference_steps": args.steps, "num_samples": 1,
-                  "generator": torch.Generator().manual_seed(0)} if pipe.engine == "ldm" else {}
+        diffusion = pipe.engine == "ldm"
+        kwargs = {"num_inference_steps": args.steps, "num_samples": args.samples, "return_samples": True,
+                  "generator": torch.Generator().manual_seed(0)} if diffusion else {}
         out = pipe(images=images, dataset=dataset, targets=[args.target], brain_mask=brain, **kwargs)
         path = Path(str(source))
-        volumes[path.parent.name if path.name == "final" else path.name] = robust_normalise(
-            out.images[args.target], brain, lesion)
+        name = path.parent.name if path.name == "final" else path.name
+        if diffusion:
+            volumes[f"{name} (K={args.samples})"] = robust_normalise(out.images[args.target], brain, lesion)
+            volumes[f"{name} (one sample)"] = robust_normalise(out.samples[args.target][0], brain, lesion)
+        else:
+            volumes[name] = robust_normalise(out.images[args.target], brain, lesion)
     record = {"case": description, "target": args.target, "sources": list(SOURCES),
               "axial_slices": [slices.start, slices.stop],
               "scale": "each volume / (3 x its healthy-brain median), clipped to [0, 1]",
