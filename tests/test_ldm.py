@@ -204,6 +204,25 @@ def test_individual_samples_on_request():
         np.testing.assert_allclose(stack.mean(0)[inside], images[name][inside], atol=1e-5)
 
 
+def test_shared_slice_noise_makes_samples_consistent_across_slices():
+    """With one generator, every axial slice draws the same noise by default: identical slices get
+    identical samples (no stripes); ``slice_noise="independent"`` gives each slice its own."""
+    pipe = tiny_ldm()
+    volume = np.repeat(square_volume(1), 4, axis=-1)  # four identical slices
+    kwargs = dict(dataset="brats", num_inference_steps=3, num_samples=2, return_samples=True)
+    shared = pipe(inputs(volume), generator=torch.Generator().manual_seed(0), batch_size=3, **kwargs)
+    for draws in shared.samples.values():
+        for k in range(1, 4):
+            np.testing.assert_allclose(draws[0][..., k], draws[0][..., 0], atol=1e-5)
+    again = pipe(inputs(volume), generator=torch.Generator().manual_seed(0), batch_size=1, **kwargs)
+    for name, draws in again.samples.items():  # the batching does not change a slice's noise
+        np.testing.assert_allclose(draws[1], shared.samples[name][1], atol=1e-5)
+    apart = pipe(inputs(volume), generator=torch.Generator().manual_seed(0), slice_noise="independent", **kwargs)
+    assert all(not np.allclose(d[0][..., 1], d[0][..., 0], atol=1e-4) for d in apart.samples.values())
+    with pytest.raises(ValueError, match="slice_noise"):
+        pipe(inputs(volume), slice_noise="fresh", **kwargs)
+
+
 def test_validation_conditions_each_row_on_its_own_sources(tmp_path):
     """A validation batch whose rows have different sources gives each row what it gives alone
     (the old stage encoded every row with the first row's sources)."""

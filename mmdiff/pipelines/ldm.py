@@ -320,6 +320,37 @@ def calibrate(
                        predictor_mse=float(np.mean(errors ** 2)), point_mse=float(np.mean(point_errors ** 2)))
 
 
+#: how a volume's axial slices draw their noise (see :func:`slice_generators`)
+SLICE_NOISE = ("shared", "independent")
+
+
+def slice_generators(generator: torch.Generator | None, num_slices: int, slice_noise: str = "shared",
+                     ) -> list[torch.Generator]:
+    """One generator per axial slice, from one generator (``None``: torch's global RNG).
+
+    ``"shared"``: every slice starts each sample from the same noise. The sampler is deterministic
+    given its noise, so a sample then changes from slice to slice only as the sources do: no
+    horizontal stripes in a sagittal view of a sample (with independent noise consecutive slices of
+    a sample differ 3.5x more than a real volume's do, BENCHMARKS.md session 8). Each voxel's
+    distribution, and so the point estimate and the uncertainty, is the same either way.
+    ``"independent"``: each slice its own noise (seeds ``s, s + 1, ...``). Either way a slice gets
+    the same noise whatever the batch size.
+    """
+    if slice_noise not in SLICE_NOISE:
+        raise ValueError(f"slice_noise must be one of {', '.join(SLICE_NOISE)}, got {slice_noise!r}")
+    if slice_noise == "independent":
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+        return [torch.Generator().manual_seed(seed + k) for k in range(num_slices)]
+    if generator is None:
+        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+    state = generator.get_state()  # every slice draws what the given generator would (a 2D input: the same)
+    slices = [torch.Generator(device=generator.device) for _ in range(num_slices)]
+    for clone in slices:
+        clone.set_state(state)
+    torch.randint(0, 2, (1,), generator=generator)  # the caller's generator moves on: a second call differs
+    return slices
+
+
 @dataclass
 class MMDiffSamplesOutput(MMDiffPipelineOutput):
     """:class:`MMDiffPipelineOutput` plus, with ``return_samples=True``, ``samples``: target -> a list of
@@ -419,6 +450,7 @@ class MMDiffPipeline(DiffusionPipeline):
         return_dict: bool = True,
         return_samples: bool = False,
         point_estimate: str | None = None,
+        slice_noise: str = "shared",
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> MMDiffSamplesOutput | tuple:
@@ -431,8 +463,11 @@ class MMDiffPipeline(DiffusionPipeline):
                 unknown name (warns) use the null dataset.
             targets: modalities to synthesise; default: every modality of the model not given.
             num_inference_steps: denoising steps per sample (8-20 is the designed range).
-            generator: a generator, or a list with one per axial slice (the same slice then gets the
-                same noise whatever ``batch_size``); makes the output reproducible.
+            generator: a generator, or a list with one per axial slice; makes the output reproducible
+                (a slice gets the same noise whatever ``batch_size``).
+            slice_noise: with one generator (or none), ``"shared"`` (every axial slice draws the same
+                noise: a sample is consistent from slice to slice) or ``"independent"``; see
+                :func:`slice_generators`. A list of generators is used as given.
             num_samples: residual samples per slice (K). With K > 1, ``uncertainty`` holds their
                 per-voxel std times the calibrated ``interval_scale``. With K = 1, the posterior-mean
                 point estimate and no ``return_samples``, only the first denoising step runs (the
@@ -458,6 +493,8 @@ class MMDiffPipeline(DiffusionPipeline):
         """
         if num_samples < 1:
             raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+        if slice_noise not in SLICE_NOISE:
+            raise ValueError(f"slice_noise must be one of {', '.join(SLICE_NOISE)}, got {slice_noise!r}")
         unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs {sorted(unknown)} are not in "
@@ -482,6 +519,8 @@ class MMDiffPipeline(DiffusionPipeline):
                 kwargs = {"latents": latents} if "latents" in callback_on_step_end_tensor_inputs else {}
                 return callback_on_step_end(self, index, t, kwargs).get("latents")
 
+        if not isinstance(generator, list):
+            generator = slice_generators(generator, case.num_slices, slice_noise)
         with self.progress_bar(total=case.num_batches(batch_size)) as progress_bar:
             for index, batch, batch_generator in case.batches(batch_size, generator):
                 if self.interrupt:
