@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .modalities import DESCRIPTIONS, MODALITIES
+from .modalities import DESCRIPTIONS, KNOWN_MODALITIES, MODALITIES
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ def check_upload(label: str, path: str | os.PathLike, max_mb: float = MAX_UPLOAD
     from .io import VolumeError, load_volume
 
     shown = display_name(path)
-    what = f"{label.upper() if label in MODALITIES else label} ({shown})"
+    what = f"{label.upper() if label in KNOWN_MODALITIES else label} ({shown})"
     if _suffix(path) is None:
         raise DemoInputError(f"{what} is not a NIfTI file: upload .nii or .nii.gz")
     size = os.path.getsize(path)
@@ -284,7 +284,7 @@ def check_inputs(uploads: Mapping[str, str | os.PathLike | None], modalities: Se
             problems.append(str(exc))
             continue
         if item.volume.nonfinite:
-            notes.append(f"{label.upper() if label in MODALITIES else label} ({item.shown}): "
+            notes.append(f"{label.upper() if label in KNOWN_MODALITIES else label} ({item.shown}): "
                          f"{item.volume.nonfinite} NaN/Inf voxels were set to 0")
         if label == "brain mask":
             mask = item
@@ -294,7 +294,7 @@ def check_inputs(uploads: Mapping[str, str | os.PathLike | None], modalities: Se
         reference = next(iter(checked.values()))
         for item in list(checked.values())[1:] + ([mask] if mask else []):
             if not grids_overlap(item.volume, reference.volume):
-                problems.append(f"{item.name.upper() if item.name in MODALITIES else item.name} ({item.shown}) "
+                problems.append(f"{item.name.upper() if item.name in KNOWN_MODALITIES else item.name} ({item.shown}) "
                                 f"does not overlap {reference.name.upper()} ({reference.shown}) in space: "
                                 "upload sequences of one exam (their affines place them apart)")
     if problems:

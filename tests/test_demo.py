@@ -136,7 +136,7 @@ def test_unknown_dataset_and_nothing_to_make(tmp_path, exam, gan):
     assert "does not know the dataset 'nowhere': used as an unknown site" in notes[0]
     assert list(result.synthetic) == ["t1c"]
     assert json.loads((tmp_path / "a" / "synthetic" / "t1c_synthetic.json").read_text())["dataset"] is None
-    everything = {m: exam["t1"] for m in d.MODALITIES}
+    everything = {m: exam["t1"] for m in gan.modalities}  # PD too, for a model that knows it
     with pytest.raises(d.DemoInputError, match="nothing to synthesize"):
         d.run_synthesis(gan, everything, tmp_path / "b")
 
@@ -243,7 +243,7 @@ def test_two_visitors_at_once_both_get_their_results(gan, small_examples, tmp_pa
     url = serve(demo)
     try:
         (example,) = small_examples
-        files = [handle_file(str(example.files[m])) if m in example.files else None for m in d.MODALITIES]
+        files = [handle_file(str(example.files[m])) if m in example.files else None for m in gan.modalities]
         args = [*files, None, "stroke", ["flair"], d.ENGINE_LABELS["gan"], 8, 1, 0, "axial"]  # the State is not in the API
         results = {}
 
