@@ -10,6 +10,9 @@ reports, inside the brain, on the evaluation's scale (each volume / 3 x its heal
 - ``inplane_step``: mean |difference| between neighbouring pixels along the second (A-P) axis;
 - ``checkerboard``: mean |a - b - c + d| / 4 over every 2 x 2 block of an axial slice (the Haar HH
   band: near 0 for smooth anatomy, large for a pixel-level alternating pattern at any offset);
+- ``nyquist``: the share of an axial slice's spectral power at period 2 along either axis (64 x 64
+  crops at the brain's centre): the mesh of lines a patch-wise output can leave, which ``checkerboard``
+  (the diagonal pattern only) misses;
 
 ``inplane_step`` is also a measure of sharpness: a blurred image has smaller neighbour differences
 than the real one. A diffusion pipeline is scored twice, its point estimate (K samples) and its first
@@ -57,6 +60,21 @@ def load_case(target: str):
             "phantom glioma case 0")
 
 
+def nyquist_share(volume: np.ndarray, brain: np.ndarray, slices: slice, size: int = 64) -> float:
+    """Mean share of an axial slice's spectral power at period 2 along either in-plane axis, over
+    ``size`` x ``size`` crops at the centre of the brain (a pixel-level mesh; real images: ~1e-4)."""
+    shares = []
+    for k in range(slices.start, slices.stop):
+        rows, cols = np.flatnonzero(brain[..., k].any(1)), np.flatnonzero(brain[..., k].any(0))
+        if len(rows) < size or len(cols) < size:
+            continue
+        r0, c0 = (rows[0] + rows[-1] - size) // 2, (cols[0] + cols[-1] - size) // 2
+        crop = volume[r0:r0 + size, c0:c0 + size, k].astype(np.float64)
+        power = np.abs(np.fft.fft2(crop - crop.mean())) ** 2
+        shares.append((power[size // 2].sum() + power[:, size // 2].sum()) / max(power.sum(), 1e-12))
+    return float(np.mean(shares)) if shares else float("nan")
+
+
 def consistency(volume: np.ndarray, brain: np.ndarray, slices: slice) -> dict[str, float]:
     v, b = volume[..., slices], brain[..., slices]
     axial = (b[..., 1:] & b[..., :-1])
@@ -65,7 +83,7 @@ def consistency(volume: np.ndarray, brain: np.ndarray, slices: slice) -> dict[st
     hh = np.abs(v[1:, 1:] - v[:-1, 1:] - v[1:, :-1] + v[:-1, :-1]) / 4
     return {"axial_step": float(np.abs(np.diff(v, axis=2))[axial].mean()),
             "inplane_step": float(np.abs(np.diff(v, axis=1))[inplane].mean()),
-            "checkerboard": float(hh[block].mean())}
+            "checkerboard": float(hh[block].mean()), "nyquist": nyquist_share(volume, brain, slices)}
 
 
 def main() -> int:

@@ -62,6 +62,29 @@ def test_refine_layer_draws_each_pixel_from_all_positions_of_its_patch():
         assert (top_left.std() == 0) == (refine == 0), refine
 
 
+def test_refine_blur_leaves_no_period_2_pattern_in_the_output():
+    """Unfolded features alternate from pixel to pixel whatever the 3 x 3 conv learns; with
+    ``refine_blur`` their period-2 part is filtered out before it, so the output has none."""
+    from mmdiff.models.gan import Decoder
+
+    def nyquist_share(decoder):
+        torch.manual_seed(0)
+        with torch.no_grad():  # fresh weights: each position of a patch has its own
+            out = decoder([torch.randn(2, 8, 16, 16), torch.randn(2, 16, 8, 8)], torch.zeros(2, 16))[:, 0]
+        power = torch.fft.fft2(out - out.mean((-2, -1), keepdim=True)).abs().square()
+        return float((power[:, 16, :].sum() + power[:, :, 16].sum()) / power.sum())
+
+    settings = dict(block_out_channels=(8, 16), layers_per_block=1, embedding_dim=16, norm_num_groups=4,
+                    out_channels=1, patch_size=2, refine_channels=4)
+    torch.manual_seed(0)
+    plain = nyquist_share(Decoder(**settings))
+    torch.manual_seed(0)
+    blurred = nyquist_share(Decoder(**settings, refine_blur=True))
+    assert plain > 0.1 and blurred < plain / 50, (plain, blurred)
+    with pytest.raises(ValueError, match="refine_blur needs refine_channels"):
+        Decoder(**{**settings, "refine_channels": 0}, refine_blur=True)
+
+
 def test_context_is_live_masked_like_the_sources_and_defaults_to_the_slice_itself():
     model = lean_generator().eval()
     perturb_modulations(model)

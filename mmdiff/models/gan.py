@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
@@ -91,10 +92,16 @@ class Decoder(nn.Module):
     period-``patch_size`` checkerboard (fine lines in a sagittal view); ``refine_channels > 0``
     unfolds features instead and lets a 3 x 3 conv at full resolution draw the pixels, so
     neighbouring pixels come from shared weights (the sub-pixel conv of ESPCN with a refinement).
+    The unfolded features themselves still alternate from pixel to pixel, and a trained model passes
+    some of that on (a faint period-2 mesh, BENCHMARKS.md session 8); ``refine_blur`` low-passes them
+    with a fixed [1 2 1] x [1 2 1] / 16 filter first, whose response at period 2 is zero: a linear
+    conv cannot create a frequency its input lacks, so the mesh cannot reach the output (only the
+    pointwise SiLU and tanh could add harmonics).
     """
 
     def __init__(self, block_out_channels: Sequence[int], layers_per_block: int, embedding_dim: int,
-                 norm_num_groups: int, out_channels: int = 1, patch_size: int = 1, refine_channels: int = 0):
+                 norm_num_groups: int, out_channels: int = 1, patch_size: int = 1, refine_channels: int = 0,
+                 refine_blur: bool = False):
         super().__init__()
         self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
         self.levels = nn.ModuleList()
@@ -112,6 +119,12 @@ class Decoder(nn.Module):
         self.fold = nn.PixelShuffle(patch_size)
         if refine_channels:
             self.refine = nn.Sequential(nn.SiLU(), nn.Conv2d(refine_channels, out_channels, 3, padding=1))
+        if refine_blur:
+            if not refine_channels:
+                raise ValueError("refine_blur needs refine_channels > 0 (it filters the unfolded features)")
+            taps = torch.tensor([1.0, 2.0, 1.0])
+            self.register_buffer("blur", (taps[:, None] * taps[None, :] / 16).expand(refine_channels, 1, 3, 3).clone(),
+                                 persistent=False)
 
     def forward(self, fused: list[torch.Tensor], embedding: torch.Tensor) -> torch.Tensor:
         x = fused[-1]
@@ -120,6 +133,8 @@ class Decoder(nn.Module):
             for block in blocks:
                 x = block(x, embedding)
         x = self.fold(self.conv_out(x))
+        if hasattr(self, "blur"):  # no period-2 energy left for the (linear) 3 x 3 conv to pass on
+            x = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), self.blur.to(x.dtype), groups=x.shape[1])
         return torch.tanh(self.refine(x) if hasattr(self, "refine") else x)
 
 
@@ -147,6 +162,7 @@ class MultiModalGenerator(ModelMixin, ConfigMixin):
         refine_channels: with ``patch_size > 1``, the decoder unfolds this many feature channels and
             a 3 x 3 conv at full resolution draws the image from them (0: the unfolded channels are
             the image, which leaves a patch-sized checkerboard; see :class:`Decoder`).
+        refine_blur: low-pass the unfolded features before that conv (no period-2 mesh; see :class:`Decoder`).
     """
 
     @register_to_config
@@ -165,6 +181,7 @@ class MultiModalGenerator(ModelMixin, ConfigMixin):
         context_slices: int = 0,
         patch_size: int = 1,
         refine_channels: int = 0,
+        refine_blur: bool = False,
     ):
         super().__init__()
         check_dataset_names(num_datasets, dataset_names)
@@ -183,7 +200,7 @@ class MultiModalGenerator(ModelMixin, ConfigMixin):
         self.common_encoder = Encoder((2 + 2 * context_slices) * num_modalities * area, **levels)
         if refine_channels < 0:
             raise ValueError(f"refine_channels must be >= 0, got {refine_channels}")
-        output = dict(patch_size=patch_size, refine_channels=refine_channels)
+        output = dict(patch_size=patch_size, refine_channels=refine_channels, refine_blur=refine_blur)
         if shared_decoder:
             self.decoder = Decoder(**levels, **output, out_channels=num_modalities)
         else:
