@@ -187,6 +187,21 @@ def _citations(info: dict, data: dict | None) -> str:
     return text
 
 
+def _slice_limits(pipe) -> str:
+    """What the card says about consistency across axial slices: the predictor's context decides it."""
+    generator = pipe.predictor if pipe.engine == "ldm" else pipe.generator
+    k = int(getattr(generator.config, "context_slices", 0) or 0)
+    if k:
+        text = (f"2.5D: each axial slice is synthesised with its {k} neighbouring slice(s) on each side "
+                "as input, so consecutive slices agree, but there is no 3D model")
+    else:
+        text = "2D axial slices: through-plane consistency is not enforced; expect slice-to-slice flicker"
+    if pipe.engine == "ldm":
+        text += ("; the diffusion samples draw the same noise on every slice by default (`slice_noise`), "
+                 "so sampling adds no flicker of its own")
+    return text + "."
+
+
 def render_card(pipe, info: dict, rows: list[dict], method: str, evaluation: Path | None, dtype: str,
                 repo_id: str | None, training_note: str | None = None, downstream: Path | None = None) -> str:
     """The model card: every fact about the training comes from the run's ``training_info.json``."""
@@ -247,7 +262,7 @@ def render_card(pipe, info: dict, rows: list[dict], method: str, evaluation: Pat
         preprocessing=preprocessing, spacing=spacing,
         results=results_text + _downstream(downstream, method),
         scale=_scale_text(info, data, parameters), data_citations=_citations(info, data),
-        limits_extra=" (the LDM more than the GAN)" if is_diffusion else "",
+        slice_limits=_slice_limits(pipe),
         dataset_option=f" --dataset {datasets[0]}" if datasets else "",
         dataset_argument=f' dataset="{datasets[0]}",' if datasets else "",
     ).content
