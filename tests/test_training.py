@@ -60,7 +60,7 @@ def test_init_from_fine_tunes_matching_weights_and_starts_new_layers_fresh(tiny_
     """``--init-from``: a new run starts from another run's weights, tensor by tensor where names and
     shapes match (here a wider output head is new), with a fresh schedule; the source is untouched."""
     assert _train("gan-tiny", tmp_path / "a", tiny_cache, "--max-steps", "2", "validation.every=0",
-                  "model.refine_channels=0") == 0
+                  "model.refine_channels=0", "model.refine_blur=false") == 0
     source = load_file(tmp_path / "a" / "checkpoint-2" / "generator.safetensors")
     for start in (tmp_path / "a" / "checkpoint-2", tmp_path / "a" / "final"):  # a checkpoint, or an exported folder
         out = tmp_path / f"b-{start.name}"
