@@ -1,8 +1,8 @@
 """``mmdiff calibrate``: refit a diffusion pipeline's point-estimate weight and uncertainty scale.
 
-A diffusion pipeline stores two numbers fitted on validation slices (:func:`mmdiff.pipelines.ldm.calibrate`):
-``residual_weight`` (how much of the UNet's residual the point estimate adds to its predictor's image)
-and ``interval_scale`` (so that ``image +- uncertainty`` covers ``coverage`` of brain voxels). Training
+A diffusion pipeline stores what :func:`mmdiff.pipelines.ldm.calibrate` fits on validation slices:
+``residual_fit`` (how much of the UNet's residual the point estimate of K runs adds to its
+predictor's image) and ``interval_scale`` (so that ``image +- uncertainty`` covers ``coverage`` of brain voxels). Training
 fits them on its own validation split at export; this command refits them on the validation cases of
 any prepared cache -- another site's data, more slices, another ``coverage`` -- and writes a new
 pipeline folder (the input folder is never changed). What it fitted, on how many voxels, and the
@@ -13,7 +13,6 @@ model card is left behind (its numbers were the old pipeline's): evaluate the ne
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from .io import atomic_dir, write_json
 def calibrate_pipeline(pipe, cache: Path, out: Path, num_samples: int = 4, num_inference_steps: int = 10,
                        coverage: float | None = None, slices_per_case: int = 4, cases_per_dataset: int = 4,
                        seed: int = 1, fit_weight: bool = True, overwrite: bool = False) -> dict:
-    """Fit ``residual_weight`` and ``interval_scale`` of ``pipe`` (an :class:`~mmdiff.pipelines.MMDiffPipeline`)
+    """Fit ``residual_fit`` and ``interval_scale`` of ``pipe`` (an :class:`~mmdiff.pipelines.MMDiffPipeline`)
     on ``cache``'s validation cases (test cases where it has none) and save the pipeline to ``out``."""
     from .data.cache import cache_preprocessor, read_index
     from .data.preprocessing import MRIPreprocessor
@@ -61,11 +60,9 @@ def calibrate_pipeline(pipe, cache: Path, out: Path, num_samples: int = 4, num_i
     fitted = calibrate(pipe.predictor, pipe.vae, pipe.unet, pipe.scheduler, slices, num_samples, num_inference_steps,
                        coverage, pipe.config.point_estimate, torch.Generator(device="cpu").manual_seed(seed),
                        fit_weight=fit_weight)
-    fit = None if fitted.residual_fit is None else dataclasses.asdict(fitted.residual_fit)
-    pipe.register_to_config(residual_fit=fit, interval_scale=fitted.interval_scale,
-                            calibration_samples=num_samples if fitted.interval_scale is not None else None,
-                            coverage=coverage)
-    record = {"residual_weight": {k: fitted.weight(k) for k in (1, 2, 4, 8)}, "residual_fit": fit,
+    stored = fitted.pipeline_config()
+    pipe.register_to_config(**stored, coverage=coverage)
+    record = {"residual_weight": {k: fitted.weight(k) for k in (1, 2, 4, 8)}, "residual_fit": stored["residual_fit"],
               "interval_scale": fitted.interval_scale, "coverage": coverage, "num_samples": num_samples,
               "num_inference_steps": num_inference_steps, "point_estimate": pipe.config.point_estimate,
               "slices": len(slices), "voxels": fitted.voxels, "predictor_mse": fitted.predictor_mse,

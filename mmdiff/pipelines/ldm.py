@@ -21,6 +21,7 @@ The maths lives in :func:`sample_residuals` (and :func:`denoise` under it), whic
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -269,6 +270,12 @@ class Calibration:
     def weight(self, num_samples: int) -> float:
         return 1.0 if self.residual_fit is None else self.residual_fit.weight(num_samples)
 
+    def pipeline_config(self) -> dict:
+        """What :class:`MMDiffPipeline` stores of it (its ``__init__`` / ``register_to_config`` keywords)."""
+        return {"residual_fit": None if self.residual_fit is None else dataclasses.asdict(self.residual_fit),
+                "interval_scale": self.interval_scale,
+                "calibration_samples": self.num_samples if self.interval_scale is not None else None}
+
 
 @torch.no_grad()
 def calibrate(
@@ -339,15 +346,17 @@ def slice_generators(generator: torch.Generator | None, num_slices: int, slice_n
     if slice_noise not in SLICE_NOISE:
         raise ValueError(f"slice_noise must be one of {', '.join(SLICE_NOISE)}, got {slice_noise!r}")
     if slice_noise == "independent":
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
-        return [torch.Generator().manual_seed(seed + k) for k in range(num_slices)]
+        device = None if generator is None else generator.device
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item())
+        return [torch.Generator(device=device or "cpu").manual_seed(seed + k) for k in range(num_slices)]
     if generator is None:
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
     state = generator.get_state()  # every slice draws what the given generator would (a 2D input: the same)
     slices = [torch.Generator(device=generator.device) for _ in range(num_slices)]
     for clone in slices:
         clone.set_state(state)
-    torch.randint(0, 2, (1,), generator=generator)  # the caller's generator moves on: a second call differs
+    # the caller's generator moves on: a second call differs
+    torch.randint(0, 2, (1,), generator=generator, device=generator.device)
     return slices
 
 

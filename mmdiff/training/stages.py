@@ -6,8 +6,6 @@ Images arrive in [0, 1] (the cache's units); networks see ``x * 2 - 1``.
 
 from __future__ import annotations
 
-import dataclasses
-
 from pathlib import Path
 
 import torch
@@ -280,13 +278,9 @@ class LDMStage(Stage):
     def export(self, models, out):
         unet = models["unet"]
         fitted = self.calibrate(unet)
-        scale = fitted.interval_scale if fitted is not None else None
         MMDiffPipeline(vae=self.vae, unet=unet, scheduler=self.sampler, predictor=self.predictor,
-                       coverage=self.coverage, interval_scale=scale,
-                       calibration_samples=self.calibration_count if scale is not None else None,
-                       point_estimate=self.point_estimate, preprocessor=self.preprocessor,
-                       residual_fit=None if fitted is None or fitted.residual_fit is None
-                       else dataclasses.asdict(fitted.residual_fit)).save_pretrained(out)
+                       coverage=self.coverage, point_estimate=self.point_estimate, preprocessor=self.preprocessor,
+                       **(fitted.pipeline_config() if fitted is not None else {})).save_pretrained(out)
 
 
 def accelerator_free(model: torch.nn.Module) -> torch.nn.Module:
