@@ -21,11 +21,15 @@ import torch
 from .io import atomic_dir, write_json
 
 
-def calibrate_pipeline(pipe, cache: Path, out: Path, num_samples: int = 4, num_inference_steps: int = 10,
+def calibrate_pipeline(pipe, cache: Path, out: Path, num_samples: int | None = None,
+                       num_inference_steps: int | None = None,
                        coverage: float | None = None, slices_per_case: int = 4, cases_per_dataset: int = 4,
                        seed: int = 1, fit_weight: bool = True, overwrite: bool = False) -> dict:
     """Fit ``residual_fit`` and ``interval_scale`` of ``pipe`` (an :class:`~mmdiff.pipelines.MMDiffPipeline`)
-    on ``cache``'s validation cases (test cases where it has none) and save the pipeline to ``out``."""
+    on ``cache``'s validation cases (test cases where it has none) and save the pipeline to ``out``.
+
+    The interval scale holds for the sample count and steps it is fitted at: by default the pipeline's
+    own defaults, the settings a user gets."""
     from .data.cache import cache_preprocessor, read_index
     from .data.preprocessing import MRIPreprocessor
     from .pipelines.ldm import calibrate
@@ -33,6 +37,11 @@ def calibrate_pipeline(pipe, cache: Path, out: Path, num_samples: int = 4, num_i
 
     if getattr(pipe, "engine", None) != "ldm":
         raise ValueError("calibrate: only a diffusion (ldm) pipeline has a residual weight and an uncertainty scale")
+    from .pipelines.common import call_defaults
+
+    defaults = call_defaults(pipe, "num_samples", "num_inference_steps")
+    num_samples = defaults["num_samples"] if num_samples is None else num_samples
+    num_inference_steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
     out = Path(out)
     source = Path(pipe.config.get("_name_or_path") or "")
     if source.is_dir() and out.resolve() == source.resolve():

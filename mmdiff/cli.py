@@ -152,9 +152,9 @@ def cmd_evaluate(args) -> int:
         path, pipe = _named_pipeline(source)
         settings = [(None, 1)]
         if pipe.engine == "ldm":  # diffusion: one method per scheduler and step count
-            settings = [(name, steps) for name in args.scheduler or [None] for steps in args.steps]
+            settings = [(name, steps) for name in args.scheduler or [None] for steps in args.steps or [None]]
         for scheduler, steps in settings:
-            name = path.name if len(settings) == 1 else f"{path.name} ({scheduler or 'default'}, {steps} steps)"
+            name = path.name if len(settings) == 1 else f"{path.name} ({scheduler or 'default'}, {steps or 'default'} steps)"
             methods.append(PipelineMethod(pipe, name=name, steps=steps, samples=args.samples, seed=args.seed,
                                           batch_size=args.batch_size, scheduler=scheduler))
     methods += [BASELINES[name](cache) for name in args.baselines]
@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="mmdiff-quickstart", help="output folder (default: %(default)s)")
     p.add_argument("--hide", nargs="+", default=["t1c", "flair"], help="sequences to hide (default: %(default)s)")
     p.add_argument("--engines", nargs="+", choices=["gan", "ldm"], default=["gan", "ldm"])
-    p.add_argument("--steps", type=int, default=10, help="diffusion steps (default: %(default)s)")
+    p.add_argument("--steps", type=int, help="diffusion steps (default: the pipeline's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace files from an earlier run")
     p.set_defaults(func=cmd_quickstart)
@@ -302,9 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--pipeline, a check that it is of that engine")
     p.add_argument("--pipeline", help="pipeline folder or Hub repo id (default: the published one of --engine)")
     p.add_argument("--targets", nargs="+", help="sequences to make (default: every one not given)")
-    p.add_argument("--steps", type=int, default=20, help="diffusion steps (ldm; default: %(default)s)")
+    p.add_argument("--steps", type=int, help="diffusion steps (ldm; default: the pipeline's)")
     p.add_argument("--scheduler", choices=list(SCHEDULER_NAMES), help="diffusion scheduler (ldm; default: the pipeline's)")
-    p.add_argument("--samples", type=int, default=1, help="samples per slice; >1 also writes uncertainty maps (ldm)")
+    p.add_argument("--samples", type=int, help="samples per slice; >1 also writes uncertainty maps (ldm; default: "
+                                               "the pipeline's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--brain-mask", metavar="NIFTI", help="brain mask on the inputs' grid (default: derived; "
                                                          "needed for heads that are not skull-stripped)")
@@ -323,11 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", nargs="+", help="only these datasets of the cache")
     p.add_argument("--baselines", nargs="*", default=["copy-nearest", "voxel-regression"],
                    help="baselines scored alongside (default: %(default)s; none: --baselines)")
-    p.add_argument("--steps", type=int, nargs="+", default=[20],
-                   help="diffusion steps (ldm; several: one method per count; default: %(default)s)")
+    p.add_argument("--steps", type=int, nargs="+",
+                   help="diffusion steps (ldm; several: one method per count; default: the pipeline's)")
     p.add_argument("--scheduler", nargs="+", choices=list(SCHEDULER_NAMES),
                    help="diffusion scheduler(s) (ldm; several: one method each; default: the pipeline's)")
-    p.add_argument("--samples", type=int, default=1, help="samples per slice (ldm; >1 adds uncertainty maps)")
+    p.add_argument("--samples", type=int, help="samples per slice (ldm; >1 adds uncertainty maps; default: the "
+                                               "pipeline's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--slice-stride", type=int, default=1, help="score every k-th axial slice (default: all)")
     p.add_argument("--batch-size", type=int, default=16, help="slices per forward pass")
@@ -341,9 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pipeline", metavar="PATH|ldm", help="the diffusion pipeline (ldm: the published one)")
     p.add_argument("--data", required=True, help="prepared cache folder, or a data config (tiny, cpu, paper)")
     p.add_argument("--out", required=True, help="the calibrated pipeline folder (never the input folder)")
-    p.add_argument("--samples", type=int, default=4, help="samples per slice (>= 2 fits the uncertainty scale; "
-                                                            "default: %(default)s)")
-    p.add_argument("--steps", type=int, default=10, help="diffusion steps (default: %(default)s)")
+    p.add_argument("--samples", type=int, help="samples per slice (>= 2 fits the uncertainty scale; default: the "
+                                               "pipeline's, the count the scale then holds for)")
+    p.add_argument("--steps", type=int, help="diffusion steps (default: the pipeline's)")
     p.add_argument("--coverage", type=float, help="fraction of brain voxels image +- uncertainty should cover "
                                                   "(default: the pipeline's)")
     p.add_argument("--slices-per-case", type=int, default=4, help="(default: %(default)s)")

@@ -207,6 +207,8 @@ def render_card(pipe, info: dict, rows: list[dict], method: str, evaluation: Pat
     """The model card: every fact about the training comes from the run's ``training_info.json``."""
     from huggingface_hub import ModelCard, ModelCardData
 
+    from .pipelines.common import call_defaults
+
     engine = pipe.engine
     is_diffusion = engine == "ldm"
     eval_results, results_text = _results(rows, method, evaluation)
@@ -248,7 +250,8 @@ def render_card(pipe, info: dict, rows: list[dict], method: str, evaluation: Pat
                  f"mmdiff pipeline (`{type(pipe).__name__}`) synthesises "
                  "the others, slice by slice, on the input's own grid."),
         engine=engine, pipeline_ref=repo_id or f"pipelines/{name}", pipeline_class=type(pipe).__name__,
-        call_extra=", num_inference_steps=10, num_samples=4" if is_diffusion else "",
+        call_extra="".join(f", {k}={v}" for k, v in call_defaults(pipe, "num_inference_steps", "num_samples").items())
+        if is_diffusion else "",
         model_description=model_description,
         modalities=", ".join(pipe.modalities), datasets=", ".join(datasets), parameters=parameters,
         weights=f"safetensors, {dtype} (loaded into float32 by diffusers)",

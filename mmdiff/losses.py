@@ -71,14 +71,23 @@ def selective_l1(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
     return _selective_mean(lambda p, t: (p - t).abs(), pred, target, weight, pixel_weight)
 
 
-def lesion_pixel_weight(seg: torch.Tensor, lesion_weight: float) -> torch.Tensor:
+def lesion_pixel_weight(seg: torch.Tensor, lesion_weight: float | Mapping[int, float]) -> torch.Tensor:
     """``1 + lesion_weight`` on lesion pixels (``seg > 0``), 1 elsewhere: ``[B, H, W]``.
 
     A lesion is a few percent of a slice's pixels and most of what a reader looks at; with plain L1 a
     network that draws normal tissue over the lesion loses little (a T1C without enhancement, a FLAIR
     with a dark tumour core). Weighting lesion pixels makes those errors count.
+
+    ``lesion_weight`` may also map seg labels to their own extra weight (``{1: 4, 2: 4, 3: 16}``:
+    BraTS' enhancing tumour, label 3, counts 17x), for a lesion part that is both small and the one
+    thing a sequence shows (enhancement in T1C); labels it does not name get no extra weight.
     """
-    return 1.0 + float(lesion_weight) * (seg > 0).float()
+    if not isinstance(lesion_weight, Mapping):
+        return 1.0 + float(lesion_weight) * (seg > 0).float()
+    weight = torch.ones(seg.shape, dtype=torch.float32, device=seg.device)
+    for label, extra in lesion_weight.items():
+        weight = weight + float(extra) * (seg == int(label)).float()
+    return weight
 
 
 def latent_diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

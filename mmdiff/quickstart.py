@@ -25,7 +25,7 @@ DEFAULT_HIDDEN = ("t1c", "flair")
 
 
 def quickstart(out: str | os.PathLike, hide=DEFAULT_HIDDEN, engines=ENGINES, pipelines: dict | None = None,
-               steps: int = 10, seed: int = 0, spacing: float = 1.0, overwrite: bool = False,
+               steps: int | None = None, seed: int = 0, spacing: float = 1.0, overwrite: bool = False,
                progress: bool = True) -> dict:
     """Run the quickstart; ``pipelines`` maps engine -> a loaded pipeline (default: the published ones);
     ``spacing`` scales the phantom's voxel size (the models were trained at 1 mm).

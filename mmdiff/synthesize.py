@@ -59,9 +59,9 @@ def synthesize(
     engine: str | None = None,
     dataset: str | None = None,
     targets: list[str] | None = None,
-    steps: int = 20,
+    steps: int | None = None,
     scheduler: str | None = None,
-    samples: int = 1,
+    samples: int | None = None,
     seed: int = 0,
     brain_mask: str | os.PathLike | None = None,
     batch_size: int = 8,
@@ -71,10 +71,12 @@ def synthesize(
 
     ``pipeline_source`` (a folder or Hub repo id; default: the published pipeline of ``engine``,
     else the LDM) is loaded unless ``pipeline`` is given; the provenance records the engine that ran.
+    ``steps`` and ``samples`` left unset take the diffusion pipeline's own defaults.
     Every file and option is checked before the model loads; the outputs are written to a hidden
     folder inside ``out`` and moved into place together, so a failure leaves no new file behind.
     """
     from .pipelines import load_pipeline, resolve_source
+    from .pipelines.common import call_defaults
 
     check_synthesize_options(engine, steps, samples, batch_size, seed, scheduler, targets, inputs or {})
     volumes = check_input_files(inputs, brain_mask)  # read once, here; the pipeline takes them as they are
@@ -94,6 +96,12 @@ def synthesize(
         if engine is not None and pipe.engine != engine:
             raise ValueError(f"the pipeline is {type(pipe).__name__} (engine {pipe.engine}), not the {engine} engine")
     diffusion = pipe.engine == "ldm"
+    if diffusion:
+        defaults = call_defaults(pipe, "num_inference_steps", "num_samples")
+        steps = defaults["num_inference_steps"] if steps is None else steps
+        samples = defaults["num_samples"] if samples is None else samples
+    else:
+        samples = 1
     if scheduler is not None:
         if not diffusion:
             raise ValueError(f"--scheduler is for the diffusion engine; the {pipe.engine} pipeline has no scheduler")

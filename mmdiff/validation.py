@@ -141,22 +141,24 @@ def check_output_folder(out: str | os.PathLike, inputs: Iterable[str | os.PathLi
 
 # --------------------------------------------------------------------------------------- options
 
-def check_synthesize_options(engine: str | None, steps: int, samples: int, batch_size: int, seed: int,
+def check_synthesize_options(engine: str | None, steps: int | None, samples: int | None, batch_size: int, seed: int,
                              scheduler: str | None, targets: Iterable[str] | None, inputs: Iterable[str]) -> None:
     """The options of ``mmdiff synthesize``, before any file or model is read (``engine`` None: not
-    known yet; the engine's own options are checked again once the pipeline folder names it)."""
+    known yet; the engine's own options are checked again once the pipeline folder names it; ``steps``
+    and ``samples`` None: the pipeline's defaults)."""
     if engine is not None and engine not in ("ldm", "gan"):
         raise ValueError(f"unknown engine {engine!r}: choose ldm or gan")
-    positive_int(samples, "--samples")
+    if samples is not None:
+        positive_int(samples, "--samples")
     positive_int(batch_size, "--batch-size")
     positive_int(seed, "--seed", minimum=0, maximum=MAX_SEED)
     if engine == "gan":
-        if samples != 1:
+        if samples not in (None, 1):
             raise ValueError(f"--samples {samples} needs the diffusion engine: the GAN is deterministic "
                              "(one sample, no uncertainty); drop --samples or use --engine ldm")
         if scheduler is not None:
             raise ValueError("--scheduler is for the diffusion engine: drop it or use --engine ldm")
-    elif engine == "ldm":
+    elif engine == "ldm" and steps is not None:
         positive_int(steps, "--steps", maximum=1000)
     if targets:
         given = {canonical(m, KNOWN_MODALITIES) for m in inputs}

@@ -11,6 +11,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from mmdiff.data.dataset import SliceDataset
 from mmdiff.losses import lesion_pixel_weight, selective_l1
 from mmdiff.models import MultiModalGenerator
+from mmdiff.training.config import ConfigError
+from mmdiff.training.stages import lesion_weight_config
 from mmdiff.pipelines import MMGANPipeline
 from test_models import FLAIR, M, T1, T2, images, mask, perturb_modulations
 
@@ -137,6 +139,16 @@ def test_lesion_pixels_weigh_more_in_the_synthesis_l1():
     assert lesion.item() == pytest.approx(5 / (16 + 4))
     seg[0, 0, 0], seg[0, 3, 3] = 0, 1  # the error outside the lesion counts less than before
     assert selective_l1(pred, target, weight, lesion_pixel_weight(seg, 4.0)).item() == pytest.approx(1 / 20)
+
+
+def test_lesion_weight_per_label_weights_only_the_named_labels():
+    seg = torch.tensor([[[0, 1], [2, 3]]], dtype=torch.uint8)
+    weight = lesion_pixel_weight(seg, {1: 4, 3: 16})
+    torch.testing.assert_close(weight, torch.tensor([[[1.0, 5.0], [1.0, 17.0]]]))
+    torch.testing.assert_close(lesion_pixel_weight(seg, {1: 4, 2: 4, 3: 4}), lesion_pixel_weight(seg, 4.0))
+    with pytest.raises(ConfigError, match="maps seg labels"):
+        lesion_weight_config({"enhancing": 16})
+    assert lesion_weight_config({"3": "16"}) == {3: 16.0} and lesion_weight_config(None) == 0.0
 
 
 def test_slice_dataset_context_holds_the_neighbouring_slices(tiny_cache):

@@ -6,17 +6,24 @@ import numpy as np
 import pytest
 
 from mmdiff.io import is_synthetic, load_volume
+from mmdiff.pipelines.common import call_defaults
 from mmdiff.quickstart import quickstart
 from test_pipelines import tiny_gan, tiny_ldm
 
 
 def test_quickstart_hides_synthesises_scores_and_pictures(tmp_path):
     out = tmp_path / "qs"
-    result = quickstart(out, hide=["t1ce", "flair"], pipelines={"gan": tiny_gan(), "ldm": tiny_ldm()}, steps=2,
+    ldm = tiny_ldm()
+    result = quickstart(out, hide=["t1ce", "flair"], pipelines={"gan": tiny_gan(), "ldm": ldm}, steps=2,
                         spacing=3.0, progress=False)
     phantom_t1 = next((out / "phantom").rglob("*-t1n.nii.gz"))
+    # the diffusion engine runs at the pipeline's default sample count: with K > 1 it also maps the uncertainty
+    assert call_defaults(ldm, "num_samples")["num_samples"] > 1
+    assert set(result["files"]["ldm"]) == {"t1c", "flair", "t1c_uncertainty", "flair_uncertainty"}
     for engine in ("gan", "ldm"):
-        assert set(result["files"][engine]) == {"t1c", "flair"}
+        assert {"t1c", "flair"} <= set(result["files"][engine])
+    assert set(result["files"]["gan"]) == {"t1c", "flair"}
+    for engine in ("gan", "ldm"):
         image = load_volume(result["files"][engine]["t1c"])
         assert is_synthetic(result["files"][engine]["t1c"])
         assert image.data.shape == load_volume(phantom_t1).data.shape

@@ -26,6 +26,7 @@ import torch
 
 from ..data.cache import BRAIN_MASK, IMAGES, SEG, case_folder, read_index
 from ..modalities import KNOWN_MODALITIES
+from ..pipelines.common import call_defaults
 from ..pipelines.ldm import SCHEDULERS, use_scheduler
 from .metrics import mae, masked_ssim, psnr, ssim_map
 
@@ -281,11 +282,14 @@ class PipelineMethod:
     neighbours; any other model gets only the scored slices.
     """
 
-    def __init__(self, pipeline, name: str, steps: int = 20, samples: int = 1, seed: int = 0, batch_size: int = 16,
-                 scheduler: str | None = None):
+    def __init__(self, pipeline, name: str, steps: int | None = None, samples: int | None = None, seed: int = 0,
+                 batch_size: int = 16, scheduler: str | None = None):
         self.pipeline, self.name = pipeline, name
-        self.steps, self.samples, self.seed, self.batch_size = steps, samples, seed, batch_size
         self.is_diffusion = pipeline.engine == "ldm"
+        defaults = call_defaults(pipeline, "num_inference_steps", "num_samples") if self.is_diffusion else {}
+        self.steps = defaults.get("num_inference_steps") if steps is None else steps  # None: the pipeline's
+        self.samples = defaults.get("num_samples", 1) if samples is None else samples
+        self.seed, self.batch_size = seed, batch_size
         self.scheduler = scheduler
         if scheduler is not None and scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")

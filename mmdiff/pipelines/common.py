@@ -67,6 +67,15 @@ class MMDiffPipelineOutput(BaseOutput):
     mask: np.ndarray | torch.Tensor | nib.Nifti1Image
 
 
+def call_defaults(pipe, *names: str) -> dict:
+    """The defaults of ``pipe.__call__``'s (a pipeline or its class) keyword arguments ``names``: the pipeline owns its default
+    settings (steps, samples), and the commands that leave one unset ask it, so the two cannot drift."""
+    import inspect
+
+    parameters = inspect.signature((pipe if isinstance(pipe, type) else type(pipe)).__call__).parameters
+    return {name: parameters[name].default for name in names if name in parameters}
+
+
 def to_network(images: torch.Tensor) -> torch.Tensor:
     """[0, 1] -> the networks' [-1, 1]."""
     return images * 2 - 1

@@ -451,7 +451,7 @@ class MMDiffPipeline(DiffusionPipeline):
         targets: str | Sequence[str] | None = None,
         num_inference_steps: int = 10,
         generator: torch.Generator | list[torch.Generator] | None = None,
-        num_samples: int = 4,
+        num_samples: int = 2,
         output_type: str = "np",
         brain_mask: ImageInput | None = None,
         batch_size: int = 8,

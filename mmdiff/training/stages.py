@@ -17,7 +17,7 @@ from ..losses import discriminator_loss, generator_loss, lesion_pixel_weight, ls
 from ..models import (HaarWavelet, ModalityDiscriminators, MultiModalGenerator, ResidualUNet, build_vae,
                       diffusion_loss, drop_dataset_id, encode_modalities, latent_channels, measure_scaling_factor)
 from ..pipelines import MMDiffPipeline, MMGANPipeline
-from ..pipelines.common import from_network, to_network
+from ..pipelines.common import call_defaults, from_network, to_network
 from ..pipelines.ldm import SCHEDULERS, TRAINING_SCHEDULER, Calibration, calibrate, point_and_spread, sample_residuals
 from .config import ConfigError
 
@@ -201,7 +201,8 @@ class LDMStage(Stage):
         self.point_estimate = model_cfg.pop("point_estimate", "posterior_mean")
         calibration = dict(model_cfg.pop("calibration", None) or {})
         self.coverage = float(calibration.get("coverage", 0.9))
-        self.calibration_count = int(calibration.get("samples", 4))
+        # the interval scale holds for the K it is fitted at: by default the pipeline's own default K
+        self.calibration_count = int(calibration.get("samples") or call_defaults(MMDiffPipeline, "num_samples")["num_samples"])
         self.calibration_slices = validation or []
         self.scheduler = DDPMScheduler(**{**TRAINING_SCHEDULER, **model_cfg.pop("scheduler", {})})
         self.sampler = SCHEDULERS[self.sampler_name].from_config(self.scheduler.config)
@@ -283,6 +284,16 @@ class LDMStage(Stage):
                        **(fitted.pipeline_config() if fitted is not None else {})).save_pretrained(out)
 
 
+def lesion_weight_config(value) -> float | dict[int, float]:
+    """``model.lesion_weight``: one extra weight for every lesion label, or ``{label: extra weight}``."""
+    if isinstance(value, dict):
+        try:
+            return {int(label): float(extra) for label, extra in value.items()}
+        except (TypeError, ValueError):
+            raise ConfigError(f"model.lesion_weight maps seg labels to weights, e.g. {{1: 4, 3: 16}}; got {value}") from None
+    return float(value or 0.0)
+
+
 def accelerator_free(model: torch.nn.Module) -> torch.nn.Module:
     """The model inside a DDP wrapper (its config is needed for sampling); the model itself otherwise."""
     return getattr(model, "module", model)
@@ -298,7 +309,7 @@ class GANStage(Stage):
         model_cfg = dict(config["model"])
         disc_cfg = model_cfg.pop("discriminator", {})
         self.lambdas = model_cfg.pop("lambdas", {"lambda_syn": 100.0, "lambda_rec": 30.0, "lambda_adv": 1.0})
-        self.lesion_weight = float(model_cfg.pop("lesion_weight", 0.0))
+        self.lesion_weight = lesion_weight_config(model_cfg.pop("lesion_weight", 0.0))
         self.models = {
             "generator": MultiModalGenerator(modalities=modalities, num_datasets=len(dataset_names),
                                              dataset_names=dataset_names, **model_cfg),
