@@ -16,6 +16,7 @@ from accelerate import PartialState
 from .data.dataset import CacheError
 from .training import ConfigError, load_config, train
 from .training.checkpoint import CheckpointError
+from .training.trainer import TrainingInterrupted
 
 
 def build_parser(prog: str = "python -m mmdiff.train") -> argparse.ArgumentParser:
@@ -46,6 +47,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m mmdiff.train") ->
     except (ConfigError, CacheError, CheckpointError, FileNotFoundError) as exc:
         print(f"mmdiff train: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as exc:
+        if PartialState().is_main_process:
+            print(f"mmdiff train: {exc}", file=sys.stderr)
+        return 130
     finally:
         PartialState().destroy_process_group()
     if PartialState().is_main_process:

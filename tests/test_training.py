@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from mmdiff.data.cache import fingerprint, read_index
 from mmdiff.export import publish_list
 from mmdiff.models import MultiModalGenerator
 from mmdiff.train import main as train_main
+from mmdiff.training.stages import GANStage
 from mmdiff.training.trainer import lr_factor
 
 
@@ -103,6 +105,37 @@ def test_resume_equals_an_uninterrupted_run(tiny_cache, tmp_path):
     state_b = torch.load(cut / "checkpoint-8" / "state.pt", weights_only=True)
     assert state_a["batches_done"] == state_b["batches_done"] == 8
     torch.testing.assert_close(state_a["ema"]["shadow_params"], state_b["ema"]["shadow_params"], rtol=0, atol=0)
+
+
+def test_ctrl_c_saves_the_step_reached_and_resume_finishes_like_an_uninterrupted_run(tiny_cache, tmp_path,
+                                                                                     monkeypatch, capsys):
+    """Ctrl-C (or SIGTERM) mid-run: the loop stops at the step boundary with a checkpoint of that step
+    (not the last periodic one), exports nothing, exits 130, and --resume latest ends bit-exact."""
+    settings = ("--max-steps", "6", "checkpoint.every=4", "checkpoint.keep=null", "validation.every=0")
+    assert _train("gan-tiny", tmp_path / "full", tiny_cache, *settings) == 0
+    original, calls = GANStage.training_step, []
+
+    def step_then_interrupt(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:  # as if the user pressed Ctrl-C during the third step
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(GANStage, "training_step", step_then_interrupt)
+    run = tmp_path / "cut"
+    assert _train("gan-tiny", run, tiny_cache, *settings) == 130
+    err = capsys.readouterr().err
+    assert "interrupted at step 3" in err and "checkpoint-3" in err and "--resume latest" in err
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-3"] and not (run / "final").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+    monkeypatch.setattr(GANStage, "training_step", original)
+    assert _train("gan-tiny", run, tiny_cache, *settings, "--resume", "latest") == 0
+    for name in ("generator", "discriminators"):
+        a = load_file(tmp_path / "full" / "checkpoint-6" / f"{name}.safetensors")
+        b = load_file(run / "checkpoint-6" / f"{name}.safetensors")
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
 
 
 def test_wall_time_budget_ends_training_and_exports(tiny_cache, tmp_path):

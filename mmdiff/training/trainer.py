@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -38,6 +40,55 @@ from .data import REPO_ROOT, ensure_cache, training_dataset, training_loader, va
 from .stages import STAGES, Stage
 
 logger = logging.getLogger(__name__)
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on Ctrl-C or SIGTERM after saving a checkpoint of the step it had reached."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(f"interrupted at step {step}: checkpoint saved in {checkpoint}; continue with --resume latest")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class StopRequests:
+    """Ctrl-C (SIGINT) and SIGTERM (a scheduler's kill, a session that ends) ask the loop to stop at the
+    next step boundary, where it saves a checkpoint, instead of killing it mid-step and losing up to a
+    checkpoint period of work. A second Ctrl-C stops at once (Python's KeyboardInterrupt).
+
+    Written by hand: accelerate has no graceful-stop hook. Handlers are installed only in the main
+    thread (Python's rule) and restored on exit.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("%s received: stopping after this step with a checkpoint (Ctrl-C again: stop now)",
+                       signal.Signals(signum).name)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    def any(self, accelerator) -> bool:
+        """Whether any process was asked to stop (every rank then stops at the same step)."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
 def lr_factor(total_steps: int, decay_start: float, warmup_steps: int = 0):
@@ -232,34 +283,44 @@ def train(config: dict, output_dir: str | Path, max_steps: int | None = None, re
         validate(stage, val_samples, accelerator, step, output_dir, ema)  # the baseline the curve starts from
     started = time.monotonic()
     deadline = started + 60 * float(max_minutes) if max_minutes else None
-    while step < total:
-        epoch, in_epoch = divmod(batches_done, batches_per_epoch)
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
-        for batch in accelerator.skip_first_batches(loader, in_epoch) if in_epoch else loader:
-            logs = stage.training_step(batch, accelerator, step)
-            batches_done += 1
-            if not accelerator.sync_gradients:
-                continue
-            for scheduler in schedulers.values():
-                scheduler.step()
-            if ema is not None:
-                ema.step(accelerator.unwrap_model(stage.models[stage.main]).parameters())
-            step += 1
-            bar.update()
-            if step % log_every == 0 or step == total:
-                record = {f"train/{k}": v for k, v in logs.items()} | {"lr": schedulers[stage.main].get_last_lr()[0]}
-                bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}")
-                _log(accelerator, output_dir, step, record)
-            if ckpt_every and step % ckpt_every == 0 and step < total:
-                save()
-            if val_every and step % val_every == 0 and step < total:
-                validate(stage, val_samples, accelerator, step, output_dir, ema)
-            if deadline is not None and _past(deadline, accelerator):
-                logger.info("stopping at step %d: the %s-minute budget is spent", step, max_minutes)
-                total = step
-            if step >= total:
-                break
+    interrupted = False
+    with StopRequests() as stop:
+        while step < total and not interrupted:
+            epoch, in_epoch = divmod(batches_done, batches_per_epoch)
+            sampler.set_epoch(epoch)
+            dataset.set_epoch(epoch)
+            for batch in accelerator.skip_first_batches(loader, in_epoch) if in_epoch else loader:
+                logs = stage.training_step(batch, accelerator, step)
+                batches_done += 1
+                if not accelerator.sync_gradients:
+                    continue
+                for scheduler in schedulers.values():
+                    scheduler.step()
+                if ema is not None:
+                    ema.step(accelerator.unwrap_model(stage.models[stage.main]).parameters())
+                step += 1
+                bar.update()
+                if step % log_every == 0 or step == total:
+                    record = {f"train/{k}": v for k, v in logs.items()} | {"lr": schedulers[stage.main].get_last_lr()[0]}
+                    bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}")
+                    _log(accelerator, output_dir, step, record)
+                if ckpt_every and step % ckpt_every == 0 and step < total:
+                    save()
+                if val_every and step % val_every == 0 and step < total:
+                    validate(stage, val_samples, accelerator, step, output_dir, ema)
+                if deadline is not None and _past(deadline, accelerator):
+                    logger.info("stopping at step %d: the %s-minute budget is spent", step, max_minutes)
+                    total = step
+                if stop.any(accelerator):
+                    interrupted = True
+                    break
+                if step >= total:
+                    break
+    if interrupted:  # a checkpoint of the step reached; no export (the run is not finished)
+        bar.close()
+        save()
+        accelerator.wait_for_everyone()
+        raise TrainingInterrupted(step, output_dir / f"checkpoint-{step}")
     bar.close()
     train_minutes = round((time.monotonic() - started) / 60, 2)  # the loop only: no export, no final validation
     stage.finish(loader, accelerator)
