@@ -7,7 +7,7 @@ on a phantom glioma case, this measures in one run:
   (``torch.utils.flop_counter``), which give the compute floor: FLOPs x steps / matmul rate;
 - the GAN pipeline on the whole volume, then one fast-path change at a time: batch 1 / 8 / 32,
   ``torch.inference_mode``, channels-last weights, ``torch.compile`` (``--compile``);
-- the diffusion pipeline at its default 10 DPM-Solver++ steps for K = 1 / 4 / 8 samples, on
+- the diffusion pipeline at its default steps (DPM-Solver++) for K = 1 / 2 / 4 / 8 samples, on
   ``--ldm-slices`` brain slices (0: the whole volume), reported per slice and scaled to the case's
   brain slices;
 - the naive baseline: a Python loop over all 155 axial slices, one slice per call, K = 4, no
@@ -37,7 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mmdiff.models.vae import encode_modalities
 from mmdiff.pipelines import MMDiffPipeline, MMGANPipeline
-from mmdiff.pipelines.common import prepare_inputs, to_network
+from mmdiff.pipelines.common import call_defaults, prepare_inputs, to_network
 
 SOURCES, TARGET = ("t1", "t2", "flair"), "t1c"
 BRATS_CASE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "brats2018-sample" / "Brats18_CBICA_AME_1"
@@ -152,11 +152,13 @@ def bench_gan(path: str, images: dict, dataset: str, device: torch.device, rate:
 
 def bench_ldm(path: str, images: dict, dataset: str, device: torch.device, rate: float,
               ldm_slices: int, naive_slices: int) -> dict:
-    """The residual diffusion pipeline at its default steps for K = 1, 4, 8 samples (K = 1: the
-    posterior-mean point estimate, one UNet step), and the naive per-slice loop at K = 4."""
+    """The residual diffusion pipeline at its default steps for K = 1, 2, 4, 8 samples (K = 1: the
+    posterior-mean point estimate, one UNet step; the pipeline's default K is marked), and the naive
+    per-slice loop at K = 4."""
     pipe = MMDiffPipeline.from_pretrained(path).to(device)
     pipe.set_progress_bar_config(disable=True)
-    steps = 10
+    defaults = call_defaults(pipe, "num_inference_steps", "num_samples")
+    steps, default_k = defaults["num_inference_steps"], defaults["num_samples"]
     case = prepare_inputs(images, pipe.modalities, [TARGET], None, pipe.downsampling, "np", None)
     brain_slices, total_slices = len(case.slices), case.num_slices
     dataset_id = pipe.unet.config.dataset_names.index(dataset)
@@ -192,9 +194,11 @@ def bench_ldm(path: str, images: dict, dataset: str, device: torch.device, rate:
                      "volume_slices": scale_to, "floor_seconds_per_volume": floor * scale_to, "peak_mib": peak})
         print(f"ldm {name}: {per_slice:.2f} s/slice, {per_slice * scale_to:.0f} s/volume, {peak:.0f} MiB", flush=True)
 
-    row("K = 1 (posterior mean: predictor + 1 UNet step), batch 8", run_pipeline(1), len(chosen), 1)
-    for samples in (4, 8):
-        row(f"K = {samples}, {steps} DPM-Solver++ steps, batch 8", run_pipeline(samples), len(chosen), samples * steps)
+    mark = lambda k: " (the default)" if k == default_k else ""  # noqa: E731
+    row(f"K = 1 (posterior mean: predictor + 1 UNet step), batch 8{mark(1)}", run_pipeline(1), len(chosen), 1)
+    for samples in (2, 4, 8):
+        row(f"K = {samples}, {steps} DPM-Solver++ steps, batch 8{mark(samples)}", run_pipeline(samples), len(chosen),
+            samples * steps)
 
     # naive: one pipeline call per axial slice, brain or not (an all-ones mask), K = 4
     naive_index = np.linspace(0, total_slices - 1, naive_slices).round().astype(int)

@@ -27,7 +27,6 @@ then each pipeline) and ``slice_consistency.json``.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import nibabel as nib
@@ -37,6 +36,7 @@ import torch
 from mmdiff.evaluation.protocol import robust_normalise
 from mmdiff.io import write_json
 from mmdiff.pipelines import load_pipeline
+from mmdiff.pipelines.common import call_defaults
 from mmdiff.viz import montage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,8 +90,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("pipelines", nargs="+", help="pipeline folders (gan / ldm: the published ones)")
     parser.add_argument("--target", default="t1c")
-    parser.add_argument("--steps", type=int, default=10, help="diffusion steps (ldm)")
-    parser.add_argument("--samples", type=int, default=4, help="K for a diffusion pipeline's point estimate; its "
+    parser.add_argument("--steps", type=int, help="diffusion steps (ldm; default: the pipeline's)")
+    parser.add_argument("--samples", type=int, help="K for a diffusion pipeline's point estimate (default: the pipeline's); its "
                                                                "first sample is shown and scored too")
     parser.add_argument("--slab", type=int, default=0, help="synthesize only this many central brain slices "
                                                             "(0: the whole volume; for the slow diffusion engine)")
@@ -112,13 +112,16 @@ def main() -> int:
         pipe = load_pipeline(source)
         pipe.set_progress_bar_config(disable=True)
         diffusion = pipe.engine == "ldm"
-        kwargs = {"num_inference_steps": args.steps, "num_samples": args.samples, "return_samples": True,
+        defaults = call_defaults(pipe, "num_inference_steps", "num_samples") if diffusion else {}
+        steps = args.steps or defaults.get("num_inference_steps")
+        samples = args.samples or defaults.get("num_samples")
+        kwargs = {"num_inference_steps": steps, "num_samples": samples, "return_samples": True,
                   "generator": torch.Generator().manual_seed(0)} if diffusion else {}
         out = pipe(images=images, dataset=dataset, targets=[args.target], brain_mask=brain, **kwargs)
         path = Path(str(source))
         name = path.parent.name if path.name == "final" else path.name
         if diffusion:
-            volumes[f"{name} (K={args.samples})"] = robust_normalise(out.images[args.target], brain, lesion)
+            volumes[f"{name} (K={samples})"] = robust_normalise(out.images[args.target], brain, lesion)
             volumes[f"{name} (one sample)"] = robust_normalise(out.samples[args.target][0], brain, lesion)
         else:
             volumes[name] = robust_normalise(out.images[args.target], brain, lesion)

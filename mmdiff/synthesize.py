@@ -25,7 +25,7 @@ from .data.preprocessing import MRIPreprocessor
 
 from .io import (OverwriteError, SYNTHETIC_DESCRIP, check_not_input, provenance_record, save_nifti, sidecar_path,
                  write_json)
-from .modalities import KNOWN_MODALITIES, canonical
+from .modalities import canonical
 from .validation import check_input_files, check_output_folder, check_pipeline_source, check_synthesize_options
 
 #: the hidden folder inside ``--out`` that a run's outputs are written to before they move into place

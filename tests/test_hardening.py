@@ -32,7 +32,7 @@ from mmdiff.data.prepare import PrepareConfig, prepare
 from mmdiff.pipelines import MMGANPipeline
 from mmdiff.train import main as train_main
 from test_export import fake_run, hub  # noqa: F401 (hub: the stand-in hub fixture)
-from test_pipelines import tiny_gan, tiny_ldm
+from test_pipelines import tiny_gan
 
 HERE = Path(__file__).parent
 
