@@ -24,21 +24,26 @@ from .io import atomic_dir, write_json
 def calibrate_pipeline(pipe, cache: Path, out: Path, num_samples: int | None = None,
                        num_inference_steps: int | None = None,
                        coverage: float | None = None, slices_per_case: int = 4, cases_per_dataset: int = 4,
-                       seed: int = 1, fit_weight: bool = True, overwrite: bool = False) -> dict:
+                       seed: int = 1, fit_weight: bool = True, overwrite: bool = False,
+                       uncertainty_window: int | None = None) -> dict:
     """Fit ``residual_fit`` and ``interval_scale`` of ``pipe`` (an :class:`~mmdiff.pipelines.MMDiffPipeline`)
     on ``cache``'s validation cases (test cases where it has none) and save the pipeline to ``out``.
 
-    The interval scale holds for the sample count and steps it is fitted at: by default the pipeline's
-    own defaults, the settings a user gets."""
+    The interval scale holds for the sample count and steps it is fitted at (by default the pipeline's
+    own defaults, the settings a user gets) and for the spread's pooling window
+    (``uncertainty_window``, stored with it; default :data:`~mmdiff.pipelines.ldm.DEFAULT_UNCERTAINTY_WINDOW`)."""
     from .data.cache import cache_preprocessor, read_index
     from .data.preprocessing import MRIPreprocessor
-    from .pipelines.ldm import calibrate
+    from .pipelines.ldm import DEFAULT_UNCERTAINTY_WINDOW, calibrate
     from .training.data import calibration_slices, validation_samples
 
     if getattr(pipe, "engine", None) != "ldm":
         raise ValueError("calibrate: only a diffusion (ldm) pipeline has a residual weight and an uncertainty scale")
     from .pipelines.common import call_defaults
 
+    uncertainty_window = DEFAULT_UNCERTAINTY_WINDOW if uncertainty_window is None else int(uncertainty_window)
+    if uncertainty_window < 1:
+        raise ValueError(f"--uncertainty-window must be at least 1 (pixels), got {uncertainty_window}")
     defaults = call_defaults(pipe, "num_samples", "num_inference_steps")
     num_samples = defaults["num_samples"] if num_samples is None else num_samples
     num_inference_steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
@@ -68,12 +73,13 @@ def calibrate_pipeline(pipe, cache: Path, out: Path, num_samples: int | None = N
     coverage = float(pipe.config.coverage if coverage is None else coverage)
     fitted = calibrate(pipe.predictor, pipe.vae, pipe.unet, pipe.scheduler, slices, num_samples, num_inference_steps,
                        coverage, pipe.config.point_estimate, torch.Generator(device="cpu").manual_seed(seed),
-                       fit_weight=fit_weight)
+                       fit_weight=fit_weight, uncertainty_window=uncertainty_window)
     stored = fitted.pipeline_config()
     pipe.register_to_config(**stored, coverage=coverage)
     record = {"residual_weight": {k: fitted.weight(k) for k in (1, 2, 4, 8)}, "residual_fit": stored["residual_fit"],
               "interval_scale": fitted.interval_scale, "coverage": coverage, "num_samples": num_samples,
               "num_inference_steps": num_inference_steps, "point_estimate": pipe.config.point_estimate,
+              "uncertainty_window": uncertainty_window,
               "slices": len(slices), "voxels": fitted.voxels, "predictor_mse": fitted.predictor_mse,
               "point_mse": fitted.point_mse, "datasets": sorted({cache_names[int(s["dataset_id"])] for s in samples}),
               "datasets_unknown_to_the_model": unknown, "seed": seed}

@@ -174,12 +174,13 @@ def cmd_calibrate(args) -> int:
     cache = _evaluation_data(args.data)
     _, pipe = _named_pipeline(args.pipeline)
     record = calibrate_pipeline(pipe, cache, Path(args.out), num_samples=args.samples, num_inference_steps=args.steps,
+                                uncertainty_window=args.uncertainty_window,
                                 coverage=args.coverage, slices_per_case=args.slices_per_case,
                                 cases_per_dataset=args.cases_per_dataset, seed=args.seed,
                                 fit_weight=not args.keep_weight, overwrite=args.overwrite)
     scale = record["interval_scale"]
     weights = ", ".join(f"{w:.2f} (K={k})" for k, w in record["residual_weight"].items())
-    print(f"residual weight {weights}; interval scale "
+    print(f"residual weight {weights}; interval scale (spread pooled over {record['uncertainty_window']} px) "
           f"{'none (one sample)' if scale is None else f'{scale:.3f}'} for {record['coverage']:.0%} coverage, "
           f"fitted on {record['voxels']} brain voxels of {record['slices']} validation slices "
           f"({', '.join(record['datasets'])}); mean squared error there: predictor {record['predictor_mse']:.5f}, "
@@ -346,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, help="samples per slice (>= 2 fits the uncertainty scale; default: the "
                                                "pipeline's, the count the scale then holds for)")
     p.add_argument("--steps", type=int, help="diffusion steps (default: the pipeline's)")
+    p.add_argument("--uncertainty-window", type=int, metavar="PIXELS",
+                   help="pool the samples' variance over this many pixels square before the scale is fitted "
+                        "(1: per voxel; default: 5, see mmdiff.pipelines.ldm.sample_spread)")
     p.add_argument("--coverage", type=float, help="fraction of brain voxels image +- uncertainty should cover "
                                                   "(default: the pipeline's)")
     p.add_argument("--slices-per-case", type=int, default=4, help="(default: %(default)s)")

@@ -14,7 +14,7 @@ from test_pipelines import DATASETS, brain_slice, inputs, tiny_gan, tiny_ldm
 from mmdiff.models import HaarWavelet
 from mmdiff.pipelines import MMDiffPipeline
 from mmdiff.pipelines.ldm import (TRAINING_SCHEDULER, ResidualFit, fit_interval_scale, point_and_spread,
-                                  sample_residuals)
+                                  sample_residuals, sample_spread)
 from mmdiff.training import load_config
 from mmdiff.training.stages import LDMStage
 
@@ -188,6 +188,32 @@ def test_pipeline_uncertainty_uses_the_calibrated_scale(tmp_path):
         np.testing.assert_array_equal(calibrated.images[name], raw.images[name])
         np.testing.assert_allclose(calibrated.uncertainty[name], 2.5 * raw.uncertainty[name], rtol=1e-6, atol=1e-7)
         assert raw.uncertainty[name][raw.mask].mean() > 0
+
+
+def test_sample_spread_pools_the_variance_over_a_window():
+    """The uncertainty is the samples' std; with a window its variance is averaged over the window
+    (the image is untouched), so a voxel's spread no longer rests on K - 1 degrees of freedom alone."""
+    residuals = torch.zeros(2, 1, 1, 7, 7)
+    residuals[0, 0, 0, 3, 3], residuals[1, 0, 0, 3, 3] = 1.0, -1.0  # variance 2 at one voxel, 0 elsewhere
+    torch.testing.assert_close(sample_spread(residuals, 1), residuals.std(0))
+    pooled = sample_spread(residuals, 3)[0, 0]
+    torch.testing.assert_close(pooled[2:5, 2:5], torch.full((3, 3), (2 / 9) ** 0.5))  # the voxel's 3 x 3 block
+    assert pooled.sum() > 0 and (pooled[:2] == 0).all() and (pooled[:, 5:] == 0).all()
+    torch.testing.assert_close(sample_spread(torch.randn(3, 2, 4, 8, 8), 5).shape, torch.Size([2, 4, 8, 8]))
+    assert sample_spread(residuals[:1], 5) is None  # one sample: no spread
+
+    pipe = tiny_ldm()
+    volume = square_volume(2)
+    kwargs = dict(dataset="brats", num_inference_steps=3, num_samples=2)
+    raw = pipe(inputs(volume), generator=torch.Generator().manual_seed(0), **kwargs)
+    pipe.register_to_config(uncertainty_window=5)
+    pooled = pipe(inputs(volume), generator=torch.Generator().manual_seed(0), **kwargs)
+    for name in raw.images:
+        np.testing.assert_array_equal(pooled.images[name], raw.images[name])
+        inside = raw.mask
+        assert not np.allclose(pooled.uncertainty[name][inside], raw.uncertainty[name][inside])
+        # pooling averages the variance: the mean variance over the slice's interior is about unchanged
+        assert pooled.uncertainty[name][inside].std() < raw.uncertainty[name][inside].std()
 
 
 def test_individual_samples_on_request():

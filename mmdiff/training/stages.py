@@ -18,7 +18,8 @@ from ..models import (HaarWavelet, ModalityDiscriminators, MultiModalGenerator, 
                       diffusion_loss, drop_dataset_id, encode_modalities, latent_channels, measure_scaling_factor)
 from ..pipelines import MMDiffPipeline, MMGANPipeline
 from ..pipelines.common import call_defaults, from_network, to_network
-from ..pipelines.ldm import SCHEDULERS, TRAINING_SCHEDULER, Calibration, calibrate, point_and_spread, sample_residuals
+from ..pipelines.ldm import (DEFAULT_UNCERTAINTY_WINDOW, SCHEDULERS, TRAINING_SCHEDULER, Calibration, calibrate,
+                           point_and_spread, sample_residuals)
 from .config import ConfigError
 
 
@@ -203,6 +204,7 @@ class LDMStage(Stage):
         self.coverage = float(calibration.get("coverage", 0.9))
         # the interval scale holds for the K it is fitted at: by default the pipeline's own default K
         self.calibration_count = int(calibration.get("samples") or call_defaults(MMDiffPipeline, "num_samples")["num_samples"])
+        self.uncertainty_window = int(calibration.get("window") or DEFAULT_UNCERTAINTY_WINDOW)
         self.calibration_slices = validation or []
         self.scheduler = DDPMScheduler(**{**TRAINING_SCHEDULER, **model_cfg.pop("scheduler", {})})
         self.sampler = SCHEDULERS[self.sampler_name].from_config(self.scheduler.config)
@@ -274,7 +276,7 @@ class LDMStage(Stage):
         unet.eval()
         return calibrate(self.predictor, self.vae, unet, self.sampler, slices, self.calibration_count,
                          self.sampling_steps, self.coverage, self.point_estimate,
-                         torch.Generator(device="cpu").manual_seed(1))
+                         torch.Generator(device="cpu").manual_seed(1), uncertainty_window=self.uncertainty_window)
 
     def export(self, models, out):
         unet = models["unet"]
