@@ -251,6 +251,33 @@ def test_ldm_per_slice_generators_match_single_slices():
             torch.testing.assert_close(batched.uncertainty[name][..., k], single.uncertainty[name], rtol=0, atol=1e-5)
 
 
+def test_only_the_slices_asked_for_are_run_with_their_whole_volume_result():
+    """``slices=``: a 2.5D GAN still reads the neighbours of the slices it runs, and the diffusion
+    engine with per-slice generators gives those slices exactly what the whole run gives them."""
+    torch.manual_seed(0)
+    network = MultiModalGenerator(modalities=("t1", "t2", "t1c", "flair", "dwi", "adc"), num_datasets=2,
+                                  dataset_names=DATASETS, block_out_channels=(8, 16), embedding_dim=16,
+                                  norm_num_groups=4, modality_streams=False, shared_decoder=True,
+                                  context_slices=1, patch_size=2)
+    gan = MMGANPipeline(network)
+    gan.set_progress_bar_config(disable=True)
+    volume = brain_volume()
+    chosen = [1, 3]
+    for pipe, kwargs in ((gan, {}), (tiny_ldm(), dict(num_inference_steps=STEPS, num_samples=2))):
+        if pipe.engine == "ldm":
+            kwargs["generator"] = seeded(0, volume.shape[2])
+        whole = pipe(inputs(volume), dataset="brats", **kwargs)
+        if pipe.engine == "ldm":
+            kwargs["generator"] = seeded(0, volume.shape[2])
+        part = pipe(inputs(volume), dataset="brats", slices=chosen, **kwargs)
+        others = [k for k in range(volume.shape[2]) if k not in chosen]
+        for name, image in part.images.items():
+            torch.testing.assert_close(image[..., chosen], whole.images[name][..., chosen], rtol=0, atol=1e-5)
+            assert not image[..., others].any() and whole.images[name][..., others].any()
+        with pytest.raises(ValueError, match="outside the volume"):
+            pipe(inputs(volume), dataset="brats", slices=[volume.shape[2]], **kwargs)
+
+
 def test_2d_tensor_input_and_pt_output():
     pipe = tiny_gan()
     image = torch.from_numpy(brain_slice())

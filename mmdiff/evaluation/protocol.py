@@ -278,8 +278,9 @@ class PipelineMethod:
     ``scheduler`` (a name in :data:`mmdiff.pipelines.SCHEDULERS`) is set on the pipeline before each
     call, so methods that share one diffusion pipeline can differ in scheduler and steps. A task with a
     sequence the model does not know is not one it can do (:meth:`supports`). A 2.5D model
-    (``pipeline.context_slices > 0``) gets the whole volume, so each scored slice has its real
-    neighbours; any other model gets only the scored slices.
+    (``pipeline.context_slices > 0``) gets the whole volume and runs on the scored slices only
+    (``slices=``), so each scored slice has its real neighbours; any other model gets only the
+    scored slices.
     """
 
     def __init__(self, pipeline, name: str, steps: int | None = None, samples: int | None = None, seed: int = 0,
@@ -307,6 +308,8 @@ class PipelineMethod:
                 use_scheduler(self.pipeline, self.scheduler)
             generators = [torch.Generator().manual_seed(self.seed + int(k)) for k in slices]  # per slice of the case
             kwargs = {"num_inference_steps": self.steps, "num_samples": self.samples, "generator": generators}
+        if whole:
+            kwargs["slices"] = np.arange(case.brain.shape[2])[case.scored]
         result = self.pipeline({m: case.images[m][..., scored] for m in task.sources}, dataset=case.dataset,
                                targets=[task.target], brain_mask=case.brain[..., scored], batch_size=self.batch_size,
                                **kwargs)

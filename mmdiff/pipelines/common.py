@@ -28,6 +28,7 @@ import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+import dataclasses
 from dataclasses import dataclass
 
 import nibabel as nib
@@ -185,6 +186,20 @@ class PreparedInputs:
     @property
     def num_slices(self) -> int:
         return self.brain.shape[2]
+
+    def only(self, slices: Sequence[int] | None) -> PreparedInputs:
+        """The same inputs with only the axial ``slices`` (indices into ``Z``) run; the others come
+        back as 0, like slices without brain. A 2.5D model still reads their neighbours as context, so
+        a few slices of a volume cost a few slices, with the result they have in the whole volume."""
+        if slices is None:
+            return self
+        wanted = np.asarray(list(slices))
+        if wanted.ndim != 1 or (wanted.size and not np.issubdtype(wanted.dtype, np.integer)):
+            raise ValueError(f"slices must be a list of axial slice indices, got {slices!r}")
+        outside = wanted[(wanted < 0) | (wanted >= self.num_slices)]
+        if outside.size:
+            raise ValueError(f"slices {outside.tolist()} are outside the volume's {self.num_slices} axial slices")
+        return dataclasses.replace(self, slices=np.intersect1d(self.slices, wanted))
 
     def num_batches(self, batch_size: int) -> int:
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:

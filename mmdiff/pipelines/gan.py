@@ -64,13 +64,14 @@ class MMGANPipeline(DiffusionPipeline):
         batch_size: int = 8,
         affine: np.ndarray | None = None,
         return_dict: bool = True,
+        slices: Sequence[int] | None = None,
     ) -> MMDiffPipelineOutput | tuple:
         """Synthesise ``targets`` from ``images``; arguments as for ``MMDiffPipeline.__call__``."""
         if num_samples != 1:
             raise ValueError("the GAN is deterministic: num_samples must be 1 (MMDiffPipeline gives uncertainty)")
         network = self.generator
         case = prepare_inputs(images, network.config.modalities, targets, brain_mask, self.downsampling,
-                              output_type, affine, self.preprocessor)
+                              output_type, affine, self.preprocessor).only(slices)
         dataset_id = resolve_dataset_id(dataset, network.config.dataset_names)
         device = self._execution_device
         source_mask = torch.as_tensor(case.source_mask, device=device)

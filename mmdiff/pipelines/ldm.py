@@ -497,6 +497,7 @@ class MMDiffPipeline(DiffusionPipeline):
         return_dict: bool = True,
         return_samples: bool = False,
         point_estimate: str | None = None,
+        slices: Sequence[int] | None = None,
         slice_noise: str = "shared",
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
@@ -528,6 +529,9 @@ class MMDiffPipeline(DiffusionPipeline):
             return_samples: also return the K individual samples per target.
             point_estimate: ``"posterior_mean"`` or ``"sample_mean"`` (see :func:`point_and_spread`);
                 default: the pipeline config's.
+            slices: synthesise only these axial slices (indices along the last axis; the others come back
+                as 0): a quick look at part of a volume, or scoring every k-th slice. A 2.5D predictor
+                still reads their neighbours.
             callback_on_step_end: ``callback(pipe, step_index, timestep, callback_kwargs) -> dict``
                 after each denoising step (diffusers' convention); ``callback_kwargs["latents"]`` is the
                 current batch's scaled residual latents, and a returned ``"latents"`` replaces them. Set
@@ -548,7 +552,7 @@ class MMDiffPipeline(DiffusionPipeline):
                              f"{self._callback_tensor_inputs}")
         self._interrupt = False
         case = prepare_inputs(images, self.unet.config.modalities, targets, brain_mask, self.downsampling,
-                              output_type, affine, self.preprocessor)
+                              output_type, affine, self.preprocessor).only(slices)
         dataset_id = resolve_dataset_id(dataset, self.unet.config.dataset_names)
         device = self._execution_device
         target_index = np.flatnonzero(case.target_mask).tolist()
