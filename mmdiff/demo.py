@@ -49,8 +49,9 @@ PLANES = {"axial": 2, "coronal": 1, "sagittal": 0}
 MAX_UPLOAD_MB = float(os.environ.get("MMDIFF_DEMO_MAX_UPLOAD_MB", 200))
 #: a volume with more voxels than this is refused (a 256^3 volume has 16.8 M)
 MAX_VOXELS = int(os.environ.get("MMDIFF_DEMO_MAX_VOXELS", 40_000_000))
-#: diffusion defaults, chosen to finish an example in about a minute on two CPU cores
-DEFAULT_STEPS, DEFAULT_SAMPLES, MAX_STEPS, MAX_SAMPLES = 8, 2, 50, 8
+#: diffusion defaults: the pipeline's own (``MMDiffPipeline.__call__``, the settings its uncertainty is
+#: calibrated for; written here so the page builds without importing torch; a test keeps them equal)
+DEFAULT_STEPS, DEFAULT_SAMPLES, MAX_STEPS, MAX_SAMPLES = 6, 2, 50, 8
 #: bump when the bundled examples change, so cached copies are rebuilt
 EXAMPLES_VERSION = 1
 

@@ -282,3 +282,12 @@ def test_diffusion_adds_uncertainty_maps(tmp_path, exam):
     assert sidecar["engine"] == "ldm" and sidecar["steps"] == 2 and sidecar["samples"] == 2
     assert list(result.uncertainty) == ["flair"] and result.uncertainty["flair"].max() > 0
     assert [c for _, c in d.render(result, "axial", 15)[2]] == ["FLAIR uncertainty (std)"]
+
+
+def test_diffusion_defaults_are_the_pipelines():
+    """The page's diffusion settings start where the pipeline's calibration holds."""
+    from mmdiff.pipelines import MMDiffPipeline
+    from mmdiff.pipelines.common import call_defaults
+
+    assert call_defaults(MMDiffPipeline, "num_inference_steps", "num_samples") == {
+        "num_inference_steps": d.DEFAULT_STEPS, "num_samples": d.DEFAULT_SAMPLES}
