@@ -34,19 +34,16 @@ def calibrate_pipeline(pipe, cache: Path, out: Path, num_samples: int | None = N
     (``uncertainty_window``, stored with it; default :data:`~mmdiff.pipelines.ldm.DEFAULT_UNCERTAINTY_WINDOW`)."""
     from .data.cache import cache_preprocessor, read_index
     from .data.preprocessing import MRIPreprocessor
+    from .pipelines.common import diffusion_settings
     from .pipelines.ldm import DEFAULT_UNCERTAINTY_WINDOW, calibrate
     from .training.data import calibration_slices, validation_samples
 
     if getattr(pipe, "engine", None) != "ldm":
         raise ValueError("calibrate: only a diffusion (ldm) pipeline has a residual weight and an uncertainty scale")
-    from .pipelines.common import call_defaults
-
     uncertainty_window = DEFAULT_UNCERTAINTY_WINDOW if uncertainty_window is None else int(uncertainty_window)
     if uncertainty_window < 1:
         raise ValueError(f"--uncertainty-window must be at least 1 (pixels), got {uncertainty_window}")
-    defaults = call_defaults(pipe, "num_samples", "num_inference_steps")
-    num_samples = defaults["num_samples"] if num_samples is None else num_samples
-    num_inference_steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
+    num_inference_steps, num_samples = diffusion_settings(pipe, num_inference_steps, num_samples)
     out = Path(out)
     source = Path(pipe.config.get("_name_or_path") or "")
     if source.is_dir() and out.resolve() == source.resolve():

@@ -76,7 +76,7 @@ def synthesize(
     folder inside ``out`` and moved into place together, so a failure leaves no new file behind.
     """
     from .pipelines import load_pipeline, resolve_source
-    from .pipelines.common import call_defaults
+    from .pipelines.common import diffusion_settings
 
     check_synthesize_options(engine, steps, samples, batch_size, seed, scheduler, targets, inputs or {})
     volumes = check_input_files(inputs, brain_mask)  # read once, here; the pipeline takes them as they are
@@ -96,12 +96,7 @@ def synthesize(
         if engine is not None and pipe.engine != engine:
             raise ValueError(f"the pipeline is {type(pipe).__name__} (engine {pipe.engine}), not the {engine} engine")
     diffusion = pipe.engine == "ldm"
-    if diffusion:
-        defaults = call_defaults(pipe, "num_inference_steps", "num_samples")
-        steps = defaults["num_inference_steps"] if steps is None else steps
-        samples = defaults["num_samples"] if samples is None else samples
-    else:
-        samples = 1
+    steps, samples = diffusion_settings(pipe, steps, samples) if diffusion else (steps, 1)
     if scheduler is not None:
         if not diffusion:
             raise ValueError(f"--scheduler is for the diffusion engine; the {pipe.engine} pipeline has no scheduler")

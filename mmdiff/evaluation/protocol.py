@@ -26,7 +26,7 @@ import torch
 
 from ..data.cache import BRAIN_MASK, IMAGES, SEG, case_folder, read_index
 from ..modalities import KNOWN_MODALITIES
-from ..pipelines.common import call_defaults
+from ..pipelines.common import diffusion_settings
 from ..pipelines.ldm import SCHEDULERS, use_scheduler
 from .metrics import mae, masked_ssim, psnr, ssim_map
 
@@ -287,9 +287,8 @@ class PipelineMethod:
                  batch_size: int = 16, scheduler: str | None = None):
         self.pipeline, self.name = pipeline, name
         self.is_diffusion = pipeline.engine == "ldm"
-        defaults = call_defaults(pipeline, "num_inference_steps", "num_samples") if self.is_diffusion else {}
-        self.steps = defaults.get("num_inference_steps") if steps is None else steps  # None: the pipeline's
-        self.samples = defaults.get("num_samples", 1) if samples is None else samples
+        # None: the pipeline's own defaults
+        self.steps, self.samples = diffusion_settings(pipeline, steps, samples) if self.is_diffusion else (steps, 1)
         self.seed, self.batch_size = seed, batch_size
         self.scheduler = scheduler
         if scheduler is not None and scheduler not in SCHEDULERS:

@@ -24,11 +24,12 @@ are resampled (linear) by their affines onto the first input's grid, with a warn
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-import dataclasses
 from dataclasses import dataclass
 
 import nibabel as nib
@@ -69,12 +70,18 @@ class MMDiffPipelineOutput(BaseOutput):
 
 
 def call_defaults(pipe, *names: str) -> dict:
-    """The defaults of ``pipe.__call__``'s (a pipeline or its class) keyword arguments ``names``: the pipeline owns its default
-    settings (steps, samples), and the commands that leave one unset ask it, so the two cannot drift."""
-    import inspect
-
+    """The defaults of ``pipe.__call__``'s (a pipeline or its class) keyword arguments ``names``: the
+    pipeline owns its default settings (steps, samples), and the commands that leave one unset ask it,
+    so the two cannot drift."""
     parameters = inspect.signature((pipe if isinstance(pipe, type) else type(pipe)).__call__).parameters
     return {name: parameters[name].default for name in names if name in parameters}
+
+
+def diffusion_settings(pipe, steps: int | None = None, samples: int | None = None) -> tuple[int, int]:
+    """``(steps, samples)`` for a diffusion pipeline: those given, the pipeline's defaults for None."""
+    defaults = call_defaults(pipe, "num_inference_steps", "num_samples")
+    return (defaults["num_inference_steps"] if steps is None else steps,
+            defaults["num_samples"] if samples is None else samples)
 
 
 def to_network(images: torch.Tensor) -> torch.Tensor:

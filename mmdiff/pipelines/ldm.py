@@ -585,7 +585,7 @@ class MMDiffPipeline(DiffusionPipeline):
                     torch.as_tensor(case.source_mask, device=device), dataset_id, num_samples, num_inference_steps,
                     batch_generator, callback, lambda: self.interrupt, first_only, context)
                 mean, std = point_and_spread(mu, residuals, posteriors, point_estimate, weight,
-                                             self.config.get("uncertainty_window", 1))
+                                             self.config.uncertainty_window)
                 case.put(point, index, from_network(mean[:, target_index]))
                 if spread is not None:
                     case.put(spread, index, std[:, target_index] * (scale / 2))  # [-1, 1] -> [0, 1] units

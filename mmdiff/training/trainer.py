@@ -83,12 +83,6 @@ class StopRequests:
             signal.signal(sig, handler)
         return False
 
-    def any(self, accelerator) -> bool:
-        """Whether any process was asked to stop (every rank then stops at the same step)."""
-        if accelerator.num_processes == 1:
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
 def lr_factor(total_steps: int, decay_start: float, warmup_steps: int = 0):
@@ -308,11 +302,12 @@ def train(config: dict, output_dir: str | Path, max_steps: int | None = None, re
                     save()
                 if val_every and step % val_every == 0 and step < total:
                     validate(stage, val_samples, accelerator, step, output_dir, ema)
-                if deadline is not None and _past(deadline, accelerator):
+                late, interrupted = _any_rank(accelerator, deadline is not None and time.monotonic() > deadline,
+                                              stop.requested)
+                if late:
                     logger.info("stopping at step %d: the %s-minute budget is spent", step, max_minutes)
                     total = step
-                if stop.any(accelerator):
-                    interrupted = True
+                if interrupted:
                     break
                 if step >= total:
                     break
@@ -392,13 +387,14 @@ def _forget_metrics_after(path: Path, step: int, finished: bool) -> None:
     write_text(path, "".join(f"{line}\n" for line in kept))
 
 
-def _past(deadline: float, accelerator) -> bool:
-    """Whether any process is past ``deadline`` (so every rank stops at the same step); a single
-    process only reads its clock (no device sync on the training hot path)."""
+def _any_rank(accelerator, *flags: bool) -> list[bool]:
+    """Each flag, true if it is true on any process (so every rank stops at the same step): one
+    collective per step for all of them; a single process only reads its own (no device sync on the
+    training hot path)."""
     if accelerator.num_processes == 1:
-        return time.monotonic() > deadline
-    late = torch.tensor([float(time.monotonic() > deadline)], device=accelerator.device)
-    return bool(accelerator.reduce(late, reduction="sum").item() > 0)
+        return [bool(f) for f in flags]
+    values = torch.tensor([float(f) for f in flags], device=accelerator.device)
+    return [bool(v > 0) for v in accelerator.reduce(values, reduction="sum").tolist()]
 
 
 def rank_checksums(accelerator, model) -> list[float]:
