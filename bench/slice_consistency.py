@@ -14,6 +14,12 @@ reports, inside the brain, on the evaluation's scale (each volume / 3 x its heal
   crops at the brain's centre): the mesh of lines a patch-wise output can leave, which ``checkerboard``
   (the diagonal pattern only) misses;
 
+- ``detail_corr_1`` / ``detail_corr_8``: the correlation of an axial slice's fine detail (the slice
+  less its 2-pixel Gaussian blur) with that of the slice 1 / 8 slices up. In a real volume the detail
+  of neighbouring slices is alike and that of slices 8 mm apart much less so; noise that is
+  independent per slice lowers the first (stripes), noise shared by every slice raises the second
+  (one texture drawn through the volume: vertical streaks);
+
 ``inplane_step`` is also a measure of sharpness: a blurred image has smaller neighbour differences
 than the real one. A diffusion pipeline is scored twice, its point estimate (K samples) and its first
 single sample, which should be the sharper of the two;
@@ -21,7 +27,8 @@ single sample, which should be the sharper of the two;
 for the real volume too, and writes ``slice_consistency.png`` (mid-sagittal and coronal planes, real
 then each pipeline) and ``slice_consistency.json``.
 
-    python bench/slice_consistency.py PIPELINE [PIPELINE ...] [--target t1c] [--slab 0] [--out bench/results]
+    python bench/slice_consistency.py PIPELINE [PIPELINE ...] [--target t1c] [--slab 0] \
+        [--slice-noise smooth shared independent] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -32,11 +39,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from scipy.ndimage import gaussian_filter
 
 from mmdiff.evaluation.protocol import robust_normalise
 from mmdiff.io import write_json
 from mmdiff.pipelines import load_pipeline
-from mmdiff.pipelines.common import call_defaults
+from mmdiff.pipelines.common import call_defaults, diffusion_settings
 from mmdiff.viz import montage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +83,15 @@ def nyquist_share(volume: np.ndarray, brain: np.ndarray, slices: slice, size: in
     return float(np.mean(shares)) if shares else float("nan")
 
 
+def detail_correlation(volume: np.ndarray, brain: np.ndarray, slices: slice, lag: int) -> float:
+    """Correlation of the in-plane fine detail (volume - its 2-pixel Gaussian blur) of slices ``lag`` apart."""
+    v = volume.astype(np.float64)
+    detail = v - gaussian_filter(v, sigma=(2, 2, 0))
+    a, b = detail[..., slices.start:slices.stop - lag], detail[..., slices.start + lag:slices.stop]
+    both = brain[..., slices.start:slices.stop - lag] & brain[..., slices.start + lag:slices.stop]
+    return float(np.corrcoef(a[both], b[both])[0, 1])
+
+
 def consistency(volume: np.ndarray, brain: np.ndarray, slices: slice) -> dict[str, float]:
     v, b = volume[..., slices], brain[..., slices]
     axial = (b[..., 1:] & b[..., :-1])
@@ -83,7 +100,9 @@ def consistency(volume: np.ndarray, brain: np.ndarray, slices: slice) -> dict[st
     hh = np.abs(v[1:, 1:] - v[:-1, 1:] - v[1:, :-1] + v[:-1, :-1]) / 4
     return {"axial_step": float(np.abs(np.diff(v, axis=2))[axial].mean()),
             "inplane_step": float(np.abs(np.diff(v, axis=1))[inplane].mean()),
-            "checkerboard": float(hh[block].mean()), "nyquist": nyquist_share(volume, brain, slices)}
+            "checkerboard": float(hh[block].mean()), "nyquist": nyquist_share(volume, brain, slices),
+            "detail_corr_1": detail_correlation(volume, brain, slices, 1),
+            "detail_corr_8": detail_correlation(volume, brain, slices, 8)}
 
 
 def main() -> int:
@@ -95,6 +114,8 @@ def main() -> int:
                                                                "first sample is shown and scored too")
     parser.add_argument("--slab", type=int, default=0, help="synthesize only this many central brain slices "
                                                             "(0: the whole volume; for the slow diffusion engine)")
+    parser.add_argument("--slice-noise", nargs="+", default=[None], metavar="MODE",
+                        help="a diffusion pipeline's slice_noise, one sample per mode (default: the pipeline's)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
 
@@ -112,18 +133,21 @@ def main() -> int:
         pipe = load_pipeline(source)
         pipe.set_progress_bar_config(disable=True)
         diffusion = pipe.engine == "ldm"
-        defaults = call_defaults(pipe, "num_inference_steps", "num_samples") if diffusion else {}
-        steps = args.steps or defaults.get("num_inference_steps")
-        samples = args.samples or defaults.get("num_samples")
-        kwargs = {"num_inference_steps": steps, "num_samples": samples, "return_samples": True,
-                  "generator": torch.Generator().manual_seed(0)} if diffusion else {}
-        out = pipe(images=images, dataset=dataset, targets=[args.target], brain_mask=brain, **kwargs)
         path = Path(str(source))
         name = path.parent.name if path.name == "final" else path.name
         if diffusion:
-            volumes[f"{name} (K={samples})"] = robust_normalise(out.images[args.target], brain, lesion)
-            volumes[f"{name} (one sample)"] = robust_normalise(out.samples[args.target][0], brain, lesion)
+            steps, samples = diffusion_settings(pipe, args.steps, args.samples)
+            for n, mode in enumerate(args.slice_noise):
+                mode = mode or call_defaults(pipe, "slice_noise")["slice_noise"]
+                out = pipe(images=images, dataset=dataset, targets=[args.target], brain_mask=brain,
+                           num_inference_steps=steps, num_samples=samples, return_samples=True,
+                           generator=torch.Generator().manual_seed(0), slice_noise=mode)
+                if n == 0:  # the point estimate hardly depends on the noise
+                    volumes[f"{name} (K={samples})"] = robust_normalise(out.images[args.target], brain, lesion)
+                volumes[f"{name} (one sample, {mode} noise)"] = robust_normalise(out.samples[args.target][0],
+                                                                                 brain, lesion)
         else:
+            out = pipe(images=images, dataset=dataset, targets=[args.target], brain_mask=brain)
             volumes[name] = robust_normalise(out.images[args.target], brain, lesion)
     record = {"case": description, "target": args.target, "sources": list(SOURCES),
               "axial_slices": [slices.start, slices.stop],
@@ -139,7 +163,7 @@ def main() -> int:
     montage(rows, out / "slice_consistency.png", cell=240,
             title=f"{args.target} from {'+'.join(SOURCES)}, {description}: mid-sagittal and coronal planes")
     for name, values in record["results"].items():
-        print(f"{name:28s} " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
+        print(f"{name:40s} " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
     print(f"wrote {out / 'slice_consistency.json'} and {out / 'slice_consistency.png'}")
     return 0
 

@@ -185,6 +185,10 @@ def cmd_calibrate(args) -> int:
           f"fitted on {record['voxels']} brain voxels of {record['slices']} validation slices "
           f"({', '.join(record['datasets'])}); mean squared error there: predictor {record['predictor_mse']:.5f}, "
           f"point estimate {record['point_mse']:.5f}")
+    if record.get("interval_scales"):
+        print("per target sequence: " + ", ".join(f"{m} {v:.3f}" for m, v in record["interval_scales"].items())
+              + " (a target with fewer calibration voxels uses the pooled scale; voxels per target: "
+              + ", ".join(f"{m} {n}" for m, n in record["target_voxels"].items()) + ")")
     print(f"wrote {args.out} (calibration.json says what was fitted)")
     return 0
 

@@ -197,8 +197,9 @@ def _slice_limits(pipe) -> str:
     else:
         text = "2D axial slices: through-plane consistency is not enforced; expect slice-to-slice flicker"
     if pipe.engine == "ldm":
-        text += ("; the diffusion samples draw the same noise on every slice by default (`slice_noise`), "
-                 "so sampling adds no flicker of its own")
+        text += ("; a diffusion sample's noise varies smoothly along z by default (`slice_noise=\"smooth\"`: "
+                 "correlated over about one slice either side), so sampling adds neither flicker between "
+                 "slices nor one texture repeated through the volume")
     return text + "."
 
 
@@ -237,8 +238,8 @@ def render_card(pipe, info: dict, rows: list[dict], method: str, evaluation: Pat
         "with `num_samples=K > 1` the pipeline also returns the standard deviation of K sampled "
         "residuals (its variance pooled over a small window of pixels, `uncertainty_window`, so that two "
         "samples give a usable map), scaled so that `image +- uncertainty` covers the stated fraction of "
-        "brain voxels on validation slices (`interval_scale`, `coverage` in `model_index.json`; fitted for "
-        "the pipeline's default K), and `return_samples=True` "
+        "brain voxels on validation slices (`interval_scale`, `coverage` in `model_index.json`, and "
+        "`interval_scales` per target sequence; fitted for the pipeline's default K), and `return_samples=True` "
         "gives the samples themselves. Sampled with the scheduler saved here (any diffusers scheduler "
         "can be swapped in)."
         if is_diffusion else

@@ -1,7 +1,8 @@
 """``mmdiff quickstart``: a phantom exam with some sequences hidden, filled in by both engines.
 
 Writes the phantom case (its real files), ``<engine>/<target>_synthetic.nii.gz`` for each engine, a
-montage PNG (real, synthetic, error per hidden sequence) and ``metrics.md`` with PSNR/SSIM/MAE inside
+montage PNG (real, synthetic, error per hidden sequence, and the diffusion engine's uncertainty beside
+its error) and ``metrics.md`` with PSNR/SSIM/MAE inside
 the brain, the lesion and the whole image. With seed 0 the case is the glioma cohort's first case,
 which the published pipelines held out of training.
 """
@@ -68,6 +69,8 @@ def quickstart(out: str | os.PathLike, hide=DEFAULT_HIDDEN, engines=ENGINES, pip
             synthetic = robust_normalise(results[engine][t], brain, lesion)
             panels += [(f"{engine} {t}", display(synthetic, 2, k)),
                        (f"{engine} |error|", display(np.abs(synthetic - real), 2, k))]
+            if f"{t}_uncertainty" in files[engine]:  # a diffusion engine with K > 1: where it says it may be wrong
+                panels.append((f"{engine} uncertainty", display(load_volume(files[engine][f"{t}_uncertainty"]).data, 2, k)))
         rows.append((t, panels))
     picture = montage(rows, out / "montage.png", title=f"{case.case_id}: hidden {', '.join(hidden)}, "
                       "synthesised (marked synthetic in every file)", overwrite=overwrite)

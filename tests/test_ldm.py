@@ -13,8 +13,8 @@ from test_pipelines import DATASETS, brain_slice, inputs, tiny_gan, tiny_ldm
 
 from mmdiff.models import HaarWavelet
 from mmdiff.pipelines import MMDiffPipeline
-from mmdiff.pipelines.ldm import (TRAINING_SCHEDULER, ResidualFit, fit_interval_scale, point_and_spread,
-                                  sample_residuals, sample_spread)
+from mmdiff.pipelines.ldm import (TRAINING_SCHEDULER, ResidualFit, SmoothSliceNoise, fit_interval_scale,
+                                  fit_interval_scales, point_and_spread, sample_residuals, sample_spread)
 from mmdiff.training import load_config
 from mmdiff.training.stages import LDMStage
 
@@ -128,6 +128,42 @@ def test_interval_scale_calibrates_coverage():
         fit_interval_scale(errors, spread, 1.0)
 
 
+def test_interval_scales_per_target_cover_each_target():
+    """One pooled scale over-covers a well-judged target and under-covers a misjudged one; a scale per
+    target (Mondrian conformal) covers each; a target with too few voxels keeps the pooled scale."""
+    rng = np.random.default_rng(0)
+    factors = {"t2": 1.0, "dwi": 4.0, "pd": 2.0}  # how much the raw spread underestimates each target's error
+    sizes = {"t2": 40_000, "dwi": 40_000, "pd": 500}
+    spreads = {m: rng.uniform(0.5, 2.0, n) for m, n in sizes.items()}
+    errors = {m: rng.normal(0, factors[m] * spreads[m]) for m in sizes}
+    pooled, own = fit_interval_scales(errors, spreads, 0.9, min_voxels=10_000)
+    assert set(own) == {"t2", "dwi"}
+    for m in ("t2", "dwi"):
+        assert own[m] == pytest.approx(factors[m] * 1.645, rel=0.05)
+        fresh_spread = rng.uniform(0.5, 2.0, 20000)
+        fresh = rng.normal(0, factors[m] * fresh_spread)
+        assert np.mean(np.abs(fresh) <= own[m] * fresh_spread) == pytest.approx(0.9, abs=0.01)
+        pooled_coverage = np.mean(np.abs(fresh) <= pooled * fresh_spread)
+        assert (pooled_coverage > 0.95) if m == "t2" else (pooled_coverage < 0.85)
+
+
+def test_pipeline_scales_each_target_by_its_own_calibration(tmp_path):
+    pipe = tiny_ldm()
+    volume = square_volume(2)
+    kwargs = dict(dataset="brats", num_inference_steps=2, num_samples=2, targets=["t1c", "t2"])
+    pipe.register_to_config(interval_scale=2.0)
+    pooled = pipe(inputs(volume), generator=torch.Generator().manual_seed(0), **kwargs)
+    pipe.register_to_config(interval_scales={"t1c": 4.0})
+    pipe.save_pretrained(tmp_path / "pipe")
+    loaded = MMDiffPipeline.from_pretrained(tmp_path / "pipe")
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.interval_scale_for("t1c") == 4.0 and loaded.interval_scale_for("t2") == 2.0
+    own = loaded(inputs(volume), generator=torch.Generator().manual_seed(0), **kwargs)
+    assert own.uncertainty["t1c"].max() > 0
+    np.testing.assert_allclose(own.uncertainty["t1c"], 2 * pooled.uncertainty["t1c"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(own.uncertainty["t2"], pooled.uncertainty["t2"], rtol=1e-5, atol=1e-7)
+
+
 def test_residual_weight_is_the_least_squares_weight_for_k_runs():
     """Runs estimate the residual with independent noise: the mean of K runs deserves weight
     signal / (signal + noise / K), fitted from runs of another K; noise alone gets weight 0."""
@@ -230,21 +266,53 @@ def test_individual_samples_on_request():
         np.testing.assert_allclose(stack.mean(0)[inside], images[name][inside], atol=1e-5)
 
 
-def test_shared_slice_noise_makes_samples_consistent_across_slices():
-    """With one generator, every axial slice draws the same noise by default: identical slices get
-    identical samples (no stripes); ``slice_noise="independent"`` gives each slice its own."""
+def test_smooth_slice_noise_is_standard_normal_and_correlated_over_a_slice_or_two():
+    """The rule of :class:`SmoothSliceNoise`: each slice's noise is standard normal, slices ``d`` apart
+    are correlated ``exp(-d^2 / (4 sigma^2))``, and a slice's noise does not depend on the slices it
+    is asked for with (batching, ``slices=``), in any order."""
+    noise = SmoothSliceNoise(seed=7, num_samples=2, sigma=1.0)
+    volume = noise(list(range(12)), (4, 32, 32))
+    assert volume.shape == (2, 12, 4, 32, 32)
+    assert abs(float(volume.std()) - 1) < 0.02 and abs(float(volume.mean())) < 0.02
+    flat = volume.transpose(0, 1).flatten(1).double()  # [slice, values]
+    for lag in (1, 2, 4):
+        corr = np.mean([np.corrcoef(flat[z], flat[z + lag])[0, 1] for z in range(12 - lag)])
+        assert abs(corr - np.exp(-lag ** 2 / 4)) < 0.03, (lag, corr)
+    assert not torch.allclose(volume[0], volume[1])  # the K samples have their own noise
+    fresh = SmoothSliceNoise(seed=7, num_samples=2, sigma=1.0)
+    torch.testing.assert_close(fresh([5, 6], (4, 32, 32))[:, 1], volume[:, 6])
+    torch.testing.assert_close(fresh([2], (4, 32, 32))[:, 0], volume[:, 2])  # an earlier slice after the cache moved on
+    assert not torch.allclose(SmoothSliceNoise(seed=8, num_samples=2)([0], (4, 32, 32)), volume[:, :1])
+    with pytest.raises(ValueError, match="sigma"):
+        SmoothSliceNoise(seed=0, num_samples=1, sigma=0)
+
+
+def test_slice_noise_modes_from_one_generator():
+    """With one generator: ``"smooth"`` (the default) gives neighbouring slices related, not identical,
+    samples, whatever the batching; ``"shared"`` gives identical slices identical samples (one texture
+    through the volume); ``"independent"`` gives each slice its own, further apart than smooth ones."""
     pipe = tiny_ldm()
-    volume = np.repeat(square_volume(1), 4, axis=-1)  # four identical slices
+    volume = np.repeat(square_volume(1), 8, axis=-1)  # eight identical slices
     kwargs = dict(dataset="brats", num_inference_steps=3, num_samples=2, return_samples=True)
-    shared = pipe(inputs(volume), generator=torch.Generator().manual_seed(0), batch_size=3, **kwargs)
-    for draws in shared.samples.values():
-        for k in range(1, 4):
+
+    def run(**more):
+        return pipe(inputs(volume), generator=torch.Generator().manual_seed(0), **kwargs, **more).samples
+
+    def neighbour_step(samples):
+        return np.mean([np.abs(np.diff(d[0], axis=-1)).mean() for d in samples.values()])
+
+    smooth = run(batch_size=3)
+    for name, draws in run(batch_size=1).items():  # the batching does not change a slice's noise
+        np.testing.assert_allclose(draws[1], smooth[name][1], atol=1e-5)
+    for name, draws in run(slices=[4, 5]).items():  # nor does running a few slices
+        np.testing.assert_allclose(draws[0][..., 4:6], smooth[name][0][..., 4:6], atol=1e-5)
+    assert all(not np.allclose(d[0][..., 1], d[0][..., 0], atol=1e-4) for d in smooth.values())
+    shared = run(slice_noise="shared", batch_size=3)
+    for draws in shared.values():
+        for k in range(1, 8):
             np.testing.assert_allclose(draws[0][..., k], draws[0][..., 0], atol=1e-5)
-    again = pipe(inputs(volume), generator=torch.Generator().manual_seed(0), batch_size=1, **kwargs)
-    for name, draws in again.samples.items():  # the batching does not change a slice's noise
-        np.testing.assert_allclose(draws[1], shared.samples[name][1], atol=1e-5)
-    apart = pipe(inputs(volume), generator=torch.Generator().manual_seed(0), slice_noise="independent", **kwargs)
-    assert all(not np.allclose(d[0][..., 1], d[0][..., 0], atol=1e-4) for d in apart.samples.values())
+    independent = run(slice_noise="independent")
+    assert 0 < neighbour_step(smooth) < 0.8 * neighbour_step(independent)
     with pytest.raises(ValueError, match="slice_noise"):
         pipe(inputs(volume), slice_noise="fresh", **kwargs)
 

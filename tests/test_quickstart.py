@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from mmdiff.io import is_synthetic, load_volume
 from mmdiff.pipelines.common import call_defaults
@@ -32,6 +33,12 @@ def test_quickstart_hides_synthesises_scores_and_pictures(tmp_path):
     assert table.count("| gan |") == 2 and table.count("| ldm |") == 2 and "Normalisation" in table
     assert set(result["scores"]) == {(e, t) for e in ("gan", "ldm") for t in ("t1c", "flair")}
     assert result["montage"].stat().st_size > 10_000
+    # per hidden sequence: real, then each engine's image and |error|, and the diffusion engine's uncertainty
+    gan_only = quickstart(tmp_path / "gan", hide=["t1ce", "flair"], pipelines={"gan": tiny_gan()}, engines=["gan"],
+                          spacing=3.0, progress=False)
+    widths = [Image.open(r["montage"]).width for r in (gan_only, result)]
+    # the widest row: 4 inputs alone (gan), 1 + 2 + 3 = 6 panels with the ldm's uncertainty (5 without it)
+    assert widths[1] - widths[0] == (6 - 4) * (192 + 4)
     with pytest.raises(FileExistsError):
         quickstart(out, hide=["t1c"], pipelines={"gan": tiny_gan()}, engines=["gan"], spacing=3.0, progress=False)
 

@@ -184,6 +184,7 @@ def test_ldm_tiny_needs_no_other_step(tiny_cache, tmp_path):
     assert index["coverage"] == 0.8 and index["calibration_samples"] == 3
     assert index["uncertainty_window"] == record["uncertainty_window"] == 5  # the scale holds for the pooled spread
     assert index["interval_scale"] == record["interval_scale"] > 0 and index["residual_fit"] == record["residual_fit"]
+    assert index["interval_scales"] == record["interval_scales"] and all(v > 0 for v in record["interval_scales"].values())
     # the weight is least squares over [0, 1] (0 is the predictor alone): never worse than the predictor there
     assert record["voxels"] > 0 and record["point_mse"] <= record["predictor_mse"] + 1e-12
     assert set(record["residual_weight"]) == {"1", "2", "4", "8"}

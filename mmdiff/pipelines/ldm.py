@@ -10,8 +10,8 @@ residuals per slice:
   samples ``1 + 1/K`` times it), the residual weighted by :class:`ResidualFit`, fitted on validation
   slices so that a residual which does not help there is shrunk toward 0 (the predictor's image);
 - the uncertainty is their per-voxel standard deviation, times a scale fitted on validation slices
-  (``interval_scale`` in the pipeline config) so that ``image +- uncertainty`` covers the stated
-  fraction (``coverage``) of brain voxels;
+  (``interval_scale`` in the pipeline config, ``interval_scales`` per target sequence) so that
+  ``image +- uncertainty`` covers the stated fraction (``coverage``) of brain voxels;
 - ``return_samples=True`` also returns the individual samples (``mu`` + one residual each).
 
 The maths lives in :func:`sample_residuals` (and :func:`denoise` under it), which the pipeline's
@@ -74,11 +74,13 @@ def denoise(
     callback: StepCallback | None = None,
     interrupted: Callable[[], bool] | None = None,
     first_only: bool = False,
+    noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One reverse process over the scaled residual latents ``[B, M, C, h, w]`` (zero at sources).
 
     Noise is drawn in every non-source channel (as in training, where every non-source is noised;
-    the caller keeps the targets it wants). The UNet predicts the clean residual; the scheduler turns
+    the caller keeps the targets it wants); ``noise`` (standard normal, like ``condition``) replaces
+    the initial draw (diffusers' ``latents``), ``generator`` then serves a stochastic scheduler's steps. The UNet predicts the clean residual; the scheduler turns
     it into the next latents. ``callback(step_index, timestep, latents)`` runs after each step and may
     return replacement latents; once ``interrupted()`` is true the remaining steps are skipped.
 
@@ -94,8 +96,9 @@ def denoise(
     noised = (~torch.as_tensor(sources, device=device).bool().expand(batch, -1))[:, :, None, None, None].to(dtype)
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     scheduler.set_timesteps(num_inference_steps, device=device)
-    latents = randn_tensor(condition.shape, generator=generator, device=device, dtype=dtype)
-    latents = latents * scheduler.init_noise_sigma * noised
+    if noise is None:
+        noise = randn_tensor(condition.shape, generator=generator, device=device, dtype=dtype)
+    latents = noise.to(device=device, dtype=dtype) * scheduler.init_noise_sigma * noised
     first = torch.zeros_like(latents)
     for index, t in enumerate(scheduler.timesteps):
         if interrupted is not None and interrupted():
@@ -132,6 +135,7 @@ def sample_residuals(
     interrupted: Callable[[], bool] | None = None,
     first_only: bool = False,
     context: torch.Tensor | None = None,
+    noise: Callable[[torch.Size], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The predictor's mean and ``num_samples`` residuals, for a batch of slices (the pipeline's maths).
 
@@ -143,6 +147,8 @@ def sample_residuals(
             when no sample is wanted); the "residuals" are then those first-step predictions.
         context: ``[B, M, 2k, H, W]`` in [-1, 1], the axial neighbours a 2.5D predictor reads (see
             :meth:`~mmdiff.models.MultiModalGenerator.forward`).
+        noise: ``latent shape -> [K, *shape]`` initial noise for the K runs (e.g. :class:`SmoothSliceNoise`);
+            default: drawn from ``generator``.
 
     Returns:
         ``(mu [B, M, H, W], residuals [K, B, M, H, W], posteriors [K, B, M, H, W])`` in [-1, 1] units:
@@ -166,10 +172,12 @@ def sample_residuals(
         residual = decode_modalities(vae, mu_latents + latents.to(mu_latents.dtype) / scale) - base
         return torch.where(sources[:, :, None, None], torch.zeros_like(residual), residual)
 
+    initial = None if noise is None else noise(condition.shape)
     residuals, firsts = [], []
-    for _ in range(num_samples):
+    for k in range(num_samples):
         latents, first = denoise(unet, scheduler, condition.to(unet.dtype), sources, dataset_id,
-                                 num_inference_steps, generator, callback, interrupted, first_only)
+                                 num_inference_steps, generator, callback, interrupted, first_only,
+                                 None if initial is None else initial[k])
         residuals.append(to_image(latents))
         firsts.append(first)
     return mu, torch.stack(residuals), torch.stack([to_image(first) for first in firsts])
@@ -287,6 +295,26 @@ def fit_interval_scale(errors: np.ndarray, spread: np.ndarray, coverage: float) 
     return float(np.quantile(ratio, level, method="higher"))
 
 
+#: calibration voxels a target sequence needs for a scale of its own (about two slices of brain)
+MIN_TARGET_VOXELS = 40_000
+
+
+def fit_interval_scales(errors: Mapping[str, np.ndarray], spreads: Mapping[str, np.ndarray], coverage: float,
+                        min_voxels: int = MIN_TARGET_VOXELS) -> tuple[float, dict[str, float]]:
+    """``(scale over every voxel, {target: its own scale})``: :func:`fit_interval_scale` pooled, and per
+    target sequence (Mondrian split-conformal: the guarantee then holds for each target separately).
+
+    Why per target: one pooled scale covers the pooled voxels, but the samples' spread misjudges some
+    sequences more than others (held-out DWI was covered 0.69 of the time for the nominal 0.90, ADC
+    0.92; BENCHMARKS.md, session 9). A target with fewer than ``min_voxels`` calibration voxels keeps
+    the pooled scale.
+    """
+    pooled = fit_interval_scale(np.concatenate([np.ravel(errors[m]) for m in errors]),
+                                np.concatenate([np.ravel(spreads[m]) for m in errors]), coverage)
+    own = {m: fit_interval_scale(errors[m], spreads[m], coverage) for m in errors if np.size(errors[m]) >= min_voxels}
+    return pooled, own
+
+
 @dataclass
 class Calibration:
     """What :func:`calibrate` fits on validation slices, stored in the pipeline config."""
@@ -298,6 +326,9 @@ class Calibration:
     predictor_mse: float  #: of ``mu`` on them, [-1, 1] units
     point_mse: float  #: of the weighted point estimate at K = ``num_samples`` on them
     uncertainty_window: int = 1  #: the spread's pooling window (:func:`sample_spread`) the scale holds for
+    #: one scale per target sequence with enough calibration voxels (:func:`fit_interval_scales`)
+    interval_scales: dict[str, float] | None = None
+    target_voxels: dict[str, int] | None = None  #: calibration voxels per target sequence
 
     def weight(self, num_samples: int) -> float:
         return 1.0 if self.residual_fit is None else self.residual_fit.weight(num_samples)
@@ -305,7 +336,7 @@ class Calibration:
     def pipeline_config(self) -> dict:
         """What :class:`MMDiffPipeline` stores of it (its ``__init__`` / ``register_to_config`` keywords)."""
         return {"residual_fit": None if self.residual_fit is None else dataclasses.asdict(self.residual_fit),
-                "interval_scale": self.interval_scale,
+                "interval_scale": self.interval_scale, "interval_scales": self.interval_scales,
                 "calibration_samples": self.num_samples if self.interval_scale is not None else None,
                 "uncertainty_window": self.uncertainty_window}
 
@@ -333,7 +364,8 @@ def calibrate(
     voxel of every target (with ground truth) is one calibration point. The scale is fitted for the
     weighted point estimate at ``num_samples`` runs (``fit_weight=False`` keeps the weight at 1).
     """
-    errors, runs, spreads = [], [], []
+    errors, runs, spreads, names = [], [], [], []
+    modalities = list(unet.config.modalities)
     device = unet.device
     for images, sources, targets, dataset_id, brain, context in slices:
         images = to_network(images[None].to(device=device, dtype=unet.dtype))
@@ -348,22 +380,87 @@ def calibrate(
         for m in torch.as_tensor(targets).nonzero().flatten().tolist():
             errors.append((images[0, m] - mu[0, m])[brain].double().cpu().numpy())
             runs.append(estimates[:, 0, m][:, brain].double().cpu().numpy())
+            names.append(np.full(errors[-1].size, m, dtype=np.int16))
             if std is not None:
                 spreads.append(std[0, m][brain].cpu().numpy())
     if not errors:
         raise ValueError("no voxels to calibrate on")
-    errors, runs = np.concatenate(errors), np.concatenate(runs, axis=1)
+    errors, runs, names = np.concatenate(errors), np.concatenate(runs, axis=1), np.concatenate(names)
     fit = ResidualFit.fit(errors, runs) if fit_weight else None
     weight = 1.0 if fit is None else fit.weight(num_samples)
     point_errors = errors - weight * runs.mean(0)
-    scale = fit_interval_scale(point_errors, np.concatenate(spreads), coverage) if spreads else None
+    scale, scales = None, None
+    if spreads:
+        spreads = np.concatenate(spreads)
+        present = [int(m) for m in np.unique(names)]
+        scale, scales = fit_interval_scales({modalities[m]: point_errors[names == m] for m in present},
+                                            {modalities[m]: spreads[names == m] for m in present}, coverage)
     return Calibration(residual_fit=fit, interval_scale=scale, num_samples=num_samples, voxels=int(errors.size),
                        predictor_mse=float(np.mean(errors ** 2)), point_mse=float(np.mean(point_errors ** 2)),
-                       uncertainty_window=int(uncertainty_window))
+                       uncertainty_window=int(uncertainty_window), interval_scales=scales,
+                       target_voxels={modalities[int(m)]: int(n) for m, n in zip(*np.unique(names, return_counts=True))})
 
 
-#: how a volume's axial slices draw their noise (see :func:`slice_generators`)
-SLICE_NOISE = ("shared", "independent")
+#: how a volume's axial slices draw their noise (see :class:`SmoothSliceNoise`, :func:`slice_generators`)
+SLICE_NOISE = ("smooth", "shared", "independent")
+
+#: the smooth noise's correlation length along z, in slices (see :class:`SmoothSliceNoise`)
+SMOOTH_NOISE_SLICES = 1.0
+
+
+def draw_seed(generator: torch.Generator | None) -> int:
+    """A seed from ``generator`` (``None``: torch's global RNG); the generator moves on."""
+    device = None if generator is None else generator.device
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item())
+
+
+class SmoothSliceNoise:
+    """Initial noise that varies smoothly along z, the same for a slice whatever the batching.
+
+    The rule: slice ``z`` starts sample ``k`` from ``n_z = sum_j w_j e_{z+j}``, where every ``e_z`` is
+    independent standard normal noise drawn from its own seed (``seed + z``) and ``w`` is a Gaussian
+    of ``sigma`` slices, normalised so that ``sum_j w_j^2 = 1``. So each ``n_z`` is exactly standard
+    normal (each voxel's distribution, the point estimate and the uncertainty are those of any other
+    noise), and neighbouring slices are correlated by ``exp(-d^2 / (4 sigma^2))`` at ``d`` slices apart.
+
+    Why: the sampler is deterministic given its noise, so the noise's structure along z becomes the
+    sample's. Independent noise per slice (``"independent"``) changes a sample's texture from one
+    slice to the next: horizontal stripes in sagittal and coronal views. The same noise on every slice
+    (``"shared"``) repeats one texture through the whole volume: vertical streaks. Noise correlated
+    over a few slices, as the texture of anatomy is, gives neither (BENCHMARKS.md, session 10).
+    """
+
+    def __init__(self, seed: int, num_samples: int, sigma: float = SMOOTH_NOISE_SLICES):
+        if sigma <= 0:
+            raise ValueError(f"sigma must be positive, got {sigma}")
+        self.seed, self.num_samples, self.sigma = int(seed), int(num_samples), float(sigma)
+        radius = max(int(math.ceil(3 * sigma)), 1)
+        offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+        weights = torch.exp(-0.5 * (offsets / sigma) ** 2)
+        self.offsets = offsets.long().tolist()
+        self.weights = (weights / weights.square().sum().sqrt()).tolist()
+        self._cache: dict[tuple[int, tuple], torch.Tensor] = {}
+
+    def _slice(self, z: int, shape: tuple) -> torch.Tensor:
+        key = (z, shape)
+        if key not in self._cache:
+            generator = torch.Generator().manual_seed((self.seed + z) % 2**63)
+            self._cache[key] = torch.randn((self.num_samples, *shape), generator=generator)
+        return self._cache[key]
+
+    def __call__(self, slices: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
+        """``[K, len(slices), *shape]`` float32 on the CPU: the noise of each slice's K samples."""
+        shape = tuple(int(n) for n in shape)
+        out = []
+        for z in slices:
+            n = torch.zeros((self.num_samples, *shape))
+            for d, w in zip(self.offsets, self.weights):
+                n.add_(self._slice(int(z) + d, shape), alpha=w)
+            out.append(n)
+        low = min(int(z) for z in slices) + self.offsets[0]  # batches go up the volume: drop what is behind
+        for key in [key for key in self._cache if key[0] < low]:
+            del self._cache[key]
+        return torch.stack(out, dim=1)
 
 
 def slice_generators(generator: torch.Generator | None, num_slices: int, slice_noise: str = "shared",
@@ -372,20 +469,22 @@ def slice_generators(generator: torch.Generator | None, num_slices: int, slice_n
 
     ``"shared"``: every slice starts each sample from the same noise. The sampler is deterministic
     given its noise, so a sample then changes from slice to slice only as the sources do: no
-    horizontal stripes in a sagittal view of a sample (with independent noise consecutive slices of
-    a sample differ 3.5x more than a real volume's do, BENCHMARKS.md session 8). Each voxel's
-    distribution, and so the point estimate and the uncertainty, is the same either way.
-    ``"independent"``: each slice its own noise (seeds ``s, s + 1, ...``). Either way a slice gets
-    the same noise whatever the batch size.
+    horizontal stripes in a sagittal view of a sample, but one texture repeated through the volume
+    (vertical streaks). ``"independent"``: each slice its own noise (seeds ``s, s + 1, ...``); a
+    sample's consecutive slices differ 3.5x more than a real volume's do (BENCHMARKS.md session 8).
+    Each voxel's distribution, and so the point estimate and the uncertainty, is the same either way;
+    a slice gets the same noise whatever the batch size. ``"smooth"`` (:class:`SmoothSliceNoise`)
+    draws its initial noise itself; its generators (``"independent"``'s) serve only a stochastic
+    scheduler's per-step noise.
     """
     if slice_noise not in SLICE_NOISE:
         raise ValueError(f"slice_noise must be one of {', '.join(SLICE_NOISE)}, got {slice_noise!r}")
-    if slice_noise == "independent":
+    if slice_noise == "independent" or (slice_noise == "smooth" and num_slices > 1):
         device = None if generator is None else generator.device
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item())
+        seed = draw_seed(generator)
         return [torch.Generator(device=device or "cpu").manual_seed(seed + k) for k in range(num_slices)]
     if generator is None:
-        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+        generator = torch.Generator().manual_seed(draw_seed(None))
     state = generator.get_state()  # every slice draws what the given generator would (a 2D input: the same)
     slices = [torch.Generator(device=generator.device) for _ in range(num_slices)]
     for clone in slices:
@@ -415,6 +514,8 @@ class MMDiffPipeline(DiffusionPipeline):
         predictor: the :class:`~mmdiff.models.MultiModalGenerator` that gives ``mu``.
         coverage: the fraction of brain voxels ``image +- uncertainty`` is calibrated to cover.
         interval_scale: the fitted scale (``None``: uncalibrated, the uncertainty is the raw std).
+        interval_scales: target sequence -> its own fitted scale (:func:`fit_interval_scales`); a
+            target not in it (or ``None``, pipelines calibrated before it) uses ``interval_scale``.
         calibration_samples: the ``num_samples`` the scale was fitted with.
         point_estimate: the default image: ``"posterior_mean"`` (``mu`` + the UNet's posterior-mean
             residual) or ``"sample_mean"`` (``mu`` + the mean of the K sampled residuals); see
@@ -436,7 +537,8 @@ class MMDiffPipeline(DiffusionPipeline):
     def __init__(self, vae: Latent, unet: ResidualUNet, scheduler: SchedulerMixin, predictor: MultiModalGenerator,
                  coverage: float = 0.9, interval_scale: float | None = None, calibration_samples: int | None = None,
                  point_estimate: str = "posterior_mean", preprocessor: MRIPreprocessor | None = None,
-                 residual_fit: Mapping[str, float] | None = None, uncertainty_window: int = 1):
+                 residual_fit: Mapping[str, float] | None = None, uncertainty_window: int = 1,
+                 interval_scales: Mapping[str, float] | None = None):
         super().__init__()
         if point_estimate not in POINT_ESTIMATES:
             raise ValueError(f"point_estimate must be one of {', '.join(POINT_ESTIMATES)}, got {point_estimate!r}")
@@ -445,8 +547,17 @@ class MMDiffPipeline(DiffusionPipeline):
                                 calibration_samples=calibration_samples, point_estimate=point_estimate,
                                 residual_fit=None if residual_fit is None else
                                 {k: float(v) for k, v in dict(residual_fit).items()},
-                                uncertainty_window=int(uncertainty_window))
+                                uncertainty_window=int(uncertainty_window),
+                                interval_scales=None if interval_scales is None else
+                                {str(k): float(v) for k, v in dict(interval_scales).items()})
         self._interrupt = False
+
+    def interval_scale_for(self, target: str) -> float:
+        """The calibrated scale of ``target``'s uncertainty (its own, else the pooled one; 1: uncalibrated)."""
+        own = self.config.get("interval_scales") or {}
+        if target in own:
+            return float(own[target])
+        return 1.0 if self.config.interval_scale is None else float(self.config.interval_scale)
 
     @property
     def model_cpu_offload_seq(self) -> str:
@@ -498,7 +609,7 @@ class MMDiffPipeline(DiffusionPipeline):
         return_samples: bool = False,
         point_estimate: str | None = None,
         slices: Sequence[int] | None = None,
-        slice_noise: str = "shared",
+        slice_noise: str = "smooth",
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> MMDiffSamplesOutput | tuple:
@@ -514,13 +625,16 @@ class MMDiffPipeline(DiffusionPipeline):
                 depend on them, and the calibrated uncertainty was as good at 6 as at 10; BENCHMARKS.md).
             generator: a generator, or a list with one per axial slice; makes the output reproducible
                 (a slice gets the same noise whatever ``batch_size``).
-            slice_noise: with one generator (or none), ``"shared"`` (every axial slice draws the same
-                noise: a sample is consistent from slice to slice) or ``"independent"``; see
-                :func:`slice_generators`. A list of generators is used as given.
+            slice_noise: with one generator (or none), how the axial slices' noise relates:
+                ``"smooth"`` (correlated over about one slice either side, :class:`SmoothSliceNoise`: a sample looks like
+                one volume in every plane), ``"shared"`` (the same on every slice) or ``"independent"``;
+                see :func:`slice_generators`. A list of generators is used as given (one per slice); a
+                2D input draws what the generator would in any mode.
             num_samples: residual samples per slice (K). With K > 1, ``uncertainty`` holds their
-                per-voxel std times the calibrated ``interval_scale``. With K = 1, the posterior-mean
-                point estimate and no ``return_samples``, only the first denoising step runs (the
-                point estimate needs no sample): one predictor pass plus one UNet pass per slice.
+                per-voxel std times the target's calibrated scale (:meth:`interval_scale_for`). With
+                K = 1, the posterior-mean point estimate and no ``return_samples``, only the first
+                denoising step runs (the point estimate needs no sample): one predictor pass plus one
+                UNet pass per slice.
             output_type: ``"np"``, ``"pt"`` or ``"nifti"`` (NIfTI inputs, or 3D arrays with ``affine``).
             brain_mask: like the inputs; default: derived from them.
             batch_size: slices per network call.
@@ -560,7 +674,8 @@ class MMDiffPipeline(DiffusionPipeline):
         point = case.canvas()
         spread = case.canvas() if num_samples > 1 else None
         samples = [case.canvas() for _ in range(num_samples)] if return_samples else None
-        scale = self.config.interval_scale if self.config.interval_scale is not None else 1.0
+        scale = torch.tensor([self.interval_scale_for(self.modalities[m]) for m in target_index],
+                             device=device, dtype=self.unet.dtype)[None, :, None, None]
         point_estimate = point_estimate or self.config.point_estimate
         first_only = num_samples == 1 and point_estimate == "posterior_mean" and not return_samples
         weight = self.residual_weight(num_samples)
@@ -571,7 +686,10 @@ class MMDiffPipeline(DiffusionPipeline):
                 kwargs = {"latents": latents} if "latents" in callback_on_step_end_tensor_inputs else {}
                 return callback_on_step_end(self, index, t, kwargs).get("latents")
 
+        smooth = None
         if not isinstance(generator, list):
+            if slice_noise == "smooth" and case.num_slices > 1:  # one slice draws what the generator would
+                smooth = SmoothSliceNoise(draw_seed(generator), num_samples)
             generator = slice_generators(generator, case.num_slices, slice_noise)
         with self.progress_bar(total=case.num_batches(batch_size)) as progress_bar:
             for index, batch, batch_generator in case.batches(batch_size, generator):
@@ -583,7 +701,8 @@ class MMDiffPipeline(DiffusionPipeline):
                 mu, residuals, posteriors = sample_residuals(
                     self.predictor, self.vae, self.unet, self.scheduler, batch,
                     torch.as_tensor(case.source_mask, device=device), dataset_id, num_samples, num_inference_steps,
-                    batch_generator, callback, lambda: self.interrupt, first_only, context)
+                    batch_generator, callback, lambda: self.interrupt, first_only, context,
+                    None if smooth is None else lambda shape, index=index: smooth(index, shape[1:]))
                 mean, std = point_and_spread(mu, residuals, posteriors, point_estimate, weight,
                                              self.config.uncertainty_window)
                 case.put(point, index, from_network(mean[:, target_index]))
