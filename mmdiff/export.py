@@ -313,7 +313,20 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, evaluation: str |
         (tmp / "README.md").write_text(card)
         if (final / "calibration.json").is_file():  # what `mmdiff calibrate` fitted, and on what
             shutil.copyfile(final / "calibration.json", tmp / "calibration.json")
+        name_configs(tmp, repo_id or out.name)
     return out
+
+
+def name_configs(folder: Path, name: str) -> None:
+    """Set ``_name_or_path`` in a pipeline folder's configs to ``name`` (``name/<component>`` for a
+    component's): diffusers records the folder a model was loaded from there, which would otherwise
+    publish this machine's paths. diffusers sets it again on every load, so nothing reads the old one."""
+    for path in sorted(folder.rglob("*.json")):
+        config = json.loads(path.read_text())
+        if isinstance(config, dict) and "_name_or_path" in config:
+            component = path.parent.relative_to(folder).as_posix()
+            config["_name_or_path"] = name if component == "." else f"{name}/{component}"
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 #: what a pipeline folder publishes besides its components' configs and safetensors weights

@@ -120,6 +120,11 @@ def test_export_writes_fp16_weights_and_a_card_with_held_out_results(tmp_path):
     assert results == {("t1+t2+flair->t1c", "psnr"): 21.0, ("t1+t2+flair->t1c", "ssim"): 0.7}
     assert "not for diagnosis" in card.text and "copy-nearest" in card.text and "MMGANPipeline" in card.text
     assert json.loads((out / "training_info.json").read_text())["exported_dtype"] == "float16"
+    # no path of this machine in what is published: configs name the model, not the folder it came from
+    for path in out.rglob("*.json"):
+        assert str(tmp_path) not in path.read_text(), path
+    assert json.loads((out / "model_index.json").read_text())["_name_or_path"] == "mmdiff-gan"
+    assert json.loads((out / "generator" / "config.json").read_text())["_name_or_path"] == "mmdiff-gan/generator"
     # nothing replaced without --overwrite; an evaluation without this model is an error
     assert main(["export", str(run), str(out)]) == 2
     assert main(["export", str(run), str(tmp_path / "other"), "--evaluation", str(evaluation),

@@ -107,6 +107,30 @@ def test_resume_equals_an_uninterrupted_run(tiny_cache, tmp_path):
     torch.testing.assert_close(state_a["ema"]["shadow_params"], state_b["ema"]["shadow_params"], rtol=0, atol=0)
 
 
+class _Pids(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        return os.getpid()
+
+
+def test_dataloader_workers_survive_the_ctrl_c_that_asks_for_a_graceful_stop(tiny_cache):
+    """A terminal's Ctrl-C also reaches the DataLoader's workers: they ignore it, so the step the
+    graceful stop finishes still gets its batch; the training loader installs that."""
+    from mmdiff.training.data import ignore_interrupts, training_dataset, training_loader
+
+    loader = torch.utils.data.DataLoader(_Pids(), batch_size=1, num_workers=1, worker_init_fn=ignore_interrupts)
+    batches = iter(loader)
+    worker = int(next(batches))
+    assert worker != os.getpid()
+    os.kill(worker, signal.SIGINT)
+    assert [int(b) for b in batches] == [worker] * 3  # the same worker, alive, served the rest
+    dataset = training_dataset({"modalities": None}, tiny_cache, seed=0)
+    assert training_loader(dataset, batch_size=2, seed=0, num_workers=1)[0].worker_init_fn is ignore_interrupts
+    assert training_loader(dataset, batch_size=2, seed=0)[0].worker_init_fn is None
+
+
 def test_ctrl_c_saves_the_step_reached_and_resume_finishes_like_an_uninterrupted_run(tiny_cache, tmp_path,
                                                                                      monkeypatch, capsys):
     """Ctrl-C (or SIGTERM) mid-run: the loop stops at the step boundary with a checkpoint of that step

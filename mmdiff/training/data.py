@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -85,13 +86,25 @@ def training_dataset(data_cfg: dict, cache: Path, seed: int, context_slices: int
                         context_slices=context_slices)
 
 
+def ignore_interrupts(worker_id: int) -> None:
+    """A DataLoader worker's ``worker_init_fn``: ignore Ctrl-C.
+
+    A terminal's Ctrl-C reaches every process of the foreground group, the DataLoader's workers too.
+    The main process turns the first one into a graceful stop at the next step (``StopRequests`` in
+    the trainer) and needs its workers for that step; a worker killed by it would fail the step
+    instead ("DataLoader worker exited unexpectedly"). The main process ends its workers itself.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def training_loader(dataset: SliceDataset, batch_size: int, seed: int, num_workers: int = 0):
     """MCBS batches; the loader's own generator keeps the global RNG untouched (exact resume)."""
     if len(dataset) == 0:
         raise ConfigError("the training split is empty: prepare more cases or check data.datasets")
     sampler = ModalityConsistentBatchSampler(dataset.groups, batch_size=batch_size, seed=seed)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                        generator=torch.Generator().manual_seed(seed), persistent_workers=False)
+                        generator=torch.Generator().manual_seed(seed), persistent_workers=False,
+                        worker_init_fn=ignore_interrupts if num_workers else None)
     return loader, sampler
 
 
