@@ -37,7 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mmdiff.models.vae import encode_modalities
 from mmdiff.pipelines import MMDiffPipeline, MMGANPipeline
-from mmdiff.pipelines.common import call_defaults, prepare_inputs, to_network
+from mmdiff.pipelines.common import diffusion_settings, prepare_inputs, to_network
 
 SOURCES, TARGET = ("t1", "t2", "flair"), "t1c"
 BRATS_CASE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "brats2018-sample" / "Brats18_CBICA_AME_1"
@@ -157,8 +157,7 @@ def bench_ldm(path: str, images: dict, dataset: str, device: torch.device, rate:
     per-slice loop at K = 4."""
     pipe = MMDiffPipeline.from_pretrained(path).to(device)
     pipe.set_progress_bar_config(disable=True)
-    defaults = call_defaults(pipe, "num_inference_steps", "num_samples")
-    steps, default_k = defaults["num_inference_steps"], defaults["num_samples"]
+    steps, default_k = diffusion_settings(pipe)
     case = prepare_inputs(images, pipe.modalities, [TARGET], None, pipe.downsampling, "np", None)
     brain_slices, total_slices = len(case.slices), case.num_slices
     dataset_id = pipe.unet.config.dataset_names.index(dataset)

@@ -40,7 +40,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from mmdiff.data.cache import (BRAIN_MASK, CACHE_JSON, IMAGES, META, SEG, SPLITS_JSON,  # noqa: E402
+from mmdiff.data.cache import (BRAIN_MASK, IMAGES, META, SEG, SPLITS_JSON,  # noqa: E402
                                case_folder, read_index, read_info, safe_name)
 
 MIB = 1 << 20
