@@ -157,3 +157,26 @@ def test_accelerate_two_processes_keep_batches_homogeneous(tmp_path):
         assert rank1 == expected[1::2] + [expected[0]]
         assert all(len(b) == BATCH_SIZE and len({GROUPS[i] for i in b}) == 1 for b in rank0 + rank1)
     assert records[0]["batches"]["0"] != records[0]["batches"]["1"]
+
+
+def test_repeats_oversample_chosen_samples_within_their_group():
+    """``repeats`` (lesion slices, ``data.lesion_oversample``): a sample comes that many times per epoch
+    (plus at most one padding duplicate), always in batches of its own group."""
+    repeats = np.where(np.arange(len(GROUPS)) % 3 == 0, 3, 1)
+    sampler = ModalityConsistentBatchSampler(GROUPS, BATCH_SIZE, seed=1, repeats=repeats)
+    for epoch in range(3):
+        batches = batches_of(sampler, epoch)
+        assert all(len(b) == BATCH_SIZE and len({GROUPS[i] for i in b}) == 1 for b in batches)
+        counts = Counter(i for b in batches for i in b)
+        entries = Counter()  # a group's entries: its members, each as often as it repeats
+        for i, key in enumerate(GROUPS):
+            entries[key] += repeats[i]
+        assert all(counts[i] >= repeats[i] for i in range(len(GROUPS)))
+        # padding draws from the group's entries: at most one more round where the group fills a batch
+        assert all(counts[i] <= 2 * repeats[i] for i in range(len(GROUPS)) if entries[GROUPS[i]] >= BATCH_SIZE)
+        assert sum(counts.values()) == sum(-(-n // BATCH_SIZE) * BATCH_SIZE for n in entries.values())
+    plain = ModalityConsistentBatchSampler(GROUPS, BATCH_SIZE, seed=1)
+    assert len(sampler) > len(plain)
+    for bad in ([2] * (len(GROUPS) - 1), [0] + [1] * (len(GROUPS) - 1)):
+        with pytest.raises(ValueError, match="repeats"):
+            ModalityConsistentBatchSampler(GROUPS, BATCH_SIZE, repeats=bad)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -129,6 +130,26 @@ def test_dataloader_workers_survive_the_ctrl_c_that_asks_for_a_graceful_stop(tin
     dataset = training_dataset({"modalities": None}, tiny_cache, seed=0)
     assert training_loader(dataset, batch_size=2, seed=0, num_workers=1)[0].worker_init_fn is ignore_interrupts
     assert training_loader(dataset, batch_size=2, seed=0)[0].worker_init_fn is None
+
+
+def test_lesion_oversample_repeats_the_slices_with_a_lesion(tiny_cache):
+    """``data.lesion_oversample: r``: each slice whose seg has a label comes r times per epoch."""
+    from mmdiff.training.config import ConfigError
+    from mmdiff.training.data import training_dataset, training_loader
+
+    dataset = training_dataset({"modalities": None}, tiny_cache, seed=0)
+    lesion = dataset.lesion_slices
+    assert lesion.shape == (len(dataset),) and 0 < lesion.sum() < len(dataset)
+    for i in (int(np.flatnonzero(lesion)[0]), int(np.flatnonzero(~lesion)[0])):
+        assert bool((dataset[i]["seg"] > 0).any()) == lesion[i] or dataset.crop  # a crop may cut the lesion out
+    counts = {}
+    for r in (1, 3):
+        _, sampler = training_loader(dataset, batch_size=2, seed=0, lesion_oversample=r)
+        counts[r] = np.bincount([i for b in sampler for i in b], minlength=len(dataset))
+    assert (counts[3][lesion] >= 3).all() and (counts[3][~lesion] <= 2).all()
+    assert (counts[1] <= 2).all()
+    with pytest.raises(ConfigError, match="lesion_oversample"):
+        training_loader(dataset, batch_size=2, seed=0, lesion_oversample=0)
 
 
 def test_ctrl_c_saves_the_step_reached_and_resume_finishes_like_an_uninterrupted_run(tiny_cache, tmp_path,

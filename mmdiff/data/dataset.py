@@ -110,6 +110,15 @@ class SliceDataset(Dataset):
         """Each sample's (dataset id, availability) key, for :class:`ModalityConsistentBatchSampler`."""
         return group_keys(self.dataset_ids, self.available)
 
+    @property
+    def lesion_slices(self) -> np.ndarray:
+        """bool ``[N]``: the samples whose slice has a lesion label anywhere (``seg > 0``)."""
+        flags = []
+        for case_idx in range(len(self.cases)):
+            seg = self._open(case_idx)[2]
+            flags.append(np.asarray(seg).reshape(len(seg), -1).any(axis=1))
+        return np.concatenate(flags) if flags else np.zeros(0, dtype=bool)
+
     def _open(self, case_idx: int):
         arrays = self._arrays.get(case_idx)
         if arrays is None:

@@ -43,16 +43,26 @@ class ModalityConsistentBatchSampler(Sampler[list[int]]):
         seed: with the epoch, fixes the order; the same ``(seed, epoch)`` gives the same batches.
         shuffle: if False (validation), groups come in sorted key order, members in index order, and
             a group is padded by repeating its first members.
+        repeats: how many times each sample comes per epoch (default once). Oversampling rare but
+            important samples, e.g. the slices with a lesion (``data.lesion_oversample``), as nnU-Net
+            oversamples patches with foreground: a few percent of the pixels are the lesion, and a
+            network trained on plain epochs learns to draw normal tissue over it. Batches stay
+            homogeneous: a repeat stays in its sample's group.
     """
 
-    def __init__(self, groups: Sequence[Hashable], batch_size: int, seed: int = 0, shuffle: bool = True):
+    def __init__(self, groups: Sequence[Hashable], batch_size: int, seed: int = 0, shuffle: bool = True,
+                 repeats: Sequence[int] | np.ndarray | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if len(groups) == 0:
             raise ValueError("no samples to batch: groups is empty")
+        if repeats is not None:
+            repeats = np.asarray(repeats, dtype=np.int64)
+            if repeats.shape != (len(groups),) or (repeats < 1).any():
+                raise ValueError(f"repeats needs one count >= 1 per sample ({len(groups)})")
         members: dict[Hashable, list[int]] = {}
         for i, key in enumerate(groups):
-            members.setdefault(key, []).append(i)
+            members.setdefault(key, []).extend([i] * (1 if repeats is None else int(repeats[i])))
         try:
             keys = sorted(members)
         except TypeError:  # keys of mixed types: keep the order of first appearance

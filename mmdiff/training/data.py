@@ -97,11 +97,18 @@ def ignore_interrupts(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def training_loader(dataset: SliceDataset, batch_size: int, seed: int, num_workers: int = 0):
-    """MCBS batches; the loader's own generator keeps the global RNG untouched (exact resume)."""
+def training_loader(dataset: SliceDataset, batch_size: int, seed: int, num_workers: int = 0,
+                    lesion_oversample: int = 1):
+    """MCBS batches; the loader's own generator keeps the global RNG untouched (exact resume).
+    ``lesion_oversample`` (``data.lesion_oversample``): each slice with a lesion comes this many times
+    per epoch (see :class:`ModalityConsistentBatchSampler`'s ``repeats``)."""
     if len(dataset) == 0:
         raise ConfigError("the training split is empty: prepare more cases or check data.datasets")
-    sampler = ModalityConsistentBatchSampler(dataset.groups, batch_size=batch_size, seed=seed)
+    if int(lesion_oversample) != lesion_oversample or lesion_oversample < 1:
+        raise ConfigError(f"data.lesion_oversample must be a whole number >= 1 (1: no oversampling), "
+                          f"got {lesion_oversample}")
+    repeats = np.where(dataset.lesion_slices, int(lesion_oversample), 1) if lesion_oversample > 1 else None
+    sampler = ModalityConsistentBatchSampler(dataset.groups, batch_size=batch_size, seed=seed, repeats=repeats)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                         generator=torch.Generator().manual_seed(seed), persistent_workers=False,
                         worker_init_fn=ignore_interrupts if num_workers else None)
