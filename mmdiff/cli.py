@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replace", default="t1c", help="the sequence replaced by its synthesis (default: %(default)s)")
     p.add_argument("--dataset", default="brats", help="the labelled dataset of the cache (default: %(default)s)")
     p.add_argument("--steps", type=int, default=1500, help="segmentation training steps (default: %(default)s)")
-    p.add_argument("--diffusion-steps", type=int, default=20, help="ldm sampling steps (default: %(default)s)")
+    p.add_argument("--diffusion-steps", type=int, help="ldm sampling steps (default: the pipeline's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder: dice.csv, dice.md, dice.json")
     p.add_argument("--overwrite", action="store_true", help="replace earlier results")

@@ -12,7 +12,7 @@ from mmdiff.data.dataset import SliceDataset
 from mmdiff.losses import lesion_pixel_weight, selective_l1
 from mmdiff.models import MultiModalGenerator
 from mmdiff.training.config import ConfigError
-from mmdiff.training.stages import lesion_weight_config
+from mmdiff.training.stages import lesion_weight_config, target_weight_config
 from mmdiff.pipelines import MMGANPipeline
 from test_models import FLAIR, M, T1, T2, images, mask, perturb_modulations
 
@@ -149,6 +149,50 @@ def test_lesion_weight_per_label_weights_only_the_named_labels():
     with pytest.raises(ConfigError, match="maps seg labels"):
         lesion_weight_config({"enhancing": 16})
     assert lesion_weight_config({"3": "16"}) == {3: 16.0} and lesion_weight_config(None) == 0.0
+
+
+def test_target_weight_scales_one_sequence_share_of_the_synthesis_loss(tiny_cache, monkeypatch):
+    """``model.target_weight: {t1c: 3}``: T1C's synthesis L1 counts 3x in the mean over a batch's targets."""
+    import mmdiff.training.stages as stages
+    from mmdiff.training import load_config
+
+    modalities = ["t1", "t2", "t1c", "flair"]
+    torch.testing.assert_close(target_weight_config({"T1CE": 3}, modalities), torch.tensor([1.0, 1.0, 3.0, 1.0]))
+    assert target_weight_config(None, modalities) is None and target_weight_config({}, modalities) is None
+    with pytest.raises(ConfigError, match="does not know"):
+        target_weight_config({"pd": 2}, modalities)
+    with pytest.raises(ConfigError, match="positive"):
+        target_weight_config({"t1c": 0}, modalities)
+    # two targets with errors 0.1 (T1C) and 0.3: equal weights 0.2, T1C 3x (0.3 + 0.3) / 4 = 0.15
+    pred, target = torch.zeros(1, 2, 4, 4), torch.cat([torch.full((1, 1, 4, 4), 0.1), torch.full((1, 1, 4, 4), 0.3)], 1)
+    assert selective_l1(pred, target, torch.tensor([[1.0, 1.0]])).item() == pytest.approx(0.2)
+    assert selective_l1(pred, target, torch.tensor([[3.0, 1.0]])).item() == pytest.approx(0.15)
+
+    config = load_config("gan-tiny", ["model.target_weight={t1c: 3}"])
+    seen = []
+    original = stages.generator_loss
+    monkeypatch.setattr(stages, "generator_loss",
+                        lambda fake, x, synthesis_w, *a, **k: seen.append(synthesis_w.clone()) or original(fake, x, synthesis_w, *a, **k))
+    stage = stages.GANStage(config, ["brats", "ms"], ["t1", "t2", "t1c", "flair", "dwi", "adc"], "cpu")
+    available = torch.ones(2, 6, dtype=torch.bool)
+    batch = {"images": torch.rand(2, 6, 16, 16), "available": available, "dataset_id": torch.zeros(2, dtype=torch.long),
+             "seg": torch.zeros(2, 16, 16, dtype=torch.uint8), "brain_mask": torch.ones(2, 16, 16, dtype=torch.bool)}
+
+    class Accelerator:
+        sync_gradients = False
+
+        def accumulate(self, *models):
+            import contextlib
+            return contextlib.nullcontext()
+
+        def backward(self, loss):
+            loss.backward()
+
+    for step in range(6):
+        stage.training_step(batch, Accelerator(), step)
+    weights = torch.cat(seen)
+    assert set(weights.unique().tolist()) <= {0.0, 1.0, 3.0} and (weights[:, 2] == 3).any()
+    assert ((weights[:, 2] == 3) | (weights[:, 2] == 0)).all() and (weights[:, [0, 1, 3, 4, 5]] <= 1).all()
 
 
 def test_slice_dataset_context_holds_the_neighbouring_slices(tiny_cache):
