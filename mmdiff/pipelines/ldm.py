@@ -79,8 +79,9 @@ def denoise(
     """One reverse process over the scaled residual latents ``[B, M, C, h, w]`` (zero at sources).
 
     Noise is drawn in every non-source channel (as in training, where every non-source is noised;
-    the caller keeps the targets it wants); ``noise`` (standard normal, like ``condition``) replaces
-    the initial draw (diffusers' ``latents``), ``generator`` then serves a stochastic scheduler's steps. The UNet predicts the clean residual; the scheduler turns
+    the caller keeps the targets it wants); ``noise`` (standard normal, shaped like ``condition``)
+    replaces the initial draw (diffusers' ``latents``), and ``generator`` then serves only a
+    stochastic scheduler's steps. The UNet predicts the clean residual; the scheduler turns
     it into the next latents. ``callback(step_index, timestep, latents)`` runs after each step and may
     return replacement latents; once ``interrupted()`` is true the remaining steps are skipped.
 
@@ -626,8 +627,9 @@ class MMDiffPipeline(DiffusionPipeline):
             generator: a generator, or a list with one per axial slice; makes the output reproducible
                 (a slice gets the same noise whatever ``batch_size``).
             slice_noise: with one generator (or none), how the axial slices' noise relates:
-                ``"smooth"`` (correlated over about one slice either side, :class:`SmoothSliceNoise`: a sample looks like
-                one volume in every plane), ``"shared"`` (the same on every slice) or ``"independent"``;
+                ``"smooth"`` (correlated over about one slice either side, :class:`SmoothSliceNoise`: a
+                sample looks like one volume in every plane), ``"shared"`` (the same on every slice) or
+                ``"independent"``;
                 see :func:`slice_generators`. A list of generators is used as given (one per slice); a
                 2D input draws what the generator would in any mode.
             num_samples: residual samples per slice (K). With K > 1, ``uncertainty`` holds their
