@@ -69,8 +69,9 @@ def quickstart(out: str | os.PathLike, hide=DEFAULT_HIDDEN, engines=ENGINES, pip
             synthetic = robust_normalise(results[engine][t], brain, lesion)
             panels += [(f"{engine} {t}", display(synthetic, 2, k)),
                        (f"{engine} |error|", display(np.abs(synthetic - real), 2, k))]
-            if f"{t}_uncertainty" in files[engine]:  # a diffusion engine with K > 1: where it says it may be wrong
-                panels.append((f"{engine} uncertainty", display(load_volume(files[engine][f"{t}_uncertainty"]).data, 2, k)))
+            uncertainty = files[engine].get(f"{t}_uncertainty")  # a diffusion engine with K > 1
+            if uncertainty is not None:  # where it says it may be wrong, beside where it is
+                panels.append((f"{engine} uncertainty", display(load_volume(uncertainty).data, 2, k)))
         rows.append((t, panels))
     picture = montage(rows, out / "montage.png", title=f"{case.case_id}: hidden {', '.join(hidden)}, "
                       "synthesised (marked synthetic in every file)", overwrite=overwrite)

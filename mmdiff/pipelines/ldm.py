@@ -399,7 +399,8 @@ def calibrate(
     return Calibration(residual_fit=fit, interval_scale=scale, num_samples=num_samples, voxels=int(errors.size),
                        predictor_mse=float(np.mean(errors ** 2)), point_mse=float(np.mean(point_errors ** 2)),
                        uncertainty_window=int(uncertainty_window), interval_scales=scales,
-                       target_voxels={modalities[int(m)]: int(n) for m, n in zip(*np.unique(names, return_counts=True))})
+                       target_voxels={modalities[int(m)]: int(n)
+                                      for m, n in zip(*np.unique(names, return_counts=True))})
 
 
 #: how a volume's axial slices draw their noise (see :class:`SmoothSliceNoise`, :func:`slice_generators`)
