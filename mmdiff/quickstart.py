@@ -3,26 +3,49 @@
 Writes the phantom case (its real files), ``<engine>/<target>_synthetic.nii.gz`` for each engine, a
 montage PNG (real, synthetic, error per hidden sequence, and the diffusion engine's uncertainty beside
 its error) and ``metrics.md`` with PSNR/SSIM/MAE inside
-the brain, the lesion and the whole image. With seed 0 the case is the glioma cohort's first case,
-which the published pipelines held out of training.
+the brain, the lesion and the whole image. The case is a glioma phantom the models held out of
+training: the first test case their ``training_info.json`` names (for the published pipelines,
+PhantomGLI-00005-000); with pipelines that name none, the cohort's first case, and ``metrics.md``
+says that it may have been seen in training.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from .data.phantom import simulate_case, write_case
+from .data.phantom import case_id, simulate_case, write_case
 from .evaluation.protocol import NORMALISATION, robust_normalise, score
 from .io import load_volume, write_text
 from .modalities import MODALITIES, canonical
-from .resources import ENGINES
+from .resources import ENGINES, published_pipeline
 from .synthesize import synthesize
 from .viz import display, lesion_centre, montage
 
 DEFAULT_HIDDEN = ("t1c", "flair")
+COHORT = "glioma"
+
+
+def held_out_case(folders, cohort: str = COHORT, search: int = 100) -> int | None:
+    """The index of the first ``cohort`` phantom case that every pipeline folder's training record
+    names as held out (test split first, then validation); None when a record does not say."""
+    common = None
+    for folder in folders:
+        path = Path(folder) / "training_info.json"
+        record = json.loads(path.read_text()) if path.is_file() else {}
+        held = ((record.get("data") or {}).get("datasets", {}).get(cohort) or {}).get("held_out")
+        if not held:
+            return None
+        ids = list(held.get("test", [])) + list(held.get("val", []))
+        common = ids if common is None else [i for i in common if i in ids]
+    for wanted in common or []:
+        for index in range(search):
+            if case_id(cohort, index) == wanted:
+                return index
+    return None
 
 
 def quickstart(out: str | os.PathLike, hide=DEFAULT_HIDDEN, engines=ENGINES, pipelines: dict | None = None,
@@ -35,7 +58,10 @@ def quickstart(out: str | os.PathLike, hide=DEFAULT_HIDDEN, engines=ENGINES, pip
     hidden = [canonical(m) for m in hide]  # the glioma phantom has all six sequences
     if set(hidden) >= set(MODALITIES):
         raise ValueError("hide at least one sequence fewer than the case has: something must stay as input")
-    case = simulate_case("glioma", 0, seed=seed, spacing=spacing)
+    folders = [Path(getattr((pipelines or {}).get(e), "config", {}).get("_name_or_path") or "")
+               if (pipelines or {}).get(e) is not None else published_pipeline(e) for e in engines]
+    index = held_out_case(folders)
+    case = simulate_case(COHORT, 0 if index is None else index, seed=seed, spacing=spacing)
     written = write_case(case, out / "phantom", overwrite=overwrite)
     inputs = {m: p for m, p in written.files.items() if m in case.images and m not in hidden}
     results, files = {}, {}
@@ -51,7 +77,10 @@ def quickstart(out: str | os.PathLike, hide=DEFAULT_HIDDEN, engines=ENGINES, pip
     lesion = case.seg > 0 if case.seg is not None else None
     scores = {(engine, t): score(results[engine][t], case.images[t], brain, lesion)
               for engine in engines for t in hidden}
-    lines = [f"Phantom case {case.case_id} ({case.dataset}); inputs {', '.join(inputs)}; hidden {', '.join(hidden)}.",
+    seen = ("held out of the models' training (their training_info.json)" if index is not None else
+            "not named as held out by the models' training records: they may have trained on it")
+    lines = [f"Phantom case {case.case_id} ({case.dataset}, {seen}); inputs {', '.join(inputs)}; "
+             f"hidden {', '.join(hidden)}.",
              f"Normalisation: {NORMALISATION}.", "",
              "| engine | target | PSNR brain (dB) | SSIM brain | MAE brain | PSNR lesion | SSIM lesion | PSNR whole "
              "| SSIM whole |", "|---|---|---|---|---|---|---|---|---|"]

@@ -57,6 +57,9 @@ def test_fingerprint_identifies_the_data_not_the_folder(odd_names, tmp_path):
     assert site["cases"] == 3 and sum(site["splits"].values()) == 3 and site["labelled"] == 3
     assert site["modalities"] == {"t1": 3, "t2": 3, "t1c": 3, "flair": 3}
     assert described["preparation"]["clip_percentile"] == 99.5
+    # the held-out cases by name, as the index splits them
+    held = {s: sorted(c["case_id"] for c in read_index(moved)["cases"] if c["split"] == s) for s in ("val", "test")}
+    assert site["held_out"] == held and len(held["val"]) + len(held["test"]) == 3 - site["splits"]["train"]
     # another split of the same cases is other data
     index_path = moved / "index.json"
     text = index_path.read_text()

@@ -48,3 +48,29 @@ def test_quickstart_refuses_to_hide_everything_or_unknown(tmp_path):
         quickstart(tmp_path / "a", hide=["t1", "t2", "t1c", "flair", "dwi", "adc"], engines=[])
     with pytest.raises(ValueError, match="unknown modality 'pd': known modalities are t1, t2"):
         quickstart(tmp_path / "b", hide=["pd"], engines=[])
+
+
+def test_quickstart_case_is_one_the_models_held_out(tmp_path):
+    """The case comes from the models' training records (``data.datasets.glioma.held_out``); the
+    published pipelines name PhantomGLI-00005-000, which their training split never saw."""
+    import json
+
+    from mmdiff.quickstart import held_out_case
+    from mmdiff.resources import published_pipeline
+
+    def record(folder, test, val=()):
+        folder.mkdir(parents=True)
+        data = {"datasets": {"glioma": {"held_out": {"test": list(test), "val": list(val)}}}}
+        (folder / "training_info.json").write_text(json.dumps({"data": data}))
+        return folder
+
+    a = record(tmp_path / "a", ["PhantomGLI-00005-000"], ["PhantomGLI-00002-000"])
+    b = record(tmp_path / "b", ["PhantomGLI-00002-000"])
+    assert held_out_case([a]) == 4
+    assert held_out_case([a, b]) == 1  # the one case both held out
+    assert held_out_case([a, tmp_path / "none"]) is None  # a model that does not say
+    assert held_out_case([published_pipeline(e) for e in ("gan", "ldm")]) == 4
+    # the tiny test pipelines record nothing: the first case, and the table says it may have been seen
+    result = quickstart(tmp_path / "qs", hide=["t1c"], pipelines={"gan": tiny_gan()}, engines=["gan"],
+                        spacing=3.0, progress=False)
+    assert result["case"] == "PhantomGLI-00001-000" and "may have trained on it" in result["metrics"].read_text()

@@ -99,8 +99,10 @@ def fingerprint(cache: str | os.PathLike) -> str:
 
 def describe(cache: str | os.PathLike, datasets: Sequence[str] | None = None) -> dict:
     """What identifies a cache's data, for a training record or a model card: its fingerprint, the
-    preparation config, and per dataset (all, or ``datasets``) its id and case counts per split
-    and per modality. No path: a record stays true on another machine."""
+    preparation config, and per dataset (all, or ``datasets``) its id, case counts per split and
+    per modality, and the held-out cases by name (``held_out``: ``{"val": [...], "test": [...]}``,
+    so that a user can tell a model's unseen cases from the ones it trained on). No path: a record
+    stays true on another machine."""
     info, index = read_info(cache), read_index(cache)
     summary = {}
     for name in index["datasets"]:
@@ -115,5 +117,6 @@ def describe(cache: str | os.PathLike, datasets: Sequence[str] | None = None) ->
             "modalities": {m: sum(m in c["modalities"] for c in cases) for m in index["modalities"]
                            if any(m in c["modalities"] for c in cases)},
             "labelled": sum(bool(c.get("has_seg")) for c in cases),
+            "held_out": {s: sorted(c["case_id"] for c in cases if c["split"] == s) for s in ("val", "test")},
         }
     return {"fingerprint": fingerprint(cache), "preparation": info["config"], "datasets": summary}

@@ -706,13 +706,16 @@ class MMDiffPipeline(DiffusionPipeline):
                     torch.as_tensor(case.source_mask, device=device), dataset_id, num_samples, num_inference_steps,
                     batch_generator, callback, lambda: self.interrupt, first_only, context,
                     None if smooth is None else lambda shape, index=index: smooth(index, shape[1:]))
+                # only the targets from here on (the pooled spread of every sequence cost seconds a volume)
+                mu, residuals = mu[:, target_index], residuals[:, :, target_index]
+                posteriors = None if posteriors is None else posteriors[:, :, target_index]
                 mean, std = point_and_spread(mu, residuals, posteriors, point_estimate, weight,
                                              self.config.uncertainty_window)
-                case.put(point, index, from_network(mean[:, target_index]))
+                case.put(point, index, from_network(mean))
                 if spread is not None:
-                    case.put(spread, index, std[:, target_index] * (scale / 2))  # [-1, 1] -> [0, 1] units
+                    case.put(spread, index, std * (scale / 2))  # [-1, 1] -> [0, 1] units
                 for k, canvas in enumerate(samples or []):
-                    case.put(canvas, index, from_network((mu + residuals[k])[:, target_index]))
+                    case.put(canvas, index, from_network(mu + residuals[k]))
                 progress_bar.update()
         self.maybe_free_model_hooks()
         output = case.output(point, spread, return_dict=True)
