@@ -32,11 +32,13 @@ COHORT = "glioma"
 def held_out_case(folders, cohort: str = COHORT, search: int = 100) -> int | None:
     """The index of the first ``cohort`` phantom case that every pipeline folder's training record
     names as held out (test split first, then validation); None when a record does not say."""
+    from .export import training_data
+
     common = None
     for folder in folders:
-        path = Path(folder) / "training_info.json"
-        record = json.loads(path.read_text()) if path.is_file() else {}
-        held = ((record.get("data") or {}).get("datasets", {}).get(cohort) or {}).get("held_out")
+        path = Path(folder) / "training_info.json" if folder else None  # a model built in memory: no record
+        data = training_data(json.loads(path.read_text())) if path is not None and path.is_file() else None
+        held = (data or {}).get("datasets", {}).get(cohort, {}).get("held_out")
         if not held:
             return None
         ids = list(held.get("test", [])) + list(held.get("val", []))
@@ -58,8 +60,10 @@ def quickstart(out: str | os.PathLike, hide=DEFAULT_HIDDEN, engines=ENGINES, pip
     hidden = [canonical(m) for m in hide]  # the glioma phantom has all six sequences
     if set(hidden) >= set(MODALITIES):
         raise ValueError("hide at least one sequence fewer than the case has: something must stay as input")
-    folders = [Path(getattr((pipelines or {}).get(e), "config", {}).get("_name_or_path") or "")
-               if (pipelines or {}).get(e) is not None else published_pipeline(e) for e in engines]
+    given = pipelines or {}
+    # the folder each engine's model came from (diffusers records it), whose training record names its held-out cases
+    folders = [given[e].config.get("_name_or_path") if given.get(e) is not None else published_pipeline(e)
+               for e in engines]
     index = held_out_case(folders)
     case = simulate_case(COHORT, 0 if index is None else index, seed=seed, spacing=spacing)
     written = write_case(case, out / "phantom", overwrite=overwrite)

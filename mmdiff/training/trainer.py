@@ -84,7 +84,6 @@ class StopRequests:
         return False
 
 
-
 def lr_factor(total_steps: int, decay_start: float, warmup_steps: int = 0):
     """LR multiplier per step: linear warm-up, constant, then linear decay to zero from ``decay_start``
     (a fraction of ``total_steps``)."""
