@@ -26,6 +26,8 @@ from .modalities import KNOWN_MODALITIES
 
 #: the names of :data:`mmdiff.pipelines.SCHEDULERS`, here so the parser needs no diffusers import
 SCHEDULER_NAMES = ("dpm++", "unipc", "ddim", "euler", "ddpm")
+#: :data:`mmdiff.pipelines.PRECISIONS`, here for the same reason
+PRECISION_NAMES = ("auto", "float32", "bfloat16")
 
 
 def _source(text: str) -> tuple[str | None, Path]:
@@ -101,13 +103,28 @@ def cmd_quickstart(args) -> int:
 
 
 def cmd_synthesize(args) -> int:
-    from .synthesize import synthesize
+    from .synthesize import CASES_RECORD, synthesize, synthesize_cases
 
     inputs = {m: getattr(args, m) for m in KNOWN_MODALITIES if getattr(args, m)}
+    if args.cases:
+        if inputs or args.brain_mask:
+            raise ValueError("--cases reads each case's files (and brain mask) from the folder or manifest: "
+                             "drop the --t1/--t2/.../--brain-mask files, or drop --cases")
+        record = synthesize_cases(args.cases, args.out, pipeline_source=args.pipeline, engine=args.engine,
+                                  dataset=args.dataset, targets=args.targets, steps=args.steps,
+                                  scheduler=args.scheduler, samples=args.samples, seed=args.seed,
+                                  batch_size=args.batch_size, precision=args.precision, overwrite=args.overwrite)
+        summary = record["summary"]
+        print(", ".join(f"{n} {s}" for s, n in summary.items()) + f"; record: {Path(args.out) / CASES_RECORD}")
+        for entry in record["cases"]:
+            if entry["status"] == "failed":
+                print(f"failed: {entry['case_id']}: {entry['error']}", file=sys.stderr)
+        return 1 if summary["failed"] else 0
     written = synthesize(inputs, args.out, pipeline_source=args.pipeline, engine=args.engine, dataset=args.dataset,
                          targets=args.targets, steps=args.steps, scheduler=args.scheduler, samples=args.samples,
                          seed=args.seed,
-                         brain_mask=args.brain_mask, batch_size=args.batch_size, overwrite=args.overwrite)
+                         brain_mask=args.brain_mask, batch_size=args.batch_size, precision=args.precision,
+                         overwrite=args.overwrite)
     for name, path in written.items():
         print(f"{name:18s} {path}")
     return 0
@@ -156,7 +173,7 @@ def cmd_evaluate(args) -> int:
         for scheduler, steps in settings:
             name = path.name if len(settings) == 1 else f"{path.name} ({scheduler or 'default'}, {steps or 'default'} steps)"
             methods.append(PipelineMethod(pipe, name=name, steps=steps, samples=args.samples, seed=args.seed,
-                                          batch_size=args.batch_size, scheduler=scheduler))
+                                          batch_size=args.batch_size, scheduler=scheduler, precision=args.precision))
     methods += [BASELINES[name](cache) for name in args.baselines]
     if not methods:
         raise ValueError("nothing to evaluate: give --pipeline and/or --baselines")
@@ -297,16 +314,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="worker processes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
-    p = sub.add_parser("synthesize", help="synthesize the missing sequences of one exam (NIfTI in, NIfTI out)")
+    p = sub.add_parser("synthesize", help="synthesize the missing sequences of one exam, or of every case of a cohort (NIfTI in, NIfTI out)")
     for m in KNOWN_MODALITIES:
         p.add_argument(f"--{m}", metavar="NIFTI", help=f"the {m.upper()} volume, if the exam has one")
-    p.add_argument("--dataset", help="the site's dataset name (unknown or none: the null dataset, for unseen sites)")
+    p.add_argument("--cases", metavar="FOLDER|CSV",
+                   help="a cohort instead of one exam: a dataset folder (BraTS, BIDS) or a manifest, read as "
+                        "`mmdiff scan` reads it; the model loads once and each case goes to OUT/<case_id>/ "
+                        "(cases whose outputs exist are skipped; OUT/cases.json records each case)")
+    p.add_argument("--dataset", help="the site's dataset name (unknown or none: the null dataset, for unseen sites; "
+                                     "with --cases, default: each case's dataset)")
     p.add_argument("--out", required=True, help="output folder: <target>_synthetic.nii.gz and JSON sidecars")
     p.add_argument("--engine", choices=["ldm", "gan"],
                    help="the published pipeline to use: latent diffusion (default) or the one-step GAN; with "
                         "--pipeline, a check that it is of that engine")
     p.add_argument("--pipeline", help="pipeline folder or Hub repo id (default: the published one of --engine)")
-    p.add_argument("--targets", nargs="+", help="sequences to make (default: every one not given)")
+    p.add_argument("--targets", nargs="+", help="sequences to make (default: every one not given; with --cases, a "
+                                                "case's own file of a target is not used as an input)")
     p.add_argument("--steps", type=int, help="diffusion steps (ldm; default: the pipeline's)")
     p.add_argument("--scheduler", choices=list(SCHEDULER_NAMES), help="diffusion scheduler (ldm; default: the pipeline's)")
     p.add_argument("--samples", type=int, help="samples per slice; >1 also writes uncertainty maps (ldm; default: "
@@ -315,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--brain-mask", metavar="NIFTI", help="brain mask on the inputs' grid (default: derived; "
                                                          "needed for heads that are not skull-stripped)")
     p.add_argument("--batch-size", type=int, default=8, help="axial slices per forward pass")
+    p.add_argument("--precision", choices=PRECISION_NAMES, default="auto",
+                   help="the networks' precision: auto (bfloat16 autocast on a CPU with native bf16, else "
+                        "float32; default), float32 or bfloat16")
     p.add_argument("--overwrite", action="store_true", help="replace earlier outputs")
     p.set_defaults(func=cmd_synthesize)
 
@@ -338,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--slice-stride", type=int, default=1, help="score every k-th axial slice (default: all)")
     p.add_argument("--batch-size", type=int, default=16, help="slices per forward pass")
+    p.add_argument("--precision", choices=PRECISION_NAMES, default="auto",
+                   help="the pipelines' network precision (auto: bfloat16 autocast on a CPU with native bf16)")
     p.add_argument("--out", required=True, help="output folder: scores.csv, summary.md, figures/")
     p.add_argument("--overwrite", action="store_true", help="replace earlier results")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -1,4 +1,5 @@
-"""Files in, files out: synthesize the missing sequences of one exam (``mmdiff synthesize``).
+"""Files in, files out: synthesize the missing sequences of one exam, or of every case of a cohort
+(``mmdiff synthesize``; ``--cases`` for a cohort).
 
 Each target becomes ``OUT/<target>_synthetic.nii.gz`` on the inputs' own grid and affine, marked
 synthetic in its NIfTI header, with a JSON sidecar recording the model, its revision, the inputs, the
@@ -7,14 +8,23 @@ standard deviation. Nothing is written over an input, and nothing over an existi
 ``overwrite``. Files, options and the output folder are checked (:mod:`mmdiff.validation`) before
 the model loads; the outputs are written to a hidden staging folder inside the output folder and
 moved into place together, so a failed run leaves no new file and no partial output set.
+
+A cohort (:func:`synthesize_cases`: a dataset folder or manifest, read as ``mmdiff scan`` reads it)
+loads the model once and writes each case to ``OUT/<case_id>/``, so a case costs its own work and not
+the process start and the model load (most of a fresh ``mmdiff synthesize``'s time on a CPU). A case
+that fails is recorded and the others go on; a case whose outputs exist is skipped (unless
+``overwrite``), so a run that was stopped continues where it stopped. ``OUT/cases.json`` records each
+case's outcome.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -65,19 +75,22 @@ def synthesize(
     seed: int = 0,
     brain_mask: str | os.PathLike | None = None,
     batch_size: int = 8,
+    precision: str = "auto",
     overwrite: bool = False,
 ) -> dict[str, Path]:
     """Synthesize the missing sequences of one exam from NIfTI files; returns the written paths.
 
     ``pipeline_source`` (a folder or Hub repo id; default: the published pipeline of ``engine``,
     else the LDM) is loaded unless ``pipeline`` is given; the provenance records the engine that ran.
-    ``steps`` and ``samples`` left unset take the diffusion pipeline's own defaults.
+    ``steps`` and ``samples`` left unset take the diffusion pipeline's own defaults; ``precision`` is
+    the networks' (:mod:`mmdiff.pipelines.precision`), and the record says which one ran.
     Every file and option is checked before the model loads; the outputs are written to a hidden
     folder inside ``out`` and moved into place together, so a failure leaves no new file behind.
     """
-    from .pipelines import load_pipeline, resolve_source
+    from .pipelines import load_pipeline, resolve_precision, resolve_source
     from .pipelines.common import diffusion_settings
 
+    resolve_precision(precision, "cpu")  # a bad value: before anything is read
     check_synthesize_options(engine, steps, samples, batch_size, seed, scheduler, targets, inputs or {})
     volumes = check_input_files(inputs, brain_mask)  # read once, here; the pipeline takes them as they are
     inputs = {m: volume.path for m, volume in volumes.items()}
@@ -113,15 +126,17 @@ def synthesize(
                 raise OverwriteError(f"{file} exists (pass --overwrite to replace it)")
     generator = torch.Generator().manual_seed(seed)
     kwargs = {"num_inference_steps": steps, "num_samples": samples, "generator": generator} if diffusion else {}
+    precision = resolve_precision(precision, pipe._execution_device)
     result = pipe(volumes, dataset=dataset, targets=targets, output_type="nifti",
-                  brain_mask=str(brain_mask) if brain_mask else None, batch_size=batch_size, **kwargs)
+                  brain_mask=str(brain_mask) if brain_mask else None, batch_size=batch_size, precision=precision,
+                  **kwargs)
     provenance = {
         "model": str(source if source is not None else getattr(pipe, "name_or_path", None) or type(pipe).__name__),
         "model_revision": revision(source) if source is not None else None, "engine": pipe.engine,
         "pipeline": type(pipe).__name__,
         "dataset": dataset, "inputs": {m: str(p.resolve()) for m, p in inputs.items()},
         "brain_mask": str(Path(brain_mask).resolve()) if brain_mask else "derived from the inputs",
-        "targets": targets, "seed": seed,
+        "targets": targets, "seed": seed, "precision": precision,
         **({"steps": steps, "samples": samples, "scheduler": type(pipe.scheduler).__name__} if diffusion else {}),
         "intensity_units": "mmdiff normalised [0, 1]: " + (getattr(pipe, "preprocessor", None)
                                                             or MRIPreprocessor.legacy()).describe(),
@@ -193,3 +208,118 @@ def move_into_place(staged: dict[Path, Path], backup: Path) -> None:
         for final in replaced:
             os.replace(backup / final.name, final)
         raise
+
+
+#: the record of a cohort run, in its output folder
+CASES_RECORD = "cases.json"
+_SAFE_CASE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def case_folder_names(cases) -> dict[tuple[str, str], str]:
+    """(dataset, case_id) -> the case's output folder name: its case id with anything but letters,
+    digits, ``.``, ``_`` and ``-`` replaced by ``_``; a name two cases would share is an error."""
+    names, seen = {}, {}
+    for case in cases:
+        name = _SAFE_CASE.sub("_", case.case_id).strip("._") or "case"
+        key = (case.dataset, case.case_id)
+        if name in seen and seen[name] != key:
+            raise ValueError(f"cases {seen[name][1]!r} ({seen[name][0]}) and {case.case_id!r} ({case.dataset}) "
+                             f"would share the output folder {name!r}: give them distinct case ids")
+        seen[name] = key
+        names[key] = name
+    return names
+
+
+def synthesize_cases(
+    cases: str | os.PathLike | list,
+    out: str | os.PathLike,
+    pipeline=None,
+    pipeline_source: str | os.PathLike | None = None,
+    engine: str | None = None,
+    dataset: str | None = None,
+    targets: list[str] | None = None,
+    steps: int | None = None,
+    scheduler: str | None = None,
+    samples: int | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    precision: str = "auto",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Synthesize every case of a cohort with one model load; returns the run's record.
+
+    ``cases``: a dataset folder or manifest (read by :func:`mmdiff.data.layouts.scan`), or a list of
+    :class:`~mmdiff.data.manifest.Case`. Each case's sequences are its inputs and its ``brainmask``
+    file, if any, its brain mask; lesion masks are not read. ``targets`` (default: each case's missing
+    sequences) are made for every case, and a case's own file of a target is left out of its inputs,
+    so a synthetic sequence can be set beside the real one. ``dataset`` names the site for every case
+    (default: each case's own dataset name; a name the model does not know is the null dataset).
+    The record (``OUT/cases.json``) has, per case, ``status`` (``done``, ``skipped``: its outputs
+    exist, ``failed``: with the error), its folder, outputs and seconds.
+    """
+    from tqdm.auto import tqdm
+
+    from .data.layouts import scan
+    from .modalities import KNOWN_MODALITIES
+    from .pipelines import load_pipeline, resolve_precision, resolve_source
+
+    resolve_precision(precision, "cpu")  # a bad value: before anything is read
+    check_synthesize_options(engine, steps, samples, batch_size, seed, scheduler, None, ())
+    if not isinstance(cases, list):
+        cases = scan(cases)
+    if not cases:
+        raise ValueError("no cases found: pass a dataset folder (BraTS, BIDS) or a manifest with at least one case")
+    hidden = {canonical(t, KNOWN_MODALITIES) for t in targets or ()}
+    folders = case_folder_names(cases)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file: pass a folder")
+    source = None
+    if pipeline is None:
+        source = resolve_source(pipeline_source, engine)
+        check_pipeline_source(source)
+        pipeline = load_pipeline(source, engine)
+    elif pipeline_source is not None:
+        source = resolve_source(pipeline_source)
+    pipeline.set_progress_bar_config(disable=True)  # one bar, over the cases
+    record = {"model": str(source) if source is not None else type(pipeline).__name__, "engine": pipeline.engine,
+              "precision": resolve_precision(precision, pipeline._execution_device),
+              "targets": sorted(hidden) if targets else "each case's missing sequences", "seed": seed, "cases": []}
+    known = list(pipeline.modalities)
+    bar = tqdm(cases, desc="synthesize", unit="case", disable=not progress)
+    try:
+        for case in bar:
+            folder = out / folders[(case.dataset, case.case_id)]
+            entry = {"case_id": case.case_id, "dataset": case.dataset, "folder": str(folder)}
+            inputs = {m: path for m, path in case.files.items() if m in known and m not in hidden}
+            unknown = [m for m in case.modalities if m not in known]
+            if unknown:  # a sequence the model was not trained on cannot be an input; the rest can
+                entry["not_used"] = f"{', '.join(unknown)}: the model does not know it (it knows {', '.join(known)})"
+            wanted = targets or [m for m in known if m not in inputs]
+            start = time.perf_counter()
+            if not wanted:
+                entry |= {"status": "skipped", "reason": "the case has every sequence the model makes", "seconds": 0.0}
+                record["cases"].append(entry)
+                continue
+            try:
+                written = synthesize(inputs, folder, pipeline=pipeline, pipeline_source=source, engine=engine,
+                                     dataset=dataset or case.dataset, targets=wanted, steps=steps,
+                                     scheduler=scheduler, samples=samples, seed=seed,
+                                     brain_mask=case.files.get("brainmask"), batch_size=batch_size,
+                                     precision=precision, overwrite=overwrite)
+                entry |= {"status": "done", "outputs": {k: str(v) for k, v in written.items()}}
+            except OverwriteError as exc:
+                entry |= {"status": "skipped", "reason": str(exc)}
+            except Exception as exc:  # noqa: BLE001  one case's bad file must not lose the others
+                entry |= {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+                bar.write(f"{case.case_id}: failed: {type(exc).__name__}: {exc}")
+            entry["seconds"] = round(time.perf_counter() - start, 2)
+            record["cases"].append(entry)
+    finally:  # also when stopped: the cases done so far are in place, and the record says which
+        record["summary"] = {s: sum(e["status"] == s for e in record["cases"]) for s in ("done", "skipped", "failed")}
+        if len(record["cases"]) < len(cases):
+            record["summary"]["not_reached"] = len(cases) - len(record["cases"])
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / CASES_RECORD, record)
+    return record

@@ -61,7 +61,7 @@ def check_input_files(inputs: Mapping[str, str | os.PathLike], brain_mask: str |
     to the pipeline as they are, so each file is read once."""
     if not inputs:
         raise ValueError("no input sequence given: pass at least one of "
-                         + " ".join(f"--{m}" for m in KNOWN_MODALITIES))
+                         + " ".join(f"--{m}" for m in KNOWN_MODALITIES) + " (or, for a cohort, mmdiff synthesize --cases)")
     checked: dict[str, Path] = {}
     for name, value in inputs.items():
         modality = canonical(name, KNOWN_MODALITIES)

@@ -65,6 +65,35 @@ def test_untrained_residual_unet_returns_mu_exactly():
     assert not np.array_equal(trained.images["t2"], reference.images["t2"])  # the residual does reach the output
 
 
+@pytest.mark.parametrize("engine", ["ldm", "gan"])
+def test_bfloat16_precision_runs_the_networks_in_bf16_close_to_float32(engine):
+    """``precision="bfloat16"`` changes the output (the networks did run in bf16) by little; float32
+    is what it always was; ``"auto"`` is bf16 only on a CPU with native bf16; a bad name is refused."""
+    from mmdiff.pipelines.precision import native_bf16, resolve_precision
+
+    pipe = tiny_ldm(trained=True) if engine == "ldm" else tiny_gan()
+    volume = square_volume()
+    kwargs = {"num_inference_steps": 3, "num_samples": 2} if engine == "ldm" else {}
+
+    def run(precision):
+        seed = {"generator": torch.Generator().manual_seed(0)} if engine == "ldm" else {}
+        return pipe(inputs(volume), dataset="brats", precision=precision, **kwargs, **seed)
+
+    full, half = run("float32"), run("bfloat16")
+    for name, image in full.images.items():
+        assert not np.array_equal(half.images[name], image)
+        np.testing.assert_allclose(half.images[name], image, atol=0.05)
+        assert np.abs(half.images[name] - image).mean() < 0.01
+        np.testing.assert_array_equal(run("float32").images[name], image)
+    auto = run("auto")
+    expected = half if native_bf16("cpu") else full
+    for name, image in expected.images.items():
+        np.testing.assert_array_equal(auto.images[name], image)
+    assert resolve_precision("auto", "cuda") == "float32"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        run("half")
+
+
 class GaussianOracle(torch.nn.Module):
     """The exact clean-sample denoiser when every scaled residual latent is N(mean, std^2) independently:
     E[x0 | x_t] = mean + sqrt(a) std^2 / (a std^2 + 1 - a) * (x_t - sqrt(a) mean), a = alphas_cumprod[t]."""

@@ -18,8 +18,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 
 from mmdiff.io import SYNTHETIC_DESCRIP, load_volume
 from mmdiff.models import HaarWavelet, MultiModalGenerator, ResidualUNet
-from mmdiff.cli import SCHEDULER_NAMES
-from mmdiff.pipelines import SCHEDULERS, MMDiffPipeline, MMDiffPipelineOutput, MMGANPipeline, use_scheduler
+from mmdiff.cli import PRECISION_NAMES, SCHEDULER_NAMES
+from mmdiff.pipelines import PRECISIONS, SCHEDULERS, MMDiffPipeline, MMDiffPipelineOutput, MMGANPipeline, use_scheduler
 from mmdiff.pipelines.ldm import TRAINING_SCHEDULER
 
 DATASETS = ["brats", "ixi"]
@@ -173,6 +173,7 @@ def test_generic_from_pretrained_in_fresh_process(tmp_path):
 
 def test_schedulers_by_name():
     assert SCHEDULER_NAMES == tuple(SCHEDULERS)  # the CLI's choices, kept without importing diffusers
+    assert PRECISION_NAMES == PRECISIONS
     pipe = tiny_ldm()
     trained = dict(pipe.scheduler.config)  # the noise schedule the model was trained with
     use_scheduler(pipe, "ddim")

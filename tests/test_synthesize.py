@@ -50,6 +50,7 @@ def test_gan_writes_every_missing_sequence_on_the_input_grid(exam, pipelines, tm
         assert sidecar["synthetic"] is True and sidecar["engine"] == "gan" and sidecar["target"] == target
         assert sidecar["inputs"]["t1"] == str(exam["t1"].resolve()) and sidecar["dataset"] == "brats"
         assert len(sidecar["model_revision"]) == 16
+        assert sidecar["precision"] in ("float32", "bfloat16")  # "auto", resolved
     assert not (out / "t1_synthetic.nii.gz").exists()  # given sequences are not synthesized
 
 
@@ -135,3 +136,64 @@ def test_hub_repos_load_as_their_own_engine_offline(pipelines, tmp_path):
         load_pipeline("org/tiny-ldm", engine="gan", cache_dir=cache)
     with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE is set and it is not in the local Hub cache"):
         load_pipeline("org/not-downloaded", cache_dir=cache)
+
+
+def test_a_cohort_loads_the_model_once_and_one_bad_case_loses_no_other(exam, pipelines, tmp_path, capsys,
+                                                                       monkeypatch):
+    """`--cases manifest.csv`: each case to OUT/<case_id>/ with its own inputs and brain mask; a broken
+    case is recorded as failed (exit 1) and the others are written; a second run skips what exists;
+    --targets leaves a case's own file of a target out of its inputs; the model is loaded once."""
+    import mmdiff.pipelines as pipelines_module
+    from mmdiff.data.manifest import Case, write_manifest
+
+    shape = nib.load(exam["t1"]).shape
+    mask = tmp_path / "mask.nii.gz"
+    inside = np.zeros(shape, dtype=np.uint8)
+    inside[5:25, 5:29, :] = 1
+    nib.save(nib.Nifti1Image(inside, nib.load(exam["t1"]).affine), mask)
+    broken = tmp_path / "broken_t1.nii.gz"
+    broken.write_bytes(b"not a nifti")
+    cases = [Case("sub-01", "brats", {"t1": exam["t1"], "flair": exam["flair"]}),
+             Case("sub/02", "somewhere", {"t1": exam["t1"], "brainmask": mask}),
+             Case("sub-03", "brats", {"t1": broken})]
+    manifest = write_manifest(cases, tmp_path / "cohort.csv")
+    loads = []
+    real_load = pipelines_module.load_pipeline
+    monkeypatch.setattr(pipelines_module, "load_pipeline", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    out = tmp_path / "out"
+    args = ["synthesize", "--cases", str(manifest), "--engine", "gan", "--pipeline", str(pipelines / "gan"),
+            "--out", str(out)]
+    assert main(args) == 1  # one case failed
+    captured = capsys.readouterr()
+    assert "sub-03" in captured.err and "2 done, 0 skipped, 1 failed" in captured.out
+    assert len(loads) == 1
+    record = json.loads((out / "cases.json").read_text())
+    status = {e["case_id"]: e["status"] for e in record["cases"]}
+    assert status == {"sub-01": "done", "sub/02": "done", "sub-03": "failed"}
+    # each case its own missing sequences, in its own folder (a case id made safe for a folder name)
+    assert sorted(p.name for p in (out / "sub-01").glob("*.nii.gz")) == [
+        f"{t}_synthetic.nii.gz" for t in sorted(("t2", "t1c", "dwi", "adc"))]
+    assert (out / "sub_02" / "flair_synthetic.nii.gz").exists() and not (out / "sub-03").exists()
+    second = json.loads((out / "sub_02" / "t2_synthetic.json").read_text())
+    assert second["brain_mask"] == str(mask.resolve()) and second["dataset"] == "somewhere"
+    # outside the given mask the synthetic image is background
+    synthetic = nib.load(out / "sub_02" / "t2_synthetic.nii.gz").get_fdata()
+    assert synthetic[inside == 0].max() == 0 and synthetic[inside == 1].max() > 0
+    before = (out / "sub-01" / "t2_synthetic.nii.gz").read_bytes()
+    # again: the cases done are skipped, not redone; the broken one fails again
+    assert main(args) == 1
+    record = json.loads((out / "cases.json").read_text())
+    assert [e["status"] for e in record["cases"]] == ["skipped", "skipped", "failed"]
+    assert (out / "sub-01" / "t2_synthetic.nii.gz").read_bytes() == before
+    # --targets: a case's own FLAIR is not an input when FLAIR is a target
+    assert main(["synthesize", "--cases", str(manifest), "--engine", "gan", "--pipeline", str(pipelines / "gan"),
+                 "--targets", "flair", "--out", str(tmp_path / "hidden")]) == 1
+    sidecar = json.loads((tmp_path / "hidden" / "sub-01" / "flair_synthetic.json").read_text())
+    assert sorted(sidecar["inputs"]) == ["t1"]
+    # files and --cases together, and an empty cohort, are refused before anything loads
+    assert main(args + ["--t1", str(exam["t1"])]) == 2
+    assert "--cases reads each case's files" in capsys.readouterr().err
+    empty = write_manifest([], tmp_path / "empty.csv")
+    assert main(["synthesize", "--cases", str(empty), "--engine", "gan", "--pipeline", str(pipelines / "gan"),
+                 "--out", str(tmp_path / "none")]) == 2
+    assert "no cases found" in capsys.readouterr().err

@@ -275,6 +275,7 @@ class VoxelwiseRegression:
 class PipelineMethod:
     """An mmdiff pipeline (LDM or GAN) as an evaluation method; a fixed seed per slice.
 
+    ``precision`` is passed to each call (default ``"auto"``: what a user of this machine gets).
     ``scheduler`` (a name in :data:`mmdiff.pipelines.SCHEDULERS`) is set on the pipeline before each
     call, so methods that share one diffusion pipeline can differ in scheduler and steps. A task with a
     sequence the model does not know is not one it can do (:meth:`supports`). A 2.5D model
@@ -284,8 +285,9 @@ class PipelineMethod:
     """
 
     def __init__(self, pipeline, name: str, steps: int | None = None, samples: int | None = None, seed: int = 0,
-                 batch_size: int = 16, scheduler: str | None = None):
+                 batch_size: int = 16, scheduler: str | None = None, precision: str = "auto"):
         self.pipeline, self.name = pipeline, name
+        self.precision = precision  # the networks' (mmdiff.pipelines.precision); "auto" as users get it
         self.is_diffusion = pipeline.engine == "ldm"
         # None: the pipeline's own defaults
         self.steps, self.samples = diffusion_settings(pipeline, steps, samples) if self.is_diffusion else (steps, 1)
@@ -311,7 +313,7 @@ class PipelineMethod:
             kwargs["slices"] = np.arange(case.brain.shape[2])[case.scored]
         result = self.pipeline({m: case.images[m][..., scored] for m in task.sources}, dataset=case.dataset,
                                targets=[task.target], brain_mask=case.brain[..., scored], batch_size=self.batch_size,
-                               **kwargs)
+                               precision=self.precision, **kwargs)
         outputs = [result.images[task.target], None if result.uncertainty is None else result.uncertainty[task.target]]
         if not whole:  # back onto the case's slices (the others are not scored)
             for n, output in enumerate(outputs):

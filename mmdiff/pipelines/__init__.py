@@ -31,7 +31,8 @@ from .common import MMDiffPipelineOutput, prepare_inputs, resolve_dataset_id
 from .gan import MMGANPipeline
 from .ldm import SCHEDULERS, MMDiffPipeline, MMDiffSamplesOutput, denoise, sample_residuals, use_scheduler
 from .loading import ENGINES, PIPELINES, load_pipeline, resolve_source
+from .precision import PRECISIONS, resolve_precision
 
-__all__ = ["ENGINES", "PIPELINES", "SCHEDULERS", "MMDiffPipeline", "MMDiffPipelineOutput", "MMDiffSamplesOutput",
-           "MMGANPipeline", "denoise", "load_pipeline", "prepare_inputs", "resolve_dataset_id", "resolve_source",
-           "sample_residuals", "use_scheduler"]
+__all__ = ["ENGINES", "PIPELINES", "PRECISIONS", "SCHEDULERS", "MMDiffPipeline", "MMDiffPipelineOutput",
+           "MMDiffSamplesOutput", "MMGANPipeline", "denoise", "load_pipeline", "prepare_inputs", "resolve_dataset_id",
+           "resolve_precision", "resolve_source", "sample_residuals", "use_scheduler"]

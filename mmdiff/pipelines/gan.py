@@ -11,6 +11,7 @@ from diffusers import DiffusionPipeline
 from ..data.preprocessing import MRIPreprocessor
 from ..models.gan import MultiModalGenerator
 from .common import ImageInput, MMDiffPipelineOutput, from_network, prepare_inputs, resolve_dataset_id, to_network
+from .precision import network_autocast, resolve_precision
 
 
 class MMGANPipeline(DiffusionPipeline):
@@ -65,8 +66,13 @@ class MMGANPipeline(DiffusionPipeline):
         affine: np.ndarray | None = None,
         return_dict: bool = True,
         slices: Sequence[int] | None = None,
+        precision: str = "auto",
     ) -> MMDiffPipelineOutput | tuple:
-        """Synthesise ``targets`` from ``images``; arguments as for ``MMDiffPipeline.__call__``."""
+        """Synthesise ``targets`` from ``images``; arguments as for ``MMDiffPipeline.__call__``.
+
+        ``precision``: ``"auto"`` (bf16 autocast on a CPU with native bf16, else float32),
+        ``"float32"`` or ``"bfloat16"``; see :mod:`mmdiff.pipelines.precision`.
+        """
         if num_samples != 1:
             raise ValueError("the GAN is deterministic: num_samples must be 1 (MMDiffPipeline gives uncertainty)")
         network = self.generator
@@ -74,6 +80,7 @@ class MMGANPipeline(DiffusionPipeline):
                               output_type, affine, self.preprocessor).only(slices)
         dataset_id = resolve_dataset_id(dataset, network.config.dataset_names)
         device = self._execution_device
+        precision = resolve_precision(precision, device)
         source_mask = torch.as_tensor(case.source_mask, device=device)
         target_index = np.flatnonzero(case.target_mask).tolist()
         predictions = case.canvas()
@@ -83,7 +90,9 @@ class MMGANPipeline(DiffusionPipeline):
             for index, batch, _ in case.batches(batch_size):
                 batch = to_network(batch.to(device=device, dtype=network.dtype))
                 context = to_network(case.context(index, k).to(device=device, dtype=network.dtype)) if k else None
-                output = from_network(network(batch, source_mask, dataset_id, context=context, targets=target_index))
+                with network_autocast(precision, device):
+                    output = network(batch, source_mask, dataset_id, context=context, targets=target_index)
+                output = from_network(output.to(batch.dtype))
                 case.put(predictions, index, output[:, target_index])
                 progress_bar.update()
         self.maybe_free_model_hooks()

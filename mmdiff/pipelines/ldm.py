@@ -40,6 +40,7 @@ from ..models.unet import ResidualUNet
 from ..data.preprocessing import MRIPreprocessor
 from ..models.vae import Latent, decode_modalities, downsampling_factor, encode_modalities
 from .common import ImageInput, MMDiffPipelineOutput, from_network, prepare_inputs, resolve_dataset_id, to_network
+from .precision import network_autocast, resolve_precision
 
 #: schedulers by the names ``mmdiff synthesize/evaluate --scheduler`` take; any other diffusers scheduler
 #: can be assigned to ``pipe.scheduler`` directly.
@@ -75,6 +76,7 @@ def denoise(
     interrupted: Callable[[], bool] | None = None,
     first_only: bool = False,
     noise: torch.Tensor | None = None,
+    precision: str = "float32",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One reverse process over the scaled residual latents ``[B, M, C, h, w]`` (zero at sources).
 
@@ -105,7 +107,9 @@ def denoise(
         if interrupted is not None and interrupted():
             break
         model_input = scheduler.scale_model_input(latents.flatten(1, 2), t).view_as(latents)
-        prediction = unet(model_input, t.expand(batch), condition, sources, dataset_id).sample
+        with network_autocast(precision, device):
+            prediction = unet(model_input, t.expand(batch), condition, sources, dataset_id).sample
+        prediction = prediction.to(dtype)
         if index == 0:
             first = prediction * noised
             if first_only:  # the one "step" of this path is the prediction itself
@@ -137,6 +141,7 @@ def sample_residuals(
     first_only: bool = False,
     context: torch.Tensor | None = None,
     noise: Callable[[torch.Size], torch.Tensor] | None = None,
+    precision: str = "float32",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The predictor's mean and ``num_samples`` residuals, for a batch of slices (the pipeline's maths).
 
@@ -150,6 +155,8 @@ def sample_residuals(
             :meth:`~mmdiff.models.MultiModalGenerator.forward`).
         noise: ``latent shape -> [K, *shape]`` initial noise for the K runs (e.g. :class:`SmoothSliceNoise`);
             default: drawn from ``generator``.
+        precision: the networks' (resolved, :mod:`~mmdiff.pipelines.precision`); the latent's
+            transforms stay in ``images``' dtype.
 
     Returns:
         ``(mu [B, M, H, W], residuals [K, B, M, H, W], posteriors [K, B, M, H, W])`` in [-1, 1] units:
@@ -160,7 +167,9 @@ def sample_residuals(
     batch = images.shape[0]
     sources = torch.as_tensor(sources, device=images.device).bool().expand(batch, -1)
     context = None if context is None else context.to(predictor.dtype)
-    mu = predictor(images.to(predictor.dtype), sources, dataset_id, context=context).to(images.dtype)
+    with network_autocast(precision, images.device):
+        mu = predictor(images.to(predictor.dtype), sources, dataset_id, context=context)
+    mu = mu.to(images.dtype)
     mu_latents = encode_modalities(vae, mu)
     planes = sources[:, :, None, None, None]
     condition = torch.where(planes, encode_modalities(vae, images), mu_latents)
@@ -178,7 +187,7 @@ def sample_residuals(
     for k in range(num_samples):
         latents, first = denoise(unet, scheduler, condition.to(unet.dtype), sources, dataset_id,
                                  num_inference_steps, generator, callback, interrupted, first_only,
-                                 None if initial is None else initial[k])
+                                 None if initial is None else initial[k], precision)
         residuals.append(to_image(latents))
         firsts.append(first)
     return mu, torch.stack(residuals), torch.stack([to_image(first) for first in firsts])
@@ -614,6 +623,7 @@ class MMDiffPipeline(DiffusionPipeline):
         slice_noise: str = "smooth",
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        precision: str = "auto",
     ) -> MMDiffSamplesOutput | tuple:
         """Synthesise ``targets`` from ``images``.
 
@@ -655,6 +665,8 @@ class MMDiffPipeline(DiffusionPipeline):
                 current batch's scaled residual latents, and a returned ``"latents"`` replaces them. Set
                 ``pipe._interrupt = True`` in it to stop: the remaining steps and slices are skipped
                 (slices not run come back as 0).
+            precision: the networks' precision: ``"auto"`` (bf16 autocast on a CPU with native bf16,
+                else float32), ``"float32"`` or ``"bfloat16"``; see :mod:`mmdiff.pipelines.precision`.
 
         Returns:
             Synthetic images in the model's normalised [0, 1] scale, zero outside the brain, on the
@@ -673,6 +685,7 @@ class MMDiffPipeline(DiffusionPipeline):
                               output_type, affine, self.preprocessor).only(slices)
         dataset_id = resolve_dataset_id(dataset, self.unet.config.dataset_names)
         device = self._execution_device
+        precision = resolve_precision(precision, device)
         target_index = np.flatnonzero(case.target_mask).tolist()
         point = case.canvas()
         spread = case.canvas() if num_samples > 1 else None
@@ -705,7 +718,7 @@ class MMDiffPipeline(DiffusionPipeline):
                     self.predictor, self.vae, self.unet, self.scheduler, batch,
                     torch.as_tensor(case.source_mask, device=device), dataset_id, num_samples, num_inference_steps,
                     batch_generator, callback, lambda: self.interrupt, first_only, context,
-                    None if smooth is None else lambda shape, index=index: smooth(index, shape[1:]))
+                    None if smooth is None else lambda shape, index=index: smooth(index, shape[1:]), precision)
                 # only the targets from here on (the pooled spread of every sequence cost seconds a volume)
                 mu, residuals = mu[:, target_index], residuals[:, :, target_index]
                 posteriors = None if posteriors is None else posteriors[:, :, target_index]
