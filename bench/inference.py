@@ -6,7 +6,9 @@ on a phantom glioma case, this measures in one run:
 - the machine's matmul rate (float32 GEMM, GFLOP/s), and each network's FLOPs per slice
   (``torch.utils.flop_counter``), which give the compute floor: FLOPs x steps / matmul rate;
 - the GAN pipeline on the whole volume, then one fast-path change at a time: batch 1 / 8 / 32,
-  ``torch.inference_mode``, channels-last weights, ``torch.compile`` (``--compile``);
+  ``torch.inference_mode``, float32 against bf16 autocast (the pipelines' ``precision``; every other
+  row runs at the default, ``"auto"``, recorded as ``precision_auto``), channels-last weights,
+  ``torch.compile`` (``--compile``);
 - the diffusion pipeline at its default steps (DPM-Solver++) for K = 1 / 2 / 4 / 8 samples, on
   ``--ldm-slices`` brain slices (0: the whole volume), reported per slice and scaled to the case's
   brain slices;
@@ -36,7 +38,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mmdiff.models.vae import encode_modalities
-from mmdiff.pipelines import MMDiffPipeline, MMGANPipeline
+from mmdiff.pipelines import MMDiffPipeline, MMGANPipeline, resolve_precision
 from mmdiff.pipelines.common import diffusion_settings, prepare_inputs, to_network
 
 SOURCES, TARGET = ("t1", "t2", "flair"), "t1c"
@@ -117,8 +119,8 @@ def bench_gan(path: str, images: dict, dataset: str, device: torch.device, rate:
     sources = torch.as_tensor(case.source_mask, device=device)
     slice_flops = flops(lambda: pipe.generator(x, sources, 0))
 
-    def run(batch_size=8):
-        return lambda: pipe(images, dataset=dataset, targets=[TARGET], batch_size=batch_size)
+    def run(batch_size=8, precision="auto"):
+        return lambda: pipe(images, dataset=dataset, targets=[TARGET], batch_size=batch_size, precision=precision)
 
     run()()  # warm-up (first-call allocations, thread pools)
     rows = []
@@ -136,6 +138,8 @@ def bench_gan(path: str, images: dict, dataset: str, device: torch.device, rate:
     for batch_size in (1, 8, 32):
         row(f"batch {batch_size} (no_grad, skip non-brain)", run(batch_size))
     row("batch 8 + inference_mode", run(8), torch.inference_mode())
+    for precision in ("float32", "bfloat16"):  # the default ("auto") is one of them: resolve_precision says which
+        row(f"batch 8, {precision}" + (" autocast" if precision == "bfloat16" else ""), run(8, precision))
     pipe.generator.to(memory_format=torch.channels_last)
     run()()
     row("batch 8 + channels_last", run(8))
@@ -146,7 +150,8 @@ def bench_gan(path: str, images: dict, dataset: str, device: torch.device, rate:
         row("batch 8 + torch.compile (after compiling)", run(8))
         rows[-1]["compile_seconds"] = compile_seconds
     floor = slice_flops / (rate * 1e9)
-    return {"flops_per_slice": slice_flops, "brain_slices": brain_slices, "slices": total_slices,
+    return {"precision_auto": resolve_precision("auto", device), "flops_per_slice": slice_flops,
+            "brain_slices": brain_slices, "slices": total_slices,
             "floor_seconds_per_volume": floor * brain_slices, "rows": rows}
 
 
@@ -211,7 +216,7 @@ def bench_ldm(path: str, images: dict, dataset: str, device: torch.device, rate:
     if naive_slices > 0:
         row("naive: per-slice loop, all slices, K = 4, batch 1", naive, naive_slices, 4 * steps,
             scale_to=total_slices)
-    return {"flops_per_slice": {"predictor": predictor_flops, "unet_step": unet_flops},
+    return {"precision_auto": resolve_precision("auto", device), "flops_per_slice": {"predictor": predictor_flops, "unet_step": unet_flops},
             "brain_slices": brain_slices, "slices": total_slices, "rows": rows}
 
 

@@ -14,7 +14,7 @@ from mmdiff.models import MultiModalGenerator
 from mmdiff.training.config import ConfigError
 from mmdiff.training.stages import lesion_weight_config, target_weight_config
 from mmdiff.pipelines import MMGANPipeline
-from test_models import FLAIR, M, T1, T2, images, mask, perturb_modulations
+from test_models import FLAIR, M, T1, T1C, T2, images, mask, perturb_modulations
 
 LEAN = dict(modality_streams=False, shared_decoder=True, context_slices=1, patch_size=2)
 
@@ -85,6 +85,37 @@ def test_refine_blur_leaves_no_period_2_pattern_in_the_output():
     assert plain > 0.1 and blurred < plain / 50, (plain, blurred)
     with pytest.raises(ValueError, match="refine_blur needs refine_channels"):
         Decoder(**{**settings, "refine_channels": 0}, refine_blur=True)
+
+
+def test_detail_transfer_starts_as_the_old_model_and_adds_each_present_source_fine_detail():
+    """A model without detail transfer loads into one with it (only the zero coefficient layer is
+    new) and gives the same output; a coefficient adds exactly that source's high-pass (x - [1 2 1]
+    blur of x) to that target before the tanh; an absent source adds nothing; the coefficients learn."""
+    settings = dict(refine_channels=4, refine_blur=True)
+    old, new = lean_generator(**settings), lean_generator(**settings, detail_transfer=True)
+    report = new.load_state_dict(old.state_dict(), strict=False)
+    assert sorted(report.missing_keys) == ["decoder.detail.bias", "decoder.detail.weight"]
+    x, present = images(size=16), mask(T1, T2)
+    with torch.no_grad():
+        before = old(x, present, 0)
+        torch.testing.assert_close(new(x, present, 0), before, rtol=0, atol=0)
+        bias = new.decoder.detail.bias.view(M, M)
+        bias[FLAIR, T1] = 1.0  # FLAIR takes T1's fine detail
+        bias[T1C, FLAIR] = 1.0  # T1C takes FLAIR's, which is absent
+        after = new(x, present, 0)
+    t1 = x[:, T1:T1 + 1]
+    taps = torch.tensor([1.0, 2.0, 1.0])
+    blur = (taps[:, None] * taps[None, :] / 16)[None, None]
+    high_pass = (t1 - torch.nn.functional.conv2d(torch.nn.functional.pad(t1, (1, 1, 1, 1), mode="replicate"), blur))[:, 0]
+    torch.testing.assert_close(torch.atanh(after[:, FLAIR]) - torch.atanh(before[:, FLAIR]), high_pass,
+                               rtol=1e-3, atol=1e-3)
+    assert high_pass.abs().mean() > 0.1  # random inputs: plenty of detail to carry
+    others = [m for m in range(M) if m != FLAIR]
+    torch.testing.assert_close(after[:, others], before[:, others], rtol=0, atol=0)
+    new(x, present, 0)[:, FLAIR].square().mean().backward()
+    assert new.decoder.detail.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="detail transfer needs refine_channels"):
+        lean_generator(refine_channels=4, detail_transfer=True)
 
 
 def test_context_is_live_masked_like_the_sources_and_defaults_to_the_slice_itself():

@@ -97,11 +97,22 @@ class Decoder(nn.Module):
     with a fixed [1 2 1] x [1 2 1] / 16 filter first, whose response at period 2 is zero: a linear
     conv cannot create a frequency its input lacks, so the mesh cannot reach the output (only the
     pointwise SiLU and tanh could add harmonics).
+
+    That low-pass also takes the finest detail out of reach: nothing at the image's own 1-2 pixel scale
+    (vessel walls, cortical ribbon, noise texture) can come from the features. ``detail_sources = S``
+    gives it back from the inputs: every output channel ``j`` adds ``sum_i a_ij * hp(x_i)``, where
+    ``hp(x_i) = x_i - blur(x_i)`` is source ``i``'s own fine detail (the same [1 2 1] filter) and the
+    coefficient maps ``a_ij`` come from the (low-passed) features by a 1 x 1 conv: how much of which
+    source's detail, with which sign, belongs in target ``j`` here. A per-voxel regression copies
+    such detail for free, and beat the network on SSIM where the targets share the sources' detail
+    (BENCHMARKS.md, session 11). The coefficients are smooth and the detail is the image's own, so
+    no patch mesh comes back. The coefficient layer starts at zero: an older model loaded into this
+    layout gives exactly its old output until it is trained.
     """
 
     def __init__(self, block_out_channels: Sequence[int], layers_per_block: int, embedding_dim: int,
                  norm_num_groups: int, out_channels: int = 1, patch_size: int = 1, refine_channels: int = 0,
-                 refine_blur: bool = False):
+                 refine_blur: bool = False, detail_sources: int = 0):
         super().__init__()
         self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
         self.levels = nn.ModuleList()
@@ -125,8 +136,23 @@ class Decoder(nn.Module):
             taps = torch.tensor([1.0, 2.0, 1.0])
             self.register_buffer("blur", (taps[:, None] * taps[None, :] / 16).expand(refine_channels, 1, 3, 3).clone(),
                                  persistent=False)
+        if detail_sources:
+            if not (refine_channels and refine_blur):
+                raise ValueError("detail transfer needs refine_channels > 0 and refine_blur (its coefficients "
+                                 "come from the low-passed full-resolution features)")
+            self.out_channels, self.detail_sources = out_channels, detail_sources
+            self.detail = nn.Conv2d(refine_channels, out_channels * detail_sources, 1)
+            nn.init.zeros_(self.detail.weight)
+            nn.init.zeros_(self.detail.bias)
 
-    def forward(self, fused: list[torch.Tensor], embedding: torch.Tensor) -> torch.Tensor:
+    def low_pass(self, x: torch.Tensor) -> torch.Tensor:
+        """The fixed [1 2 1] x [1 2 1] / 16 filter, channel by channel, edges replicated."""
+        return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), self.blur[:1].to(x.dtype).expand(x.shape[1], -1, -1, -1),
+                        groups=x.shape[1])
+
+    def forward(self, fused: list[torch.Tensor], embedding: torch.Tensor,
+                sources: torch.Tensor | None = None) -> torch.Tensor:
+        """``sources`` ``[B, S, H, W]`` (the masked inputs, absent ones zero) feed the detail transfer."""
         x = fused[-1]
         for blocks, skip in zip(self.levels, reversed(fused[:-1])):
             x = torch.cat([self.upsample(x), skip], dim=1)
@@ -134,8 +160,14 @@ class Decoder(nn.Module):
                 x = block(x, embedding)
         x = self.fold(self.conv_out(x))
         if hasattr(self, "blur"):  # no period-2 energy left for the (linear) 3 x 3 conv to pass on
-            x = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), self.blur.to(x.dtype), groups=x.shape[1])
-        return torch.tanh(self.refine(x) if hasattr(self, "refine") else x)
+            x = self.low_pass(x)
+        y = self.refine(x) if hasattr(self, "refine") else x
+        if hasattr(self, "detail"):
+            if sources is None or sources.shape[1] != self.detail_sources:
+                raise ValueError(f"detail transfer needs the {self.detail_sources} source planes")
+            coefficients = self.detail(x).unflatten(1, (self.out_channels, self.detail_sources))
+            y = y + (coefficients * (sources - self.low_pass(sources))[:, None]).sum(2)
+        return torch.tanh(y)
 
 
 class MultiModalGenerator(ModelMixin, ConfigMixin):
@@ -163,6 +195,8 @@ class MultiModalGenerator(ModelMixin, ConfigMixin):
             a 3 x 3 conv at full resolution draws the image from them (0: the unfolded channels are
             the image, which leaves a patch-sized checkerboard; see :class:`Decoder`).
         refine_blur: low-pass the unfolded features before that conv (no period-2 mesh; see :class:`Decoder`).
+        detail_transfer: add the sources' own fine detail, weighted per voxel by coefficients the
+            decoder draws (see :class:`Decoder`); needs ``refine_channels`` and ``refine_blur``.
     """
 
     @register_to_config
@@ -182,6 +216,7 @@ class MultiModalGenerator(ModelMixin, ConfigMixin):
         patch_size: int = 1,
         refine_channels: int = 0,
         refine_blur: bool = False,
+        detail_transfer: bool = False,
     ):
         super().__init__()
         check_dataset_names(num_datasets, dataset_names)
@@ -200,7 +235,8 @@ class MultiModalGenerator(ModelMixin, ConfigMixin):
         self.common_encoder = Encoder((2 + 2 * context_slices) * num_modalities * area, **levels)
         if refine_channels < 0:
             raise ValueError(f"refine_channels must be >= 0, got {refine_channels}")
-        output = dict(patch_size=patch_size, refine_channels=refine_channels, refine_blur=refine_blur)
+        output = dict(patch_size=patch_size, refine_channels=refine_channels, refine_blur=refine_blur,
+                      detail_sources=num_modalities if detail_transfer else 0)
         if shared_decoder:
             self.decoder = Decoder(**levels, **output, out_channels=num_modalities)
         else:
@@ -254,11 +290,11 @@ class MultiModalGenerator(ModelMixin, ConfigMixin):
         fused = common if not self.config.modality_streams else self._fuse(images, mask, common, embedding)
 
         if self.config.shared_decoder:
-            return self.decoder(fused, embedding)
+            return self.decoder(fused, embedding, images)
         wanted = range(num_modalities) if targets is None else sorted(set(targets))
         out = images.new_full((batch, num_modalities, height, width), -1.0)
         for i in wanted:
-            out[:, i:i + 1] = self.modality_decoders[i](fused, embedding)
+            out[:, i:i + 1] = self.modality_decoders[i](fused, embedding, images)
         return out
 
     def _fuse(self, images, mask, common, embedding) -> list[torch.Tensor]:

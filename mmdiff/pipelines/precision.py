@@ -6,10 +6,10 @@ products under ``torch.autocast(dtype=torch.bfloat16)`` on a CPU whose oneDNN ha
 slower; on CUDA, float32 has not been measured against bf16 here). ``"float32"`` and ``"bfloat16"``
 force one.
 
-Why: on two AVX512-BF16 cores (BENCHMARKS.md, session 11) bf16 autocast takes the GAN's network time
-for a 155-slice volume from 3.5 s to 2.2 s; the synthetic images change by 1e-4 on average on the
-[0, 1] scale (max 0.06 at single voxels), far below the synthesis error (~0.05), and the held-out
-scores are the same to 0.01 dB.
+Why: on two AVX512-BF16 cores (BENCHMARKS.md, session 11) bf16 autocast takes the GAN pipeline's call
+on a 155-slice BraTS volume (3 targets) from 4.8 s to 3.5 s; the synthetic images change by 1e-4 on
+average on the [0, 1] scale (0.06 at the worst voxel), far below the synthesis error (~0.05), and the
+held-out scores move by at most 0.05 dB per cohort (22.55 against 22.56 dB over all 38 case-tasks).
 
 Only the networks run under autocast (the predictor, the UNet, the generator): the wavelet latent
 and the scheduler stay in float32 (the Haar transform must stay lossless), and each network's output
