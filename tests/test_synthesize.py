@@ -197,3 +197,13 @@ def test_a_cohort_loads_the_model_once_and_one_bad_case_loses_no_other(exam, pip
     assert main(["synthesize", "--cases", str(empty), "--engine", "gan", "--pipeline", str(pipelines / "gan"),
                  "--out", str(tmp_path / "none")]) == 2
     assert "no cases found" in capsys.readouterr().err
+
+
+def test_case_folder_names_are_safe_and_never_shared():
+    from mmdiff.data.manifest import Case
+    from mmdiff.synthesize import case_folder_names
+
+    names = case_folder_names([Case("sub-01", "a"), Case("../etc", "a"), Case("sub 02/ses-1", "b")])
+    assert list(names.values()) == ["sub-01", "etc", "sub_02_ses-1"]
+    with pytest.raises(ValueError, match="would share the output folder 'sub_1'"):
+        case_folder_names([Case("sub 1", "a"), Case("sub/1", "a")])
