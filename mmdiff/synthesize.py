@@ -287,6 +287,8 @@ def synthesize_cases(
               "precision": resolve_precision(precision, pipeline._execution_device),
               "targets": sorted(hidden) if targets else "each case's missing sequences", "seed": seed, "cases": []}
     known = list(pipeline.modalities)
+    for target in targets or ():  # a target the model cannot make fails every case: say so once, here
+        canonical(target, known)
     bar = tqdm(cases, desc="synthesize", unit="case", disable=not progress)
     try:
         for case in bar:
