@@ -48,13 +48,16 @@ from mmdiff.pipelines.common import call_defaults, diffusion_settings
 from mmdiff.viz import montage
 
 ROOT = Path(__file__).resolve().parents[1]
-CASE = ROOT / ".." / "shared" / "data" / "brats2018-sample" / "Brats18_CBICA_AME_1"
+BRATS = ROOT / ".." / "shared" / "data" / "brats2018-sample"
+#: a real BraTS case the published models held out (their training_info.json: AOZ is a test case)
+DEFAULT_CASE = "Brats18_CBICA_AOZ_1"
 SOURCES = ("t1", "t2", "flair")
 FILE_NAMES = {"t1c": "t1ce"}
 
 
-def load_case(target: str):
+def load_case(target: str, name: str = DEFAULT_CASE):
     """``(inputs, reference, brain, lesion, dataset, description)``."""
+    CASE = BRATS / name
     if CASE.is_dir():
         read = lambda m: np.asarray(nib.load(next(CASE.glob(f"*_{FILE_NAMES.get(m, m)}.nii.gz"))).dataobj,  # noqa: E731
                                     dtype=np.float32)
@@ -109,6 +112,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("pipelines", nargs="+", help="pipeline folders (gan / ldm: the published ones)")
     parser.add_argument("--target", default="t1c")
+    parser.add_argument("--case", default=DEFAULT_CASE, help="a real BraTS 2018 case folder name (default: held-out AOZ; "
+                                                           "the phantom glioma case 0 where the data is absent)")
     parser.add_argument("--steps", type=int, help="diffusion steps (ldm; default: the pipeline's)")
     parser.add_argument("--samples", type=int, help="K for a diffusion pipeline's point estimate (default: the pipeline's); its "
                                                                "first sample is shown and scored too")
@@ -119,7 +124,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
 
-    images, reference, brain, lesion, dataset, description = load_case(args.target)
+    images, reference, brain, lesion, dataset, description = load_case(args.target, args.case)
     depth = np.flatnonzero(brain.any((0, 1)))
     if args.slab:
         middle = int(depth.mean())
