@@ -97,8 +97,18 @@ def montage(rows: Sequence[Row], path: str | os.PathLike, cell: int = 192, title
                              Image.BILINEAR)
             canvas.paste(img, (x0 + (cell - img.width) // 2, y0 + label_h + (cell - img.height) // 2))
     with atomic_path(path, overwrite=overwrite) as tmp:
-        canvas.save(tmp, format="PNG")
+        grey_png(canvas).save(tmp, format="PNG", optimize=True)
     return Path(path)
+
+
+def grey_png(image: Image.Image) -> Image.Image:
+    """``image`` as one grey channel when all its pixels are grey (the same pixels, about half the
+    file), else as it is: montages of MR images with white labels are grey unless a panel is RGB."""
+    if image.mode == "RGB":
+        red, green, blue = (np.asarray(band) for band in image.split())
+        if np.array_equal(red, green) and np.array_equal(green, blue):
+            return image.convert("L")
+    return image
 
 
 def lesion_centre(seg: np.ndarray) -> tuple[int, int, int]:

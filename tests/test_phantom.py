@@ -219,3 +219,11 @@ def test_montage_writes_png(tmp_path, glioma):
                     ("rgb", [("x", np.zeros((8, 8, 3), np.uint8))])], tmp_path / "m.png", cell=64, title="t")
     with Image.open(path) as img:
         assert img.mode == "RGB" and img.height > 2 * 64
+    # grey panels only: one grey channel, the same pixels as the RGB canvas
+    grey = montage([("inputs", [("t1", rng.random((20, 30)))])], tmp_path / "g.png", cell=64, title="t")
+    coloured = np.zeros((8, 8, 3), np.uint8)
+    coloured[..., 0] = 200  # red
+    rgb = montage([("x", [("c", coloured)])], tmp_path / "c.png", cell=64)
+    with Image.open(grey) as img, Image.open(rgb) as img_rgb:
+        assert img.mode == "L" and img.getextrema()[1] == 255  # white labels, grey images
+        assert img_rgb.mode == "RGB" and np.asarray(img_rgb)[..., 0].max() == 200
