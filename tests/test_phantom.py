@@ -215,15 +215,14 @@ def test_montage_writes_png(tmp_path, glioma):
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    path = montage([("inputs", [("t1", rng.random((20, 30))), ("t2", rng.random((30, 20)))]),
-                    ("rgb", [("x", np.zeros((8, 8, 3), np.uint8))])], tmp_path / "m.png", cell=64, title="t")
-    with Image.open(path) as img:
-        assert img.mode == "RGB" and img.height > 2 * 64
-    # grey panels only: one grey channel, the same pixels as the RGB canvas
-    grey = montage([("inputs", [("t1", rng.random((20, 30)))])], tmp_path / "g.png", cell=64, title="t")
     coloured = np.zeros((8, 8, 3), np.uint8)
     coloured[..., 0] = 200  # red
-    rgb = montage([("x", [("c", coloured)])], tmp_path / "c.png", cell=64)
-    with Image.open(grey) as img, Image.open(rgb) as img_rgb:
+    path = montage([("inputs", [("t1", rng.random((20, 30))), ("t2", rng.random((30, 20)))]),
+                    ("rgb", [("x", coloured)])], tmp_path / "m.png", cell=64, title="t")
+    with Image.open(path) as img:
+        assert img.mode == "RGB" and img.height > 2 * 64 and np.asarray(img)[..., 0].max() == 255
+        assert (np.asarray(img)[..., 1][np.asarray(img)[..., 0] == 200] == 0).any()  # the red panel
+    # grey panels only: one grey channel (the same pixels as the RGB canvas, half the file)
+    grey = montage([("inputs", [("t1", rng.random((20, 30)))])], tmp_path / "g.png", cell=64, title="t")
+    with Image.open(grey) as img:
         assert img.mode == "L" and img.getextrema()[1] == 255  # white labels, grey images
-        assert img_rgb.mode == "RGB" and np.asarray(img_rgb)[..., 0].max() == 200
