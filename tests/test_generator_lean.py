@@ -112,6 +112,10 @@ def test_detail_transfer_starts_as_the_old_model_and_adds_each_present_source_fi
     assert high_pass.abs().mean() > 0.1  # random inputs: plenty of detail to carry
     others = [m for m in range(M) if m != FLAIR]
     torch.testing.assert_close(after[:, others], before[:, others], rtol=0, atol=0)
+    with torch.no_grad():  # worked out for the asked targets only: the same values there, background elsewhere
+        some = new(x, present, 0, targets=[FLAIR, T1C])
+    torch.testing.assert_close(some[:, [FLAIR, T1C]], after[:, [FLAIR, T1C]], rtol=0, atol=1e-6)
+    assert torch.all(some[:, [m for m in range(M) if m not in (FLAIR, T1C)]] == -1)
     new(x, present, 0)[:, FLAIR].square().mean().backward()
     assert new.decoder.detail.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="detail transfer needs refine_channels"):
