@@ -26,18 +26,20 @@ def calibrate_pipeline(pipe, cache: Path, out: Path, num_samples: int | None = N
                        num_inference_steps: int | None = None,
                        coverage: float | None = None, slices_per_case: int = 4, cases_per_dataset: int = 4,
                        seed: int = 1, fit_weight: bool = True, overwrite: bool = False,
-                       uncertainty_window: int | None = None) -> dict:
+                       uncertainty_window: int | None = None, conditions: str | None = None) -> dict:
     """Fit ``residual_fit`` and ``interval_scale`` of ``pipe`` (an :class:`~mmdiff.pipelines.MMDiffPipeline`)
     on ``cache``'s validation cases (test cases where it has none) and save the pipeline to ``out``.
 
     The interval scale holds for the sample count and steps it is fitted at (by default the pipeline's
     own defaults, the settings a user gets) and for the spread's pooling window
-    (``uncertainty_window``, stored with it; default :data:`~mmdiff.pipelines.ldm.DEFAULT_UNCERTAINTY_WINDOW`)."""
+    (``uncertainty_window``, stored with it; default :data:`~mmdiff.pipelines.ldm.DEFAULT_UNCERTAINTY_WINDOW`).
+    ``conditions``: the sources and targets each validation slice gets (default:
+    :data:`~mmdiff.training.data.CALIBRATION_CONDITIONS`; see :func:`~mmdiff.training.data.calibration_slices`)."""
     from .data.cache import cache_preprocessor, read_index
     from .data.preprocessing import MRIPreprocessor
     from .pipelines.common import diffusion_settings
     from .pipelines.ldm import DEFAULT_UNCERTAINTY_WINDOW, calibrate
-    from .training.data import calibration_slices, validation_samples
+    from .training.data import CALIBRATION_CONDITIONS, calibration_slices, validation_samples
 
     if getattr(pipe, "engine", None) != "ldm":
         raise ValueError("calibrate: only a diffusion (ldm) pipeline has a residual weight and an uncertainty scale")
@@ -67,7 +69,9 @@ def calibrate_pipeline(pipe, cache: Path, out: Path, num_samples: int | None = N
     if not samples:
         raise ValueError(f"{cache} has no held-out case with two or more sequences to calibrate on")
     unknown = sorted({cache_names[int(s["dataset_id"])] for s in samples} - set(names))
-    slices = calibration_slices(samples, lambda i: names.index(cache_names[i]) if cache_names[i] in names else -1)
+    conditions = conditions or CALIBRATION_CONDITIONS
+    slices = calibration_slices(samples, lambda i: names.index(cache_names[i]) if cache_names[i] in names else -1,
+                                conditions=conditions, seed=seed, modalities=modalities)
     coverage = float(pipe.config.coverage if coverage is None else coverage)
     fitted = calibrate(pipe.predictor, pipe.vae, pipe.unet, pipe.scheduler, slices, num_samples, num_inference_steps,
                        coverage, pipe.config.point_estimate, torch.Generator(device="cpu").manual_seed(seed),
@@ -81,7 +85,7 @@ def calibrate_pipeline(pipe, cache: Path, out: Path, num_samples: int | None = N
               "uncertainty_window": uncertainty_window,
               "slices": len(slices), "voxels": fitted.voxels, "predictor_mse": fitted.predictor_mse,
               "point_mse": fitted.point_mse, "datasets": sorted({cache_names[int(s["dataset_id"])] for s in samples}),
-              "datasets_unknown_to_the_model": unknown, "seed": seed}
+              "datasets_unknown_to_the_model": unknown, "conditions": conditions, "seed": seed}
     with atomic_dir(out) as tmp:  # replaces an older ``out`` only once the new one is whole
         pipe.save_pretrained(tmp)
         # the run record travels with the weights (`mmdiff export` renders a card from it and a new

@@ -194,7 +194,8 @@ def cmd_calibrate(args) -> int:
                                 uncertainty_window=args.uncertainty_window,
                                 coverage=args.coverage, slices_per_case=args.slices_per_case,
                                 cases_per_dataset=args.cases_per_dataset, seed=args.seed,
-                                fit_weight=not args.keep_weight, overwrite=args.overwrite)
+                                fit_weight=not args.keep_weight, overwrite=args.overwrite,
+                                conditions=args.conditions)
     scale = record["interval_scale"]
     weights = ", ".join(f"{w:.2f} (K={k})" for k, w in record["residual_weight"].items())
     print(f"residual weight {weights}; interval scale (spread pooled over {record['uncertainty_window']} px) "
@@ -386,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "(default: the pipeline's)")
     p.add_argument("--slices-per-case", type=int, default=4, help="(default: %(default)s)")
     p.add_argument("--cases-per-dataset", type=int, default=4, help="(default: %(default)s)")
+    p.add_argument("--conditions", choices=["random", "all-but-one", "one-to-one", "many-to-one"],
+                   help="the sources and targets each validation slice gets (default: random, any non-empty "
+                        "proper subset of its sequences as sources and the rest as targets)")
     p.add_argument("--keep-weight", action="store_true", help="fit only the scale; the residual weight stays 1")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier OUT folder")

@@ -240,6 +240,36 @@ def test_ldm_tiny_needs_no_other_step(tiny_cache, tmp_path):
     assert "calibration.json" in publish_list(tmp_path / "published")[0]
     assert cli(["calibrate", str(final), "--data", str(tiny_cache), "--out", str(final), "--overwrite"]) == 2
     assert cli(["calibrate", str(final), "--data", str(tiny_cache), "--out", str(out)]) == 2  # exists
+    assert record["conditions"] == "random"  # the default
+    assert cli(["calibrate", str(final), "--data", str(tiny_cache), "--out", str(tmp_path / "rich"), "--samples", "2",
+                "--steps", "2", "--slices-per-case", "1", "--conditions", "all-but-one"]) == 0
+    assert json.loads((tmp_path / "rich" / "calibration.json").read_text())["conditions"] == "all-but-one"
+
+
+def test_calibration_conditions_all_but_one_or_random_subsets():
+    """all-but-one: one target per slice, every other sequence a source; random: any non-empty proper
+    subset as sources and the rest as targets, reproducible from the seed; fewer sources than
+    all-but-one on some slices."""
+    from mmdiff.training.data import calibration_slices
+
+    available = torch.tensor([True, True, True, True, False, False, False])
+    samples = [{"images": torch.zeros(7, 4, 4), "available": available, "dataset_id": 0,
+                "brain_mask": torch.ones(4, 4, dtype=torch.bool)} for _ in range(40)]
+    modalities = ("t1", "t2", "t1c", "flair", "dwi", "adc", "pd")
+    rich = calibration_slices(samples, lambda i: i, conditions="all-but-one")
+    assert all(int(t.sum()) == 1 and bool((s | t).eq(available).all()) for _, s, t, *_ in rich)
+    drawn = calibration_slices(samples, lambda i: i, conditions="random", seed=3, modalities=modalities)
+    counts = set()
+    for _, sources, targets, *_ in drawn:
+        sources, targets = torch.as_tensor(sources).bool(), torch.as_tensor(targets).bool()
+        assert 1 <= int(sources.sum()) <= 3 and not bool((sources & targets).any())
+        assert bool((sources | targets).eq(available).all())
+        counts.add(int(sources.sum()))
+    assert counts == {1, 2, 3}
+    again = calibration_slices(samples, lambda i: i, conditions="random", seed=3, modalities=modalities)
+    assert all(torch.equal(torch.as_tensor(a[1]), torch.as_tensor(b[1])) for a, b in zip(drawn, again))
+    with pytest.raises(ValueError, match="need the modality names"):
+        calibration_slices(samples, lambda i: i, conditions="random")
 
 
 def test_config_errors_before_training(tiny_cache, tmp_path, capsys):

@@ -268,13 +268,15 @@ class LDMStage(Stage):
         return from_network(point_and_spread(mu, residuals, posteriors, self.point_estimate)[0])
 
     def calibrate(self, unet) -> Calibration | None:
-        """The residual weight and interval scale fitted on the validation slices (all-but-one
-        conditions, :func:`~mmdiff.pipelines.ldm.calibrate`), or None without any."""
+        """The residual weight and interval scale fitted on the validation slices (the conditions of
+        :func:`~mmdiff.training.data.calibration_slices`, :func:`~mmdiff.pipelines.ldm.calibrate`),
+        or None without any."""
         from .data import calibration_slices
 
         if not self.calibration_slices:
             return None
-        slices = calibration_slices(self.calibration_slices, lambda i: int(self._predictor_ids(i)))
+        slices = calibration_slices(self.calibration_slices, lambda i: int(self._predictor_ids(i)), seed=1,
+                                    modalities=self.modalities)
         unet.eval()
         return calibrate(self.predictor, self.vae, unet, self.sampler, slices, self.calibration_count,
                          self.sampling_steps, self.coverage, self.point_estimate,
