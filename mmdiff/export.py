@@ -203,6 +203,24 @@ def _slice_limits(pipe) -> str:
     return text + "."
 
 
+def generator_layout(config) -> str:
+    """A sentence on the generator's layout, from its own config (the card says what the weights are)."""
+    parts = []
+    if not config.get("modality_streams", True) and config.get("shared_decoder", False):
+        parts.append("one U-Net with a channel per sequence (the lean layout)")
+    if config.get("patch_size", 1) > 1:
+        parts.append(f"run on {config['patch_size']} x {config['patch_size']} patches with a full-resolution output "
+                     "layer" + (" low-passed against a patch mesh" if config.get("refine_blur") else ""))
+    k = int(config.get("context_slices", 0))
+    if k:
+        parts.append(("the neighbouring slice" if k == 1 else f"the {k} neighbouring slices")
+                     + " on each side of every source as input (2.5D)")
+    if config.get("detail_transfer"):
+        parts.append("each source's own fine detail (the image minus its [1 2 1] blur) added back to each "
+                     "output, weighted per voxel by coefficients the decoder draws")
+    return (" Layout: " + "; ".join(parts) + ".") if parts else ""
+
+
 def render_card(pipe, info: dict, rows: list[dict], method: str, evaluation: Path | None, dtype: str,
                 repo_id: str | None, training_note: str | None = None, downstream: Path | None = None) -> str:
     """The model card: every fact about the training comes from the run's ``training_info.json``."""
@@ -245,7 +263,8 @@ def render_card(pipe, info: dict, rows: list[dict], method: str, evaluation: Pat
         if is_diffusion else
         "A one-step multi-modal generator (UNet with dataset-embedding feature modulation) trained "
         "adversarially against per-modality patch discriminators, with selective supervision of the "
-        "missing sequences and reconstruction of the given ones. Deterministic: one forward pass per slice.")
+        "missing sequences and reconstruction of the given ones. Deterministic: one forward pass per slice."
+        + generator_layout(pipe.generator.config))
     return ModelCard.from_template(
         card_data, template_path=str(model_card_template()),
         title=f"{name}: {'latent diffusion' if is_diffusion else 'GAN'} synthesis of missing MRI sequences",

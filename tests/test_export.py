@@ -205,3 +205,15 @@ def test_push_offline_says_what_to_do(tmp_path, capsys):
     assert os.environ.get("HF_HUB_OFFLINE") == "1"  # the test command sets it
     assert main(["push", str(tmp_path / "out"), "--repo-id", "org/x"]) == 2
     assert "unset it to push" in capsys.readouterr().err
+
+
+def test_the_card_describes_the_generator_layout_from_its_config():
+    from mmdiff.export import generator_layout
+
+    lean = {"modality_streams": False, "shared_decoder": True, "patch_size": 2, "refine_blur": True,
+            "context_slices": 1, "detail_transfer": True}
+    text = generator_layout(lean)
+    assert "lean layout" in text and "2 x 2 patches" in text and "neighbouring slice on each side" in text
+    assert "fine detail" in text
+    assert "fine detail" not in generator_layout({**lean, "detail_transfer": False})
+    assert generator_layout({"modality_streams": True, "patch_size": 1, "context_slices": 0}) == ""
