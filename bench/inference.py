@@ -216,7 +216,8 @@ def bench_ldm(path: str, images: dict, dataset: str, device: torch.device, rate:
     if naive_slices > 0:
         row("naive: per-slice loop, all slices, K = 4, batch 1", naive, naive_slices, 4 * steps,
             scale_to=total_slices)
-    return {"precision_auto": resolve_precision("auto", device), "flops_per_slice": {"predictor": predictor_flops, "unet_step": unet_flops},
+    return {"precision_auto": resolve_precision("auto", device),
+            "flops_per_slice": {"predictor": predictor_flops, "unet_step": unet_flops},
             "brain_slices": brain_slices, "slices": total_slices, "rows": rows}
 
 

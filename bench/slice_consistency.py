@@ -57,13 +57,13 @@ FILE_NAMES = {"t1c": "t1ce"}
 
 def load_case(target: str, name: str = DEFAULT_CASE):
     """``(inputs, reference, brain, lesion, dataset, description)``."""
-    CASE = BRATS / name
-    if CASE.is_dir():
-        read = lambda m: np.asarray(nib.load(next(CASE.glob(f"*_{FILE_NAMES.get(m, m)}.nii.gz"))).dataobj,  # noqa: E731
+    case = BRATS / name
+    if case.is_dir():
+        read = lambda m: np.asarray(nib.load(next(case.glob(f"*_{FILE_NAMES.get(m, m)}.nii.gz"))).dataobj,  # noqa: E731
                                     dtype=np.float32)
         images = {m: read(m) for m in SOURCES}
         reference, seg = read(target), read("seg")
-        return images, reference, reference > 0, seg > 0, "brats", f"real BraTS 2018 {CASE.name}"
+        return images, reference, reference > 0, seg > 0, "brats", f"real BraTS 2018 {case.name}"
     from mmdiff.data.phantom import simulate_case
 
     case = simulate_case("glioma", 0, seed=0, spacing=1.0)

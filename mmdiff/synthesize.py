@@ -19,6 +19,7 @@ case's outcome.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -42,15 +43,24 @@ from .validation import check_input_files, check_output_folder, check_pipeline_s
 STAGING_PREFIX = ".mmdiff-synthesize-"
 
 def revision(source: str | os.PathLike) -> str:
-    """A short content hash of a local pipeline folder's index and weights (or the repo id itself)."""
+    """A short content hash of a local pipeline folder's index and weights (or the repo id itself).
+
+    Hashed once per folder state (path, sizes and modification times of its files): a cohort run asks
+    for every case, and rereading the weights for each would cost a read of the whole model a case."""
     path = Path(source)
     if not path.is_dir():
         return str(source)
+    files = sorted(f for f in path.rglob("*") if f.suffix in (".json", ".safetensors") and f.is_file())
+    stamp = tuple((str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _content_hash(str(path.resolve()), stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _content_hash(folder: str, stamp: tuple) -> str:
     digest = hashlib.sha256()
-    for file in sorted(path.rglob("*")):
-        if file.suffix in (".json", ".safetensors") and file.is_file():
-            digest.update(str(file.relative_to(path)).encode())
-            digest.update(file.read_bytes())
+    for name, _, _ in stamp:
+        digest.update(name.encode())
+        digest.update((Path(folder) / name).read_bytes())
     return digest.hexdigest()[:16]
 
 

@@ -207,3 +207,26 @@ def test_case_folder_names_are_safe_and_never_shared():
     assert list(names.values()) == ["sub-01", "etc", "sub_02_ses-1"]
     with pytest.raises(ValueError, match="would share the output folder 'sub_1'"):
         case_folder_names([Case("sub 1", "a"), Case("sub/1", "a")])
+
+
+def test_revision_hashes_a_folder_once_per_state(tmp_path, monkeypatch):
+    """A cohort asks for the model's revision every case: the weights are read once, and read again
+    (a new hash) only when a file changes."""
+    import os
+    from pathlib import Path
+
+    from mmdiff.synthesize import revision
+
+    folder = tmp_path / "model"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    (folder / "unet" / "w.safetensors").write_bytes(b"weights")
+    reads = []
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(self.name) or real(self))
+    first = revision(folder)
+    assert revision(folder) == first and len(reads) == 2
+    (folder / "unet" / "w.safetensors").write_bytes(b"other weights")
+    os.utime(folder / "unet" / "w.safetensors", ns=(1, 1))
+    assert revision(folder) != first and len(first) == 16 and len(reads) == 4
+    assert revision("org/repo") == "org/repo"
