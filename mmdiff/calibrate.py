@@ -75,14 +75,16 @@ def calibrate_pipeline(pipe, cache: Path, out: Path, num_samples: int | None = N
     coverage = float(pipe.config.coverage if coverage is None else coverage)
     fitted = calibrate(pipe.predictor, pipe.vae, pipe.unet, pipe.scheduler, slices, num_samples, num_inference_steps,
                        coverage, pipe.config.point_estimate, torch.Generator(device="cpu").manual_seed(seed),
-                       fit_weight=fit_weight, uncertainty_window=uncertainty_window)
+                       fit_weight=fit_weight, uncertainty_window=uncertainty_window,
+                       error_model=getattr(pipe, "error_model", None))
     stored = fitted.pipeline_config()
     pipe.register_to_config(**stored, coverage=coverage)
     record = {"residual_weight": {k: fitted.weight(k) for k in (1, 2, 4, 8)}, "residual_fit": stored["residual_fit"],
               "interval_scale": fitted.interval_scale, "interval_scales": fitted.interval_scales,
               "target_voxels": fitted.target_voxels, "coverage": coverage, "num_samples": num_samples,
               "num_inference_steps": num_inference_steps, "point_estimate": pipe.config.point_estimate,
-              "uncertainty_window": uncertainty_window,
+              "uncertainty_window": uncertainty_window, "error_model": getattr(pipe, "error_model", None) is not None,
+              "spearman_calibration": fitted.spearman,
               "slices": len(slices), "voxels": fitted.voxels, "predictor_mse": fitted.predictor_mse,
               "point_mse": fitted.point_mse, "datasets": sorted({cache_names[int(s["dataset_id"])] for s in samples}),
               "datasets_unknown_to_the_model": unknown, "conditions": conditions, "seed": seed}

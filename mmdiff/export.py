@@ -253,9 +253,15 @@ def render_card(pipe, info: dict, rows: list[dict], method: str, evaluation: Pat
         "weighted by a factor fitted on validation slices for the number of runs K (`residual_fit` in "
         "`model_index.json`: a residual that does not help there is shrunk toward the predictor's image; "
         "`mmdiff calibrate` refits it on other data); "
-        "with `num_samples=K > 1` the pipeline also returns the standard deviation of K sampled "
-        "residuals (its variance pooled over a small window of pixels, `uncertainty_window`, so that two "
-        "samples give a usable map), scaled so that `image +- uncertainty` covers the stated fraction of "
+        + ("an error model (a small network trained beside the UNet, a pipeline component) states per "
+           "voxel how far off `mu` is likely to be (the scale of a Laplace error, trained by its likelihood "
+           "on the predictor's errors); the uncertainty combines it with the spread of the K sampled "
+           "residuals (their variance pooled over a small window of pixels, `uncertainty_window`), "
+           if getattr(pipe, "error_model", None) is not None else
+           "with `num_samples=K > 1` the pipeline also returns the standard deviation of K sampled "
+           "residuals (its variance pooled over a small window of pixels, `uncertainty_window`, so that two "
+           "samples give a usable map), ") +
+        "scaled so that `image +- uncertainty` covers the stated fraction of "
         "brain voxels on validation slices (`interval_scale`, `coverage` in `model_index.json`, and "
         "`interval_scales` per target sequence; fitted for the pipeline's default K), and `return_samples=True` "
         "gives the samples themselves. Sampled with the scheduler saved here (any diffusers scheduler "

@@ -17,7 +17,7 @@ from conftest import blob_volume, centred_affine
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler
 
 from mmdiff.io import SYNTHETIC_DESCRIP, load_volume
-from mmdiff.models import HaarWavelet, MultiModalGenerator, ResidualUNet
+from mmdiff.models import ErrorScaleNet, HaarWavelet, MultiModalGenerator, ResidualUNet
 from mmdiff.cli import PRECISION_NAMES, SCHEDULER_NAMES
 from mmdiff.pipelines import PRECISIONS, SCHEDULERS, MMDiffPipeline, MMDiffPipelineOutput, MMGANPipeline, use_scheduler
 from mmdiff.pipelines.ldm import TRAINING_SCHEDULER
@@ -38,12 +38,18 @@ def tiny_unet(trained: bool = True) -> ResidualUNet:
     return unet
 
 
-def tiny_ldm(seed: int = 0, trained: bool = True) -> MMDiffPipeline:
-    """Haar /2, UNet /2, predictor /2: slices are padded to multiples of 4; DPM-Solver++ sampler."""
+def tiny_ldm(seed: int = 0, trained: bool = True, error_model: bool = False) -> MMDiffPipeline:
+    """Haar /2, UNet /2, predictor /2: slices are padded to multiples of 4; DPM-Solver++ sampler; with
+    ``error_model``, a tiny :class:`~mmdiff.models.ErrorScaleNet` whose output varies (as a trained one's)."""
     predictor = tiny_gan(seed).generator
     torch.manual_seed(seed)
+    errors = None
+    if error_model:
+        errors = ErrorScaleNet(modalities=predictor.config.modalities, num_datasets=2, dataset_names=DATASETS,
+                               channels=8, num_layers=2)
+        torch.nn.init.normal_(errors.conv_out.weight, std=0.1)
     pipe = MMDiffPipeline(HaarWavelet(levels=1), tiny_unet(trained),
-                          DPMSolverMultistepScheduler.from_config(TRAINING_SCHEDULER), predictor)
+                          DPMSolverMultistepScheduler.from_config(TRAINING_SCHEDULER), predictor, error_model=errors)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

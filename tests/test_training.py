@@ -152,6 +152,34 @@ def test_lesion_oversample_repeats_the_slices_with_a_lesion(tiny_cache):
         training_loader(dataset, batch_size=2, seed=0, lesion_oversample=0)
 
 
+def test_dataset_oversample_repeats_one_datasets_slices_and_multiplies_with_lesions(tiny_cache):
+    """``data.dataset_oversample: {name: n}``: each slice of that dataset comes n times per epoch (times
+    the lesion repeats); the other datasets' slices are untouched; a name not in the cache is refused."""
+    from mmdiff.training.config import ConfigError
+    from mmdiff.training.data import training_dataset, training_loader
+
+    dataset = training_dataset({"modalities": None}, tiny_cache, seed=0)
+    names, ids, lesion = dataset.dataset_names, dataset.dataset_ids, dataset.lesion_slices
+    present = [n for n in names if (ids == names.index(n)).any()]
+    assert len(present) >= 2
+    chosen = present[0]
+    mine = ids == names.index(chosen)
+
+    def counts(**kwargs):
+        _, sampler = training_loader(dataset, batch_size=2, seed=0, **kwargs)
+        return np.bincount([i for b in sampler for i in b], minlength=len(dataset))
+
+    plain, more = counts(), counts(dataset_oversample={chosen: 4})
+    assert (more[mine] >= 4).all() and (more[~mine] <= 2).all() and (plain <= 2).all()
+    both = counts(dataset_oversample={chosen: 2}, lesion_oversample=3)
+    assert (both[mine & lesion] >= 6).all() and (both[mine & ~lesion] >= 2).all()
+    assert (both[~mine & lesion] >= 3).all() and (both[~mine & ~lesion] <= 2).all()
+    with pytest.raises(ConfigError, match="not a training dataset"):
+        training_loader(dataset, batch_size=2, seed=0, dataset_oversample={"nowhere": 2})
+    with pytest.raises(ConfigError, match="whole number"):
+        training_loader(dataset, batch_size=2, seed=0, dataset_oversample={chosen: 0.5})
+
+
 def test_ctrl_c_saves_the_step_reached_and_resume_finishes_like_an_uninterrupted_run(tiny_cache, tmp_path,
                                                                                      monkeypatch, capsys):
     """Ctrl-C (or SIGTERM) mid-run: the loop stops at the step boundary with a checkpoint of that step
@@ -199,9 +227,13 @@ def test_ldm_tiny_needs_no_other_step(tiny_cache, tmp_path):
     assert _train("ldm-tiny", tmp_path / "run", tiny_cache, "--max-steps", "4", "model.predictor.max_steps=3",
                   "validation.every=0") == 0
     final = tmp_path / "run" / "final"
-    assert {p.name for p in final.iterdir()} >= {"unet", "vae", "scheduler", "predictor", "training_info.json"}
+    assert {p.name for p in final.iterdir()} >= {"unet", "vae", "scheduler", "predictor", "error_model",
+                                                  "training_info.json"}
     index = json.loads((final / "model_index.json").read_text())
     assert index["vae"] == ["mmdiff.models.wavelet", "HaarWavelet"]
+    assert index["error_model"] == ["mmdiff.models.error_scale", "ErrorScaleNet"]  # trained beside the UNet
+    records_ = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(np.isfinite(r.get("train/error_nll", np.nan)) for r in records_)
     assert index["predictor"] == ["mmdiff.models.gan", "MultiModalGenerator"]
     assert index["scheduler"] == ["diffusers", "DPMSolverMultistepScheduler"]  # the config's sampler, as given
     assert index["coverage"] == 0.9 and index["interval_scale"] > 0 and index["calibration_samples"] == 2
@@ -241,6 +273,7 @@ def test_ldm_tiny_needs_no_other_step(tiny_cache, tmp_path):
     assert cli(["calibrate", str(final), "--data", str(tiny_cache), "--out", str(final), "--overwrite"]) == 2
     assert cli(["calibrate", str(final), "--data", str(tiny_cache), "--out", str(out)]) == 2  # exists
     assert record["conditions"] == "random"  # the default
+    assert record["error_model"] is True and -1 <= record["spearman_calibration"] <= 1
     assert cli(["calibrate", str(final), "--data", str(tiny_cache), "--out", str(tmp_path / "rich"), "--samples", "2",
                 "--steps", "2", "--slices-per-case", "1", "--conditions", "all-but-one"]) == 0
     assert json.loads((tmp_path / "rich" / "calibration.json").read_text())["conditions"] == "all-but-one"

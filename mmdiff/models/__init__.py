@@ -1,5 +1,7 @@
-"""mmdiff's networks: PFM, the latents (Haar wavelet, VAE), the residual diffusion UNet, and the GAN."""
+"""mmdiff's networks: PFM, the latents (Haar wavelet, VAE), the residual diffusion UNet, the learned error
+scale, and the GAN."""
 
+from .error_scale import ErrorScaleNet, laplace_nll
 from .gan import ModalityDiscriminators, MultiModalGenerator
 from .pfm import NULL_DATASET_ID, DatasetEmbedding, FeatureModulation, drop_dataset_id
 from .unet import ResidualUNet, diffusion_loss
@@ -10,6 +12,7 @@ from .wavelet import HaarWavelet
 __all__ = [
     "NULL_DATASET_ID",
     "DatasetEmbedding",
+    "ErrorScaleNet",
     "FeatureModulation",
     "HaarWavelet",
     "ModalityDiscriminators",
@@ -21,6 +24,7 @@ __all__ = [
     "downsampling_factor",
     "drop_dataset_id",
     "encode_modalities",
+    "laplace_nll",
     "latent_channels",
     "measure_scaling_factor",
 ]

@@ -9,7 +9,8 @@ residuals per slice:
   sample from the posterior has twice the posterior mean's squared error, -3 dB, the mean of K
   samples ``1 + 1/K`` times it), the residual weighted by :class:`ResidualFit`, fitted on validation
   slices so that a residual which does not help there is shrunk toward 0 (the predictor's image);
-- the uncertainty is their per-voxel standard deviation, times a scale fitted on validation slices
+- the uncertainty is their per-voxel standard deviation (with an ``error_model``, combined with its
+  learned error scale: :func:`combined_spread`), times a scale fitted on validation slices
   (``interval_scale`` in the pipeline config, ``interval_scales`` per target sequence) so that
   ``image +- uncertainty`` covers the stated fraction (``coverage``) of brain voxels;
 - ``return_samples=True`` also returns the individual samples (``mu`` + one residual each).
@@ -35,6 +36,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolve
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..models.error_scale import ErrorScaleNet
 from ..models.gan import MultiModalGenerator
 from ..models.unet import ResidualUNet
 from ..data.preprocessing import MRIPreprocessor
@@ -241,6 +243,31 @@ def sample_spread(residuals: torch.Tensor, window: int = 1) -> torch.Tensor | No
     return variance.sqrt()
 
 
+def error_scale(error_model: ErrorScaleNet | None, images: torch.Tensor, mu: torch.Tensor, sources: torch.Tensor,
+                dataset_id: torch.Tensor | int, precision: str = "float32") -> torch.Tensor | None:
+    """The error model's Laplace scale ``b`` ``[B, M, H, W]`` ([-1, 1] units) of ``mu``'s error, given the
+    sources (``images`` where ``sources``) and ``mu`` elsewhere; None without an error model."""
+    if error_model is None:
+        return None
+    batch = images.shape[0]
+    planes = torch.as_tensor(sources, device=images.device).bool().expand(batch, -1)[:, :, None, None]
+    condition = torch.where(planes, images, mu).to(error_model.dtype)
+    with network_autocast(precision, images.device):
+        log_scale = error_model(condition, planes[:, :, 0, 0], dataset_id)
+    return torch.exp(log_scale.to(images.dtype))
+
+
+def combined_spread(std: torch.Tensor | None, scale: torch.Tensor | None) -> torch.Tensor | None:
+    """The uncertainty before calibration: ``sqrt(std^2 + 2 b^2)``, the samples' spread and the error
+    model's Laplace scale ``b`` (whose standard deviation is ``sqrt(2) b``) as two variances; either
+    alone where the other is None (one sample; no error model). Calibration scales the sum as a
+    whole, so only where it is large matters, not its level."""
+    if scale is None:
+        return std
+    variance = 2 * scale.square()
+    return (variance if std is None else variance + std.square()).sqrt()
+
+
 def point_runs(residuals: torch.Tensor, posteriors: torch.Tensor | None, point_estimate: str) -> torch.Tensor:
     """The K per-run residual estimates ``[K, ...]`` whose mean the point estimate adds to ``mu``."""
     if point_estimate not in POINT_ESTIMATES:
@@ -305,6 +332,18 @@ def fit_interval_scale(errors: np.ndarray, spread: np.ndarray, coverage: float) 
     return float(np.quantile(ratio, level, method="higher"))
 
 
+def rank_correlation(spread: np.ndarray, error: np.ndarray, max_points: int = 500_000) -> float:
+    """Spearman's rank correlation of a stated spread with the absolute error (on an evenly spaced
+    subset of at most ``max_points`` points: ranking millions of voxels takes seconds)."""
+    from scipy.stats import spearmanr
+
+    step = max(1, len(spread) // max_points)
+    spread, error = np.asarray(spread)[::step], np.asarray(error)[::step]
+    if np.ptp(spread) == 0 or np.ptp(error) == 0:  # a constant ranks nothing
+        return float("nan")
+    return float(spearmanr(spread, error).statistic)
+
+
 #: calibration voxels a target sequence needs for a scale of its own (about two slices of brain)
 MIN_TARGET_VOXELS = 40_000
 
@@ -339,6 +378,8 @@ class Calibration:
     #: one scale per target sequence with enough calibration voxels (:func:`fit_interval_scales`)
     interval_scales: dict[str, float] | None = None
     target_voxels: dict[str, int] | None = None  #: calibration voxels per target sequence
+    #: rank correlation of the (unscaled) spread with |error| on the calibration voxels (None: no spread)
+    spearman: float | None = None
 
     def weight(self, num_samples: int) -> float:
         return 1.0 if self.residual_fit is None else self.residual_fit.weight(num_samples)
@@ -365,6 +406,7 @@ def calibrate(
     generator: torch.Generator | None = None,
     fit_weight: bool = True,
     uncertainty_window: int = 1,
+    error_model: ErrorScaleNet | None = None,
 ) -> Calibration:
     """The residual weight (:class:`ResidualFit`), then the interval scale, over validation slices
     sampled as the pipeline samples.
@@ -372,7 +414,8 @@ def calibrate(
     Each slice is ``(images [M, H, W] in [0, 1], sources [M], targets [M], dataset_id, brain [H, W],
     context [M, 2k, H, W] in [0, 1] or None)`` (the context only for a 2.5D predictor); every brain
     voxel of every target (with ground truth) is one calibration point. The scale is fitted for the
-    weighted point estimate at ``num_samples`` runs (``fit_weight=False`` keeps the weight at 1).
+    weighted point estimate at ``num_samples`` runs (``fit_weight=False`` keeps the weight at 1), for the
+    spread the pipeline states (:func:`combined_spread`: the samples', with ``error_model``'s scale).
     """
     errors, runs, spreads, names = [], [], [], []
     modalities = list(unet.config.modalities)
@@ -385,7 +428,8 @@ def calibrate(
                                                      sources[None].to(device), dataset_id, num_samples,
                                                      num_inference_steps, generator, context=context)
         estimates = point_runs(residuals, posteriors, point_estimate)
-        std = sample_spread(residuals, uncertainty_window)
+        std = combined_spread(sample_spread(residuals, uncertainty_window),
+                              error_scale(error_model, images, mu, sources[None].to(device), dataset_id))
         brain = torch.as_tensor(brain, device=device).bool()
         for m in torch.as_tensor(targets).nonzero().flatten().tolist():
             errors.append((images[0, m] - mu[0, m])[brain].double().cpu().numpy())
@@ -399,15 +443,16 @@ def calibrate(
     fit = ResidualFit.fit(errors, runs) if fit_weight else None
     weight = 1.0 if fit is None else fit.weight(num_samples)
     point_errors = errors - weight * runs.mean(0)
-    scale, scales = None, None
+    scale, scales, rank = None, None, None
     if spreads:
         spreads = np.concatenate(spreads)
+        rank = rank_correlation(spreads, np.abs(point_errors))
         present = [int(m) for m in np.unique(names)]
         scale, scales = fit_interval_scales({modalities[m]: point_errors[names == m] for m in present},
                                             {modalities[m]: spreads[names == m] for m in present}, coverage)
     return Calibration(residual_fit=fit, interval_scale=scale, num_samples=num_samples, voxels=int(errors.size),
                        predictor_mse=float(np.mean(errors ** 2)), point_mse=float(np.mean(point_errors ** 2)),
-                       uncertainty_window=int(uncertainty_window), interval_scales=scales,
+                       uncertainty_window=int(uncertainty_window), interval_scales=scales, spearman=rank,
                        target_voxels={modalities[int(m)]: int(n)
                                       for m, n in zip(*np.unique(names, return_counts=True))})
 
@@ -539,21 +584,26 @@ class MMDiffPipeline(DiffusionPipeline):
         preprocessor: the intensity rule the models were trained with
             (:class:`~mmdiff.data.preprocessing.MRIPreprocessor`; None: the 99.5th-percentile rule of
             pipelines saved before it was stored).
+        error_model: an :class:`~mmdiff.models.error_scale.ErrorScaleNet` trained on the predictor's
+            errors (None: pipelines saved before it, or trained without one): the uncertainty then
+            combines its error scale with the samples' spread (:func:`combined_spread`), and there is
+            an uncertainty with one sample too.
     """
 
     engine = "ldm"
     _callback_tensor_inputs = ["latents"]
-    _optional_components = ["preprocessor"]
+    _optional_components = ["preprocessor", "error_model"]
 
     def __init__(self, vae: Latent, unet: ResidualUNet, scheduler: SchedulerMixin, predictor: MultiModalGenerator,
                  coverage: float = 0.9, interval_scale: float | None = None, calibration_samples: int | None = None,
                  point_estimate: str = "posterior_mean", preprocessor: MRIPreprocessor | None = None,
                  residual_fit: Mapping[str, float] | None = None, uncertainty_window: int = 1,
-                 interval_scales: Mapping[str, float] | None = None):
+                 interval_scales: Mapping[str, float] | None = None, error_model: ErrorScaleNet | None = None):
         super().__init__()
         if point_estimate not in POINT_ESTIMATES:
             raise ValueError(f"point_estimate must be one of {', '.join(POINT_ESTIMATES)}, got {point_estimate!r}")
-        self.register_modules(vae=vae, unet=unet, scheduler=scheduler, predictor=predictor, preprocessor=preprocessor)
+        self.register_modules(vae=vae, unet=unet, scheduler=scheduler, predictor=predictor, preprocessor=preprocessor,
+                              error_model=error_model)
         self.register_to_config(coverage=coverage, interval_scale=interval_scale,
                                 calibration_samples=calibration_samples, point_estimate=point_estimate,
                                 residual_fit=None if residual_fit is None else
@@ -574,7 +624,8 @@ class MMDiffPipeline(DiffusionPipeline):
     def model_cpu_offload_seq(self) -> str:
         """diffusers' offload order; the Haar latent has no weights to move (and accelerate's offload
         hooks need a module with parameters), so it is left out of the chain."""
-        return "predictor->vae->unet" if any(True for _ in self.vae.parameters()) else "predictor->unet"
+        chain = "predictor->vae->unet" if any(True for _ in self.vae.parameters()) else "predictor->unet"
+        return chain + ("->error_model" if getattr(self, "error_model", None) is not None else "")
 
     def residual_weight(self, num_samples: int) -> float:
         """The weight of the UNet's residual in the point estimate of ``num_samples`` runs (see
@@ -644,7 +695,8 @@ class MMDiffPipeline(DiffusionPipeline):
                 see :func:`slice_generators`. A list of generators is used as given (one per slice); a
                 2D input draws what the generator would in any mode.
             num_samples: residual samples per slice (K). With K > 1, ``uncertainty`` holds their
-                per-voxel std times the target's calibrated scale (:meth:`interval_scale_for`). With
+                per-voxel std (with an ``error_model``, combined with its error scale, and then with
+                K = 1 too) times the target's calibrated scale (:meth:`interval_scale_for`). With
                 K = 1, the posterior-mean point estimate and no ``return_samples``, only the first
                 denoising step runs (the point estimate needs no sample): one predictor pass plus one
                 UNet pass per slice.
@@ -688,7 +740,8 @@ class MMDiffPipeline(DiffusionPipeline):
         precision = resolve_precision(precision, device)
         target_index = np.flatnonzero(case.target_mask).tolist()
         point = case.canvas()
-        spread = case.canvas() if num_samples > 1 else None
+        error_model = getattr(self, "error_model", None)
+        spread = case.canvas() if num_samples > 1 or error_model is not None else None
         samples = [case.canvas() for _ in range(num_samples)] if return_samples else None
         scale = torch.tensor([self.interval_scale_for(self.modalities[m]) for m in target_index],
                              device=device, dtype=self.unet.dtype)[None, :, None, None]
@@ -719,11 +772,15 @@ class MMDiffPipeline(DiffusionPipeline):
                     torch.as_tensor(case.source_mask, device=device), dataset_id, num_samples, num_inference_steps,
                     batch_generator, callback, lambda: self.interrupt, first_only, context,
                     None if smooth is None else lambda shape, index=index: smooth(index, shape[1:]), precision)
+                sources = torch.as_tensor(case.source_mask, device=device)
+                scale_b = error_scale(error_model, batch, mu, sources, dataset_id, precision)
                 # only the targets from here on (the pooled spread of every sequence cost seconds a volume)
                 mu, residuals = mu[:, target_index], residuals[:, :, target_index]
+                scale_b = None if scale_b is None else scale_b[:, target_index]
                 posteriors = None if posteriors is None else posteriors[:, :, target_index]
                 mean, std = point_and_spread(mu, residuals, posteriors, point_estimate, weight,
                                              self.config.uncertainty_window)
+                std = combined_spread(std, scale_b)
                 case.put(point, index, from_network(mean))
                 if spread is not None:
                     case.put(spread, index, std * (scale / 2))  # [-1, 1] -> [0, 1] units

@@ -98,16 +98,28 @@ def ignore_interrupts(worker_id: int) -> None:
 
 
 def training_loader(dataset: SliceDataset, batch_size: int, seed: int, num_workers: int = 0,
-                    lesion_oversample: int = 1):
+                    lesion_oversample: int = 1, dataset_oversample: dict | None = None):
     """MCBS batches; the loader's own generator keeps the global RNG untouched (exact resume).
     ``lesion_oversample`` (``data.lesion_oversample``): each slice with a lesion comes this many times
-    per epoch (see :class:`ModalityConsistentBatchSampler`'s ``repeats``)."""
+    per epoch; ``dataset_oversample`` (``data.dataset_oversample``, ``{dataset: n}``): each slice of
+    that dataset comes n times, e.g. a real cohort of a few cases beside large phantom cohorts. The two
+    multiply (see :class:`ModalityConsistentBatchSampler`'s ``repeats``)."""
     if len(dataset) == 0:
         raise ConfigError("the training split is empty: prepare more cases or check data.datasets")
+    repeats = np.ones(len(dataset), dtype=np.int64)
     if int(lesion_oversample) != lesion_oversample or lesion_oversample < 1:
         raise ConfigError(f"data.lesion_oversample must be a whole number >= 1 (1: no oversampling), "
                           f"got {lesion_oversample}")
-    repeats = np.where(dataset.lesion_slices, int(lesion_oversample), 1) if lesion_oversample > 1 else None
+    if lesion_oversample > 1:
+        repeats[np.asarray(dataset.lesion_slices, dtype=bool)] *= int(lesion_oversample)
+    for name, times in (dataset_oversample or {}).items():
+        if name not in dataset.dataset_names:
+            raise ConfigError(f"data.dataset_oversample names {name!r}, which is not a training dataset "
+                              f"(the cache has {', '.join(dataset.dataset_names)})")
+        if isinstance(times, bool) or int(times) != times or times < 1:
+            raise ConfigError(f"data.dataset_oversample[{name!r}] must be a whole number >= 1, got {times!r}")
+        repeats[dataset.dataset_ids == dataset.dataset_names.index(name)] *= int(times)
+    repeats = repeats if (repeats > 1).any() else None
     sampler = ModalityConsistentBatchSampler(dataset.groups, batch_size=batch_size, seed=seed, repeats=repeats)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                         generator=torch.Generator().manual_seed(seed), persistent_workers=False,

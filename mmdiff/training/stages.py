@@ -16,6 +16,7 @@ from monai.networks.nets import PatchDiscriminator
 from ..data.conditions import SynthesisConditionSampler, loss_weights
 from ..modalities import UnknownModalityError, canonical
 from ..losses import discriminator_loss, generator_loss, lesion_pixel_weight, lsgan_loss, vae_adversarial_loss, vae_loss
+from ..models.error_scale import ErrorScaleNet, laplace_nll
 from ..models import (HaarWavelet, ModalityDiscriminators, MultiModalGenerator, ResidualUNet, build_vae,
                       diffusion_loss, drop_dataset_id, encode_modalities, latent_channels, measure_scaling_factor)
 from ..pipelines import MMDiffPipeline, MMGANPipeline
@@ -202,6 +203,7 @@ class LDMStage(Stage):
         self.sampling_steps = int(model_cfg.pop("validation_steps", 10))
         self.validation_count = int(model_cfg.pop("validation_samples", 2))
         self.point_estimate = model_cfg.pop("point_estimate", "posterior_mean")
+        error_cfg = model_cfg.pop("error_model", None)  # {channels, num_layers}; null: samples' spread only
         calibration = dict(model_cfg.pop("calibration", None) or {})
         self.coverage = float(calibration.get("coverage", 0.9))
         # the interval scale holds for the K it is fitted at: by default the pipeline's own default K
@@ -230,7 +232,11 @@ class LDMStage(Stage):
         self.models = {"unet": ResidualUNet(modalities=modalities, num_datasets=len(predictor_names),
                                             dataset_names=predictor_names, latent_channels=latent_channels(self.vae),
                                             **model_cfg)}
-        self.optimizers = {"unet": adam(self.models["unet"].parameters(), self.train_cfg)}
+        if error_cfg is not None:
+            self.models["error_model"] = ErrorScaleNet(modalities=modalities, num_datasets=len(predictor_names),
+                                                       dataset_names=predictor_names,
+                                                       **(error_cfg if isinstance(error_cfg, dict) else {}))
+        self.optimizers = {name: adam(model.parameters(), self.train_cfg) for name, model in self.models.items()}
 
     def _predictor_ids(self, dataset_id) -> torch.Tensor:
         return self.id_map[torch.as_tensor(dataset_id, device=self.id_map.device).long()]
@@ -256,7 +262,19 @@ class LDMStage(Stage):
                 accelerator.clip_grad_norm_(unet.parameters(), float(self.train_cfg["grad_clip"]))
             self.optimizers["unet"].step()
             self.optimizers["unet"].zero_grad(set_to_none=True)
-        return {"loss": loss.item()}
+        logs = {"loss": loss.item()}
+        if "error_model" in self.models:  # the predictor's error scale, on the same mu (its own optimiser)
+            error_model = self.models["error_model"]
+            with accelerator.accumulate(error_model):
+                log_scale = error_model(torch.where(sources[:, :, None, None], x, mu), sources, dataset_id)
+                nll = laplace_nll(log_scale, x - mu, weight, batch["brain_mask"].to(x.device))
+                accelerator.backward(nll)
+                if accelerator.sync_gradients and self.train_cfg.get("grad_clip"):
+                    accelerator.clip_grad_norm_(error_model.parameters(), float(self.train_cfg["grad_clip"]))
+                self.optimizers["error_model"].step()
+                self.optimizers["error_model"].zero_grad(set_to_none=True)
+            logs["error_nll"] = nll.item()
+        return logs
 
     @torch.no_grad()
     def predict(self, images, sources, targets, dataset_id, generator=None, context=None):
@@ -267,7 +285,7 @@ class LDMStage(Stage):
             context=None if context is None else to_network(context))
         return from_network(point_and_spread(mu, residuals, posteriors, self.point_estimate)[0])
 
-    def calibrate(self, unet) -> Calibration | None:
+    def calibrate(self, unet, error_model=None) -> Calibration | None:
         """The residual weight and interval scale fitted on the validation slices (the conditions of
         :func:`~mmdiff.training.data.calibration_slices`, :func:`~mmdiff.pipelines.ldm.calibrate`),
         or None without any."""
@@ -280,13 +298,17 @@ class LDMStage(Stage):
         unet.eval()
         return calibrate(self.predictor, self.vae, unet, self.sampler, slices, self.calibration_count,
                          self.sampling_steps, self.coverage, self.point_estimate,
-                         torch.Generator(device="cpu").manual_seed(1), uncertainty_window=self.uncertainty_window)
+                         torch.Generator(device="cpu").manual_seed(1), uncertainty_window=self.uncertainty_window,
+                         error_model=error_model)
 
     def export(self, models, out):
-        unet = models["unet"]
-        fitted = self.calibrate(unet)
+        unet, error_model = models["unet"], models.get("error_model")
+        if error_model is not None:
+            error_model.eval()
+        fitted = self.calibrate(unet, error_model)
         MMDiffPipeline(vae=self.vae, unet=unet, scheduler=self.sampler, predictor=self.predictor,
                        coverage=self.coverage, point_estimate=self.point_estimate, preprocessor=self.preprocessor,
+                       error_model=error_model,
                        **(fitted.pipeline_config() if fitted is not None else {})).save_pretrained(out)
 
 

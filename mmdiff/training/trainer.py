@@ -183,7 +183,8 @@ def train(config: dict, output_dir: str | Path, max_steps: int | None = None, re
     dataset = training_dataset(config["data"], cache, seed, context_slices)
     loader, sampler = training_loader(dataset, int(train_cfg["batch_size"]), seed,
                                       int(config["data"].get("num_workers", 0)),
-                                      config["data"].get("lesion_oversample", 1))
+                                      config["data"].get("lesion_oversample", 1),
+                                      config["data"].get("dataset_oversample"))
     val_cfg = config.get("validation", {})
     val_samples = validation_samples(config["data"], cache, int(val_cfg.get("slices_per_case", 2)),
                                      int(val_cfg.get("cases_per_dataset", 1)), context_slices)
