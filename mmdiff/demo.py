@@ -396,7 +396,7 @@ def render(result: Result | None, plane: str, index: int):
         return [(render_slice(v, plane, index, spacing, colour), f"{m.upper()} {suffix}") for m, v in volumes.items()]
 
     return (panels(result.inputs, "(input)"), panels(result.synthetic, "(synthetic)"),
-            panels(result.uncertainty, "uncertainty (std)", colour=True))
+            panels(result.uncertainty, "uncertainty (calibrated)", colour=True))
 
 
 # ---------------------------------------------------------------------------------------- sessions
@@ -627,7 +627,7 @@ def build_demo(engines: Mapping[str, Engine] | None = None, examples: Sequence[E
                     steps = gr.Slider(1, MAX_STEPS, value=DEFAULT_STEPS, step=1, label="Diffusion steps",
                                       elem_id="steps")
                     samples = gr.Slider(1, MAX_SAMPLES, value=DEFAULT_SAMPLES, step=1,
-                                        label="Samples (more than 1 gives an uncertainty map)", elem_id="samples")
+                                        label="Samples (more than 1: an uncertainty map from their spread)", elem_id="samples")
                 seed = gr.Number(0, precision=0, label="Seed", minimum=0, elem_id="seed")
                 run = gr.Button("Synthesize", variant="primary", elem_id="run")
                 status = gr.Markdown(elem_id="status")

@@ -2,12 +2,13 @@
 (``mmdiff synthesize``; ``--cases`` for a cohort).
 
 Each target becomes ``OUT/<target>_synthetic.nii.gz`` on the inputs' own grid and affine, marked
-synthetic in its NIfTI header, with a JSON sidecar recording the model, its revision, the inputs, the
-seed and the steps; with several samples, ``OUT/<target>_uncertainty.nii.gz`` holds the per-voxel
-standard deviation. Nothing is written over an input, and nothing over an existing file unless
-``overwrite``. Files, options and the output folder are checked (:mod:`mmdiff.validation`) before
-the model loads; the outputs are written to a hidden staging folder inside the output folder and
-moved into place together, so a failed run leaves no new file and no partial output set.
+synthetic in its NIfTI header, with a JSON sidecar recording the model, its revision, the inputs,
+the seed and the steps; with several samples (or a diffusion pipeline with an error model),
+``OUT/<target>_uncertainty.nii.gz`` holds the calibrated per-voxel uncertainty. Nothing is written
+over an input, and nothing over an existing file unless ``overwrite``. Files, options and the output
+folder are checked (:mod:`mmdiff.validation`) before the model loads; the outputs are written to a
+hidden staging folder inside the output folder and moved into place together, so a failed run leaves
+no new file and no partial output set.
 
 A cohort (:func:`synthesize_cases`: a dataset folder or manifest, read as ``mmdiff scan`` reads it)
 loads the model once and writes each case to ``OUT/<case_id>/``, so a case costs its own work and not
@@ -64,9 +65,9 @@ def _content_hash(folder: str, stamp: tuple) -> str:
     return digest.hexdigest()[:16]
 
 
-def output_paths(out: Path, targets: list[str], samples: int) -> dict[str, Path]:
+def output_paths(out: Path, targets: list[str], uncertainty: bool) -> dict[str, Path]:
     paths = {t: out / f"{t}_synthetic.nii.gz" for t in targets}
-    if samples > 1:
+    if uncertainty:
         paths |= {f"{t}_uncertainty": out / f"{t}_uncertainty.nii.gz" for t in targets}
     return paths
 
@@ -128,7 +129,8 @@ def synthesize(
         use_scheduler(pipe, scheduler)
     modalities = pipe.modalities
     targets = [canonical(t, modalities) for t in targets] if targets else [m for m in modalities if m not in inputs]
-    paths = output_paths(out, targets, samples)
+    error_model = getattr(pipe, "error_model", None) is not None
+    paths = output_paths(out, targets, uncertainty=diffusion and (samples > 1 or error_model))
     for path in paths.values():
         check_not_input(path, input_files)
         for file in (path, sidecar_path(path)):
@@ -163,7 +165,9 @@ def synthesize(
                    header=image.header, descrip=SYNTHETIC_DESCRIP, inputs=input_files)
         write_json(staging / sidecar_path(path).name,
                    provenance_record({**provenance, "target": target,
-                                      "map": "uncertainty (std over samples)" if kind else "synthetic image"}),
+                                      "map": (f"uncertainty: image +- it covers {pipe.config.coverage:.0%} of brain voxels "
+                                              "(calibrated; " + ("the error model's scale and " if error_model else "")
+                                              + "the samples' std)") if kind else "synthetic image"}),
                    inputs=input_files)
         return {staging / path.name: path, staging / sidecar_path(path).name: sidecar_path(path)}
 

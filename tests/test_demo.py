@@ -167,7 +167,7 @@ def test_render_keeps_the_physical_aspect_and_orientation():
                       uncertainty={"flair": volume})
     inputs, synthetic, uncertainty = d.render(result, "sagittal", 3)
     assert [c for _, c in inputs + synthetic + uncertainty] == ["T1 (input)", "FLAIR (synthetic)",
-                                                               "FLAIR uncertainty (std)"]
+                                                               "FLAIR uncertainty (calibrated)"]
     assert np.asarray(uncertainty[0][0]).ndim == 3  # a colour map
     assert result.centre("sagittal") == 34 and result.centre("axial") == 4  # the middle of what is not 0
 
@@ -281,7 +281,7 @@ def test_diffusion_adds_uncertainty_maps(tmp_path, exam):
     sidecar = json.loads(Path(result.files[1]).read_text())
     assert sidecar["engine"] == "ldm" and sidecar["steps"] == 2 and sidecar["samples"] == 2
     assert list(result.uncertainty) == ["flair"] and result.uncertainty["flair"].max() > 0
-    assert [c for _, c in d.render(result, "axial", 15)[2]] == ["FLAIR uncertainty (std)"]
+    assert [c for _, c in d.render(result, "axial", 15)[2]] == ["FLAIR uncertainty (calibrated)"]
 
 
 def test_diffusion_defaults_are_the_pipelines():

@@ -232,11 +232,14 @@ class LDMStage(Stage):
         self.models = {"unet": ResidualUNet(modalities=modalities, num_datasets=len(predictor_names),
                                             dataset_names=predictor_names, latent_channels=latent_channels(self.vae),
                                             **model_cfg)}
-        if error_cfg is not None:
+        self.optimizers = {"unet": adam(self.models["unet"].parameters(), self.train_cfg)}
+        if error_cfg is not None:  # a small network: its own (by default the UNet's) learning rate
+            error_cfg = dict(error_cfg) if isinstance(error_cfg, dict) else {}
+            lr = error_cfg.pop("learning_rate", None)
             self.models["error_model"] = ErrorScaleNet(modalities=modalities, num_datasets=len(predictor_names),
-                                                       dataset_names=predictor_names,
-                                                       **(error_cfg if isinstance(error_cfg, dict) else {}))
-        self.optimizers = {name: adam(model.parameters(), self.train_cfg) for name, model in self.models.items()}
+                                                       dataset_names=predictor_names, **error_cfg)
+            self.optimizers["error_model"] = adam(self.models["error_model"].parameters(),
+                                                  self.train_cfg | ({"learning_rate": lr} if lr is not None else {}))
 
     def _predictor_ids(self, dataset_id) -> torch.Tensor:
         return self.id_map[torch.as_tensor(dataset_id, device=self.id_map.device).long()]
