@@ -84,7 +84,7 @@ def calibrate_pipeline(pipe, cache: Path, out: Path, num_samples: int | None = N
               "target_voxels": fitted.target_voxels, "coverage": coverage, "num_samples": num_samples,
               "num_inference_steps": num_inference_steps, "point_estimate": pipe.config.point_estimate,
               "uncertainty_window": uncertainty_window, "error_model": getattr(pipe, "error_model", None) is not None,
-              "spearman_calibration": fitted.spearman,
+              "spearman_calibration": fitted.spearman, "spearman_calibration_samples_only": fitted.spearman_samples,
               "slices": len(slices), "voxels": fitted.voxels, "predictor_mse": fitted.predictor_mse,
               "point_mse": fitted.point_mse, "datasets": sorted({cache_names[int(s["dataset_id"])] for s in samples}),
               "datasets_unknown_to_the_model": unknown, "conditions": conditions, "seed": seed}

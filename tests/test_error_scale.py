@@ -130,7 +130,10 @@ def test_calibration_fits_the_combined_spread_and_reports_how_it_ranks_the_error
     assert fitted.spearman is not None and -1 <= fitted.spearman <= 1
     without = calibrate(pipe.predictor, pipe.vae, pipe.unet, pipe.scheduler, slices, num_samples=1,
                         num_inference_steps=2, coverage=0.8, fit_weight=False)
-    assert without.interval_scale is None and without.spearman is None
+    assert without.interval_scale is None and without.spearman is None and without.spearman_samples is None
+    two = calibrate(pipe.predictor, pipe.vae, pipe.unet, pipe.scheduler, slices, num_samples=2,
+                    num_inference_steps=2, coverage=0.8, fit_weight=False, error_model=model)
+    assert -1 <= two.spearman <= 1 and -1 <= two.spearman_samples <= 1 and two.spearman != two.spearman_samples
     constant = calibrate(pipe.predictor, pipe.vae, pipe.unet, pipe.scheduler, slices, num_samples=1,
                          num_inference_steps=2, coverage=0.8, fit_weight=False, error_model=tiny_error_model())
     assert np.isnan(constant.spearman)  # an untrained model states one scale: it ranks nothing

@@ -380,6 +380,7 @@ class Calibration:
     target_voxels: dict[str, int] | None = None  #: calibration voxels per target sequence
     #: rank correlation of the (unscaled) spread with |error| on the calibration voxels (None: no spread)
     spearman: float | None = None
+    spearman_samples: float | None = None  #: the same for the samples' spread alone (None: one sample)
 
     def weight(self, num_samples: int) -> float:
         return 1.0 if self.residual_fit is None else self.residual_fit.weight(num_samples)
@@ -417,7 +418,7 @@ def calibrate(
     weighted point estimate at ``num_samples`` runs (``fit_weight=False`` keeps the weight at 1), for the
     spread the pipeline states (:func:`combined_spread`: the samples', with ``error_model``'s scale).
     """
-    errors, runs, spreads, names = [], [], [], []
+    errors, runs, spreads, sample_spreads, names = [], [], [], [], []
     modalities = list(unet.config.modalities)
     device = unet.device
     for images, sources, targets, dataset_id, brain, context in slices:
@@ -428,7 +429,8 @@ def calibrate(
                                                      sources[None].to(device), dataset_id, num_samples,
                                                      num_inference_steps, generator, context=context)
         estimates = point_runs(residuals, posteriors, point_estimate)
-        std = combined_spread(sample_spread(residuals, uncertainty_window),
+        spread_of_samples = sample_spread(residuals, uncertainty_window)
+        std = combined_spread(spread_of_samples,
                               error_scale(error_model, images, mu, sources[None].to(device), dataset_id))
         brain = torch.as_tensor(brain, device=device).bool()
         for m in torch.as_tensor(targets).nonzero().flatten().tolist():
@@ -437,6 +439,8 @@ def calibrate(
             names.append(np.full(errors[-1].size, m, dtype=np.int16))
             if std is not None:
                 spreads.append(std[0, m][brain].cpu().numpy())
+            if spread_of_samples is not None:
+                sample_spreads.append(spread_of_samples[0, m][brain].cpu().numpy())
     if not errors:
         raise ValueError("no voxels to calibrate on")
     errors, runs, names = np.concatenate(errors), np.concatenate(runs, axis=1), np.concatenate(names)
@@ -450,9 +454,11 @@ def calibrate(
         present = [int(m) for m in np.unique(names)]
         scale, scales = fit_interval_scales({modalities[m]: point_errors[names == m] for m in present},
                                             {modalities[m]: spreads[names == m] for m in present}, coverage)
+    rank_samples = rank_correlation(np.concatenate(sample_spreads), np.abs(point_errors)) if sample_spreads else None
     return Calibration(residual_fit=fit, interval_scale=scale, num_samples=num_samples, voxels=int(errors.size),
                        predictor_mse=float(np.mean(errors ** 2)), point_mse=float(np.mean(point_errors ** 2)),
                        uncertainty_window=int(uncertainty_window), interval_scales=scales, spearman=rank,
+                       spearman_samples=rank_samples,
                        target_voxels={modalities[int(m)]: int(n)
                                       for m, n in zip(*np.unique(names, return_counts=True))})
 
