@@ -201,3 +201,23 @@ def test_evaluate_data_by_config_name_builds_that_cache(tmp_path, monkeypatch, c
     assert "copy-nearest" in (tmp_path / "e" / "summary.md").read_text()
     assert main(["evaluate", "--data", "nonesuch", "--out", str(tmp_path / "f")]) == 2
     assert "neither a prepared cache folder nor a data config" in capsys.readouterr().err
+
+
+def test_baseline_wins_counts_pairs_where_a_method_beats_both_baselines_on_both_metrics():
+    """The issue's bar, per (dataset, task): mean brain PSNR and SSIM above both baselines'; a tie or
+    one metric behind is not a win; the summary says it in a line per method."""
+    from mmdiff.evaluation.report import baseline_wins, summary_markdown
+
+    def row(dataset, task, method, psnr, ssim, case="a"):
+        return {"dataset": dataset, "case": case, "split": "test", "task": task, "method": method,
+                "psnr_brain": psnr, "ssim_brain": ssim}
+
+    rows = [row("x", "t1->t2", "m", 20, 0.8), row("x", "t1->t2", "copy-nearest", 15, 0.5),
+            row("x", "t1->t2", "voxel-regression", 19, 0.7),
+            row("x", "t2->flair", "m", 20, 0.6), row("x", "t2->flair", "copy-nearest", 15, 0.5),
+            row("x", "t2->flair", "voxel-regression", 19, 0.7),  # SSIM behind the regression
+            row("y", "t1->t2", "m", 20, 0.8, "b"), row("y", "t1->t2", "m", 18, 0.8, "c"),  # mean 19: a tie
+            row("y", "t1->t2", "copy-nearest", 15, 0.5), row("y", "t1->t2", "voxel-regression", 19, 0.7)]
+    assert baseline_wins(rows) == {"m": (1, 3, ["x t2->flair", "y t1->t2"])}
+    assert "m beats both baselines on brain PSNR and SSIM in 1 of 3 (dataset, task) pairs" in summary_markdown(rows)
+    assert baseline_wins([r for r in rows if r["method"] != "voxel-regression"]) == {}  # without both: no claim
