@@ -94,7 +94,7 @@ def _figure_row(case: EvalCase, task: Task, results: dict) -> tuple:
         panels.append((name, _fixed(display(synthetic, 2, k), 1.0)))
         panels.append(("|error|", _fixed(display(np.abs(synthetic - real), 2, k), 0.5)))
         if uncertainty is not None:
-            panels.append(("std", display(uncertainty[..., s], 2, k)))
+            panels.append(("uncertainty", display(uncertainty[..., s], 2, k)))
     return (f"{case.dataset}/{case.case_id}"[:28], panels)
 
 
