@@ -186,12 +186,11 @@ def uncertainty_scores(prediction: np.ndarray, reference: np.ndarray, uncertaint
     """
     if uncertainty is None or not brain.any():
         return {"coverage": float("nan"), "spearman_uncertainty": float("nan")}
-    from scipy.stats import spearmanr
+    from ..pipelines.ldm import rank_correlation
 
     error = np.abs(prediction[brain].astype(np.float64) - reference[brain])
     spread = uncertainty[brain].astype(np.float64)
-    correlation = spearmanr(spread, error).statistic if spread.std() > 0 and error.std() > 0 else float("nan")
-    return {"coverage": float(np.mean(error <= spread)), "spearman_uncertainty": float(correlation)}
+    return {"coverage": float(np.mean(error <= spread)), "spearman_uncertainty": rank_correlation(spread, error)}
 
 
 # --- methods: each maps (case, task) -> (prediction [X, Y, Z], uncertainty or None) ---

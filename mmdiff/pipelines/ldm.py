@@ -332,12 +332,13 @@ def fit_interval_scale(errors: np.ndarray, spread: np.ndarray, coverage: float) 
     return float(np.quantile(ratio, level, method="higher"))
 
 
-def rank_correlation(spread: np.ndarray, error: np.ndarray, max_points: int = 500_000) -> float:
-    """Spearman's rank correlation of a stated spread with the absolute error (on an evenly spaced
-    subset of at most ``max_points`` points: ranking millions of voxels takes seconds)."""
+def rank_correlation(spread: np.ndarray, error: np.ndarray, max_points: int | None = None) -> float:
+    """Spearman's rank correlation of a stated spread with the absolute error; NaN where either is
+    constant (it ranks nothing). ``max_points``: rank an evenly spaced subset of at most that many
+    points (calibration: ranking millions of voxels takes seconds); None: every point."""
     from scipy.stats import spearmanr
 
-    step = max(1, len(spread) // max_points)
+    step = 1 if max_points is None else max(1, len(spread) // max_points)
     spread, error = np.asarray(spread)[::step], np.asarray(error)[::step]
     if np.ptp(spread) == 0 or np.ptp(error) == 0:  # a constant ranks nothing
         return float("nan")
@@ -450,11 +451,12 @@ def calibrate(
     scale, scales, rank = None, None, None
     if spreads:
         spreads = np.concatenate(spreads)
-        rank = rank_correlation(spreads, np.abs(point_errors))
+        rank = rank_correlation(spreads, np.abs(point_errors), max_points=500_000)
         present = [int(m) for m in np.unique(names)]
         scale, scales = fit_interval_scales({modalities[m]: point_errors[names == m] for m in present},
                                             {modalities[m]: spreads[names == m] for m in present}, coverage)
-    rank_samples = rank_correlation(np.concatenate(sample_spreads), np.abs(point_errors)) if sample_spreads else None
+    rank_samples = (rank_correlation(np.concatenate(sample_spreads), np.abs(point_errors), max_points=500_000)
+                    if sample_spreads else None)
     return Calibration(residual_fit=fit, interval_scale=scale, num_samples=num_samples, voxels=int(errors.size),
                        predictor_mse=float(np.mean(errors ** 2)), point_mse=float(np.mean(point_errors ** 2)),
                        uncertainty_window=int(uncertainty_window), interval_scales=scales, spearman=rank,
@@ -747,6 +749,7 @@ class MMDiffPipeline(DiffusionPipeline):
         target_index = np.flatnonzero(case.target_mask).tolist()
         point = case.canvas()
         error_model = getattr(self, "error_model", None)
+        sources = torch.as_tensor(case.source_mask, device=device)
         spread = case.canvas() if num_samples > 1 or error_model is not None else None
         samples = [case.canvas() for _ in range(num_samples)] if return_samples else None
         scale = torch.tensor([self.interval_scale_for(self.modalities[m]) for m in target_index],
@@ -775,10 +778,9 @@ class MMDiffPipeline(DiffusionPipeline):
                 context = to_network(case.context(index, k).to(device=device, dtype=self.unet.dtype)) if k else None
                 mu, residuals, posteriors = sample_residuals(
                     self.predictor, self.vae, self.unet, self.scheduler, batch,
-                    torch.as_tensor(case.source_mask, device=device), dataset_id, num_samples, num_inference_steps,
+                    sources, dataset_id, num_samples, num_inference_steps,
                     batch_generator, callback, lambda: self.interrupt, first_only, context,
                     None if smooth is None else lambda shape, index=index: smooth(index, shape[1:]), precision)
-                sources = torch.as_tensor(case.source_mask, device=device)
                 scale_b = error_scale(error_model, batch, mu, sources, dataset_id, precision)
                 # only the targets from here on (the pooled spread of every sequence cost seconds a volume)
                 mu, residuals = mu[:, target_index], residuals[:, :, target_index]

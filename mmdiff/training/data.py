@@ -112,13 +112,15 @@ def training_loader(dataset: SliceDataset, batch_size: int, seed: int, num_worke
                           f"got {lesion_oversample}")
     if lesion_oversample > 1:
         repeats[np.asarray(dataset.lesion_slices, dtype=bool)] *= int(lesion_oversample)
+    ids = dataset.dataset_ids
+    training = [n for k, n in enumerate(dataset.dataset_names) if (ids == k).any()]
     for name, times in (dataset_oversample or {}).items():
-        if name not in dataset.dataset_names:
+        if name not in training:
             raise ConfigError(f"data.dataset_oversample names {name!r}, which is not a training dataset "
-                              f"(the cache has {', '.join(dataset.dataset_names)})")
+                              f"(this training split has {', '.join(training)})")
         if isinstance(times, bool) or int(times) != times or times < 1:
             raise ConfigError(f"data.dataset_oversample[{name!r}] must be a whole number >= 1, got {times!r}")
-        repeats[dataset.dataset_ids == dataset.dataset_names.index(name)] *= int(times)
+        repeats[ids == dataset.dataset_names.index(name)] *= int(times)
     repeats = repeats if (repeats > 1).any() else None
     sampler = ModalityConsistentBatchSampler(dataset.groups, batch_size=batch_size, seed=seed, repeats=repeats)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,

@@ -16,9 +16,9 @@ from monai.networks.nets import PatchDiscriminator
 from ..data.conditions import SynthesisConditionSampler, loss_weights
 from ..modalities import UnknownModalityError, canonical
 from ..losses import discriminator_loss, generator_loss, lesion_pixel_weight, lsgan_loss, vae_adversarial_loss, vae_loss
-from ..models.error_scale import ErrorScaleNet, laplace_nll
-from ..models import (HaarWavelet, ModalityDiscriminators, MultiModalGenerator, ResidualUNet, build_vae,
-                      diffusion_loss, drop_dataset_id, encode_modalities, latent_channels, measure_scaling_factor)
+from ..models import (ErrorScaleNet, HaarWavelet, ModalityDiscriminators, MultiModalGenerator, ResidualUNet,
+                      build_vae, diffusion_loss, drop_dataset_id, encode_modalities, laplace_nll, latent_channels,
+                      measure_scaling_factor)
 from ..pipelines import MMDiffPipeline, MMGANPipeline
 from ..pipelines.common import call_defaults, from_network, to_network
 from ..pipelines.ldm import (DEFAULT_UNCERTAINTY_WINDOW, SCHEDULERS, TRAINING_SCHEDULER, Calibration, calibrate,
