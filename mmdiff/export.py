@@ -216,8 +216,10 @@ def generator_layout(config) -> str:
         parts.append(("the neighbouring slice" if k == 1 else f"the {k} neighbouring slices")
                      + " on each side of every source as input (2.5D)")
     if config.get("detail_transfer"):
-        parts.append("each source's own fine detail (the image minus its [1 2 1] blur) added back to each "
-                     "output, weighted per voxel by coefficients the decoder draws")
+        bands = int(config.get("detail_bands", 1))
+        parts.append("each source's own fine detail (the image minus its [1 2 1] blur"
+                     + (f", and {bands - 1} coarser à trous band{'s' if bands > 2 else ''}" if bands > 1 else "")
+                     + ") added back to each output, weighted per voxel by coefficients the decoder draws")
     return (" Layout: " + "; ".join(parts) + ".") if parts else ""
 
 

@@ -216,4 +216,5 @@ def test_the_card_describes_the_generator_layout_from_its_config():
     assert "lean layout" in text and "2 x 2 patches" in text and "neighbouring slice on each side" in text
     assert "fine detail" in text
     assert "fine detail" not in generator_layout({**lean, "detail_transfer": False})
+    assert "coarser" not in text and "1 coarser à trous band)" in generator_layout({**lean, "detail_bands": 2})
     assert generator_layout({"modality_streams": True, "patch_size": 1, "context_slices": 0}) == ""

@@ -122,6 +122,38 @@ def test_detail_transfer_starts_as_the_old_model_and_adds_each_present_source_fi
         lean_generator(refine_channels=4, detail_transfer=True)
 
 
+def test_detail_bands_add_the_a_trous_bands_which_sum_back_to_the_image_and_a_one_band_model_loads():
+    """Two bands: a one-band model loads (only the zero second-band layer is new) and gives its output;
+    the bands are x - blur(x) and blur(x) - blur_2(blur(x)) (taps two pixels apart), so with a
+    smooth remainder they sum back to x; a second-band coefficient adds exactly that band; it learns."""
+    settings = dict(refine_channels=4, refine_blur=True, detail_transfer=True)
+    one, two = lean_generator(**settings), lean_generator(**settings, detail_bands=2)
+    report = two.load_state_dict(one.state_dict(), strict=False)
+    assert sorted(report.missing_keys) == ["decoder.detail_coarser.0.bias", "decoder.detail_coarser.0.weight"]
+    x, present = images(size=16), mask(T1, T2)
+    with torch.no_grad():
+        before = one(x, present, 0)
+        torch.testing.assert_close(two(x, present, 0), before, rtol=0, atol=0)
+        fine, mid = two.decoder.detail_bands(x[:, T1:T1 + 1])
+        two.decoder.detail_coarser[0].bias.view(M, M)[FLAIR, T1] = 1.0  # FLAIR takes T1's 2-4 pixel band
+        after = two(x, present, 0)
+    t1 = x[:, T1:T1 + 1]
+    taps = torch.tensor([1.0, 2.0, 1.0])
+    kernel = (taps[:, None] * taps[None, :] / 16)[None, None]
+    blur = torch.nn.functional.conv2d(torch.nn.functional.pad(t1, (1,) * 4, mode="replicate"), kernel)
+    blur2 = torch.nn.functional.conv2d(torch.nn.functional.pad(blur, (2,) * 4, mode="replicate"), kernel, dilation=2)
+    torch.testing.assert_close(fine, t1 - blur)
+    torch.testing.assert_close(mid, blur - blur2)
+    torch.testing.assert_close(fine + mid + blur2, t1)
+    assert mid.abs().mean() > 0.05
+    torch.testing.assert_close(torch.atanh(after[:, FLAIR]) - torch.atanh(before[:, FLAIR]), mid[:, 0],
+                               rtol=1e-3, atol=1e-3)
+    two(x, present, 0)[:, FLAIR].square().mean().backward()
+    assert two.decoder.detail_coarser[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="detail_bands must be >= 1"):
+        lean_generator(**settings, detail_bands=0)
+
+
 def test_context_is_live_masked_like_the_sources_and_defaults_to_the_slice_itself():
     model = lean_generator().eval()
     perturb_modulations(model)

@@ -108,11 +108,19 @@ class Decoder(nn.Module):
     (BENCHMARKS.md, session 11). The coefficients are smooth and the detail is the image's own, so
     no patch mesh comes back. The coefficient layer starts at zero: an older model loaded into this
     layout gives exactly its old output until it is trained.
+
+    ``detail_bands = n > 1`` transfers coarser detail too, band by band of the à trous (starlet)
+    decomposition with the same filter: ``c_0 = x``, ``c_k = blur_k(c_{k-1})`` with the filter's taps
+    ``2^(k-1)`` pixels apart, band ``w_k = c_{k-1} - c_k`` (band 1 is ``hp`` above; band 2 holds the
+    2-4 pixel scales: sulci, the cortical ribbon, small lesions' edges). Each band has its own
+    coefficient maps, from its own zero-initialised 1 x 1 conv, so a model trained with fewer bands
+    loads and gives its old output. A per-voxel regression keeps the sources' texture at every scale;
+    the one-band network was still smoother than it at 2-5 pixels (BENCHMARKS.md, session 12).
     """
 
     def __init__(self, block_out_channels: Sequence[int], layers_per_block: int, embedding_dim: int,
                  norm_num_groups: int, out_channels: int = 1, patch_size: int = 1, refine_channels: int = 0,
-                 refine_blur: bool = False, detail_sources: int = 0):
+                 refine_blur: bool = False, detail_sources: int = 0, detail_bands: int = 1):
         super().__init__()
         self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
         self.levels = nn.ModuleList()
@@ -141,14 +149,29 @@ class Decoder(nn.Module):
                 raise ValueError("detail transfer needs refine_channels > 0 and refine_blur (its coefficients "
                                  "come from the low-passed full-resolution features)")
             self.out_channels, self.detail_sources = out_channels, detail_sources
+            if detail_bands < 1:
+                raise ValueError(f"detail_bands must be >= 1, got {detail_bands}")
             self.detail = nn.Conv2d(refine_channels, out_channels * detail_sources, 1)
-            nn.init.zeros_(self.detail.weight)
-            nn.init.zeros_(self.detail.bias)
+            self.detail_coarser = nn.ModuleList(nn.Conv2d(refine_channels, out_channels * detail_sources, 1)
+                                                for _ in range(detail_bands - 1))
+            for conv in [self.detail, *self.detail_coarser]:
+                nn.init.zeros_(conv.weight)
+                nn.init.zeros_(conv.bias)
 
-    def low_pass(self, x: torch.Tensor) -> torch.Tensor:
-        """The fixed [1 2 1] x [1 2 1] / 16 filter, channel by channel, edges replicated."""
-        return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), self.blur[:1].to(x.dtype).expand(x.shape[1], -1, -1, -1),
-                        groups=x.shape[1])
+    def low_pass(self, x: torch.Tensor, dilation: int = 1) -> torch.Tensor:
+        """The fixed [1 2 1] x [1 2 1] / 16 filter (taps ``dilation`` pixels apart), channel by channel,
+        edges replicated."""
+        return F.conv2d(F.pad(x, (dilation,) * 4, mode="replicate"),
+                        self.blur[:1].to(x.dtype).expand(x.shape[1], -1, -1, -1), groups=x.shape[1], dilation=dilation)
+
+    def detail_bands(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The à trous bands ``w_1 .. w_n`` of ``x``, finest first (``n = 1 + len(detail_coarser)``)."""
+        bands, coarse = [], x
+        for k in range(1 + len(self.detail_coarser)):
+            smoother = self.low_pass(coarse, dilation=2 ** k)
+            bands.append(coarse - smoother)
+            coarse = smoother
+        return bands
 
     def forward(self, fused: list[torch.Tensor], embedding: torch.Tensor, sources: torch.Tensor | None = None,
                 targets: Sequence[int] | None = None, present: Sequence[int] | None = None) -> torch.Tensor:
@@ -171,11 +194,12 @@ class Decoder(nn.Module):
                 raise ValueError(f"detail transfer needs the {self.detail_sources} source planes")
             outs = list(range(self.out_channels)) if targets is None else sorted(set(targets))
             ins = list(range(self.detail_sources)) if present is None else sorted(set(present))
-            weight = self.detail.weight.view(self.out_channels, self.detail_sources, -1)[outs][:, ins]
-            bias = self.detail.bias.view(self.out_channels, self.detail_sources)[outs][:, ins]
-            coefficients = F.conv2d(x, weight.flatten(0, 1)[:, :, None, None], bias.flatten())
-            chosen = sources[:, ins]
-            detail = (coefficients.unflatten(1, (len(outs), len(ins))) * (chosen - self.low_pass(chosen))[:, None]).sum(2)
+            detail = 0
+            for conv, band in zip([self.detail, *self.detail_coarser], self.detail_bands(sources[:, ins])):
+                weight = conv.weight.view(self.out_channels, self.detail_sources, -1)[outs][:, ins]
+                bias = conv.bias.view(self.out_channels, self.detail_sources)[outs][:, ins]
+                coefficients = F.conv2d(x, weight.flatten(0, 1)[:, :, None, None], bias.flatten())
+                detail = detail + (coefficients.unflatten(1, (len(outs), len(ins))) * band[:, None]).sum(2)
             y = y.index_add(1, torch.as_tensor(outs, device=y.device), detail.to(y.dtype))
         return torch.tanh(y)
 
@@ -207,6 +231,8 @@ class MultiModalGenerator(ModelMixin, ConfigMixin):
         refine_blur: low-pass the unfolded features before that conv (no period-2 mesh; see :class:`Decoder`).
         detail_transfer: add the sources' own fine detail, weighted per voxel by coefficients the
             decoder draws (see :class:`Decoder`); needs ``refine_channels`` and ``refine_blur``.
+        detail_bands: how many à trous bands of the sources' detail it transfers (1: the 1-2 pixel
+            scale only; 2 adds the 2-4 pixel scale; see :class:`Decoder`).
     """
 
     @register_to_config
@@ -227,6 +253,7 @@ class MultiModalGenerator(ModelMixin, ConfigMixin):
         refine_channels: int = 0,
         refine_blur: bool = False,
         detail_transfer: bool = False,
+        detail_bands: int = 1,
     ):
         super().__init__()
         check_dataset_names(num_datasets, dataset_names)
@@ -246,7 +273,7 @@ class MultiModalGenerator(ModelMixin, ConfigMixin):
         if refine_channels < 0:
             raise ValueError(f"refine_channels must be >= 0, got {refine_channels}")
         output = dict(patch_size=patch_size, refine_channels=refine_channels, refine_blur=refine_blur,
-                      detail_sources=num_modalities if detail_transfer else 0)
+                      detail_sources=num_modalities if detail_transfer else 0, detail_bands=detail_bands)
         if shared_decoder:
             self.decoder = Decoder(**levels, **output, out_channels=num_modalities)
         else:
