@@ -3,7 +3,8 @@
 A diffusion pipeline stores what :func:`mmdiff.pipelines.ldm.calibrate` fits on validation slices:
 ``residual_fit`` (how much of the UNet's residual the point estimate of K runs adds to its
 predictor's image) and ``interval_scale`` (so that ``image +- uncertainty`` covers ``coverage`` of brain voxels;
-``interval_scales``: one per target sequence with enough validation voxels). Training
+``interval_scales``: one per target sequence, and per finer group -- a target on one dataset, from one
+source -- with enough validation voxels). Training
 fits them on its own validation split at export; this command refits them on the validation cases of
 any prepared cache -- another site's data, more slices, another ``coverage`` -- and writes a new
 pipeline folder (the input folder is never changed). What it fitted, on how many voxels, and the
@@ -81,7 +82,7 @@ def calibrate_pipeline(pipe, cache: Path, out: Path, num_samples: int | None = N
     pipe.register_to_config(**stored, coverage=coverage)
     record = {"residual_weight": {k: fitted.weight(k) for k in (1, 2, 4, 8)}, "residual_fit": stored["residual_fit"],
               "interval_scale": fitted.interval_scale, "interval_scales": fitted.interval_scales,
-              "target_voxels": fitted.target_voxels, "coverage": coverage, "num_samples": num_samples,
+              "target_voxels": fitted.target_voxels, "group_voxels": fitted.group_voxels, "coverage": coverage, "num_samples": num_samples,
               "num_inference_steps": num_inference_steps, "point_estimate": pipe.config.point_estimate,
               "uncertainty_window": uncertainty_window, "error_model": getattr(pipe, "error_model", None) is not None,
               "spearman_calibration": fitted.spearman, "spearman_calibration_samples_only": fitted.spearman_samples,

@@ -204,9 +204,14 @@ def cmd_calibrate(args) -> int:
           f"({', '.join(record['datasets'])}); mean squared error there: predictor {record['predictor_mse']:.5f}, "
           f"point estimate {record['point_mse']:.5f}")
     if record.get("interval_scales"):
-        print("per target sequence: " + ", ".join(f"{m} {v:.3f}" for m, v in record["interval_scales"].items())
+        targets = {m: v for m, v in record["interval_scales"].items() if m in record["target_voxels"]}
+        groups = {m: v for m, v in record["interval_scales"].items() if m not in targets}
+        print("per target sequence: " + ", ".join(f"{m} {v:.3f}" for m, v in targets.items())
               + " (a target with fewer calibration voxels uses the pooled scale; voxels per target: "
               + ", ".join(f"{m} {n}" for m, n in record["target_voxels"].items()) + ")")
+        if groups:
+            print("per finer group (a call uses its most specific one): "
+                  + ", ".join(f"{m} {v:.3f}" for m, v in groups.items()))
     print(f"wrote {args.out} (calibration.json says what was fitted)")
     return 0
 

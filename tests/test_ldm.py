@@ -176,6 +176,36 @@ def test_interval_scales_per_target_cover_each_target():
         assert (pooled_coverage > 0.95) if m == "t2" else (pooled_coverage < 0.85)
 
 
+def test_finer_groups_cover_a_site_and_a_condition_the_target_scale_misjudges():
+    """The calibration groups run from the most specific (target on a dataset from one source) to the
+    target; a group whose error the spread misjudges more gets its own scale that covers it, where
+    the target's scale under-covers it; a group with too few voxels gets none (it falls back)."""
+    from mmdiff.pipelines.ldm import fit_group_scales, interval_groups
+
+    assert interval_groups("t2", "brats", 1) == ["t2 on brats from 1 source", "t2 on brats", "t2 from 1 source", "t2"]
+    assert interval_groups("t2", "wml", 3) == ["t2 on wml from 2+ sources", "t2 on wml", "t2 from 2+ sources", "t2"]
+    assert interval_groups("t2") == ["t2"] and interval_groups("t2", None, 2) == ["t2 from 2+ sources", "t2"]
+    rng = np.random.default_rng(0)
+    units = [("brats", 1, 3.0), ("brats", 3, 1.0), ("wml", 3, 1.0), ("wml", 1, 1.0), ("ms", 1, 1.0)]
+    sizes = [60_000, 60_000, 60_000, 60_000, 1_000]  # ms: too few voxels for groups of its own
+    groups = [interval_groups("t2", d, n) for d, n, _ in units]
+    members = np.concatenate([np.full(n, i) for i, n in enumerate(sizes)])
+    spreads = rng.uniform(0.5, 2.0, members.size)
+    factors = np.array([f for _, _, f in units])[members]
+    errors = rng.normal(0, factors * spreads)
+    _, own = fit_interval_scales({"t2": errors}, {"t2": spreads}, 0.9)
+    scales = fit_group_scales(errors, spreads, groups, members, 0.9, min_voxels=50_000)
+    assert set(scales) == {"t2 on brats from 1 source", "t2 on brats from 2+ sources", "t2 on wml from 1 source",
+                           "t2 on wml from 2+ sources", "t2 on brats", "t2 on wml", "t2 from 1 source",
+                           "t2 from 2+ sources"}
+    assert scales["t2 on brats from 1 source"] == pytest.approx(3.0 * 1.645, rel=0.05)
+    assert scales["t2 on wml from 2+ sources"] == pytest.approx(1.0 * 1.645, rel=0.05)
+    fresh_spread = rng.uniform(0.5, 2.0, 20_000)
+    fresh = rng.normal(0, 3.0 * fresh_spread)  # a new slice of the misjudged group
+    assert np.mean(np.abs(fresh) <= own["t2"] * fresh_spread) < 0.75
+    assert np.mean(np.abs(fresh) <= scales["t2 on brats from 1 source"] * fresh_spread) == pytest.approx(0.9, abs=0.015)
+
+
 def test_pipeline_scales_each_target_by_its_own_calibration(tmp_path):
     pipe = tiny_ldm()
     volume = square_volume(2)
@@ -191,6 +221,15 @@ def test_pipeline_scales_each_target_by_its_own_calibration(tmp_path):
     assert own.uncertainty["t1c"].max() > 0
     np.testing.assert_allclose(own.uncertainty["t1c"], 2 * pooled.uncertainty["t1c"], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(own.uncertainty["t2"], pooled.uncertainty["t2"], rtol=1e-5, atol=1e-7)
+    # a finer group wins where the call belongs to it: the dataset (in the model's spelling) and the
+    # number of sources of this call (T1 + FLAIR: two)
+    assert len(inputs(volume)) == 2
+    loaded.register_to_config(interval_scales={"t1c": 4.0, "t2 on brats from 2+ sources": 6.0, "t2 on immune": 8.0,
+                                               "t1c from 1 source": 10.0})
+    assert loaded.interval_scale_for("t2", "brats", 1) == 2.0 and loaded.interval_scale_for("t2", "immune", 3) == 8.0
+    grouped = loaded(inputs(volume), generator=torch.Generator().manual_seed(0), **(kwargs | {"dataset": "BraTS"}))
+    np.testing.assert_allclose(grouped.uncertainty["t2"], 3 * pooled.uncertainty["t2"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(grouped.uncertainty["t1c"], own.uncertainty["t1c"], rtol=1e-5, atol=1e-7)
 
 
 def test_residual_weight_is_the_least_squares_weight_for_k_runs():
