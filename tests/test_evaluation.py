@@ -173,6 +173,14 @@ def test_uncertainty_scores_coverage_and_rank_correlation():
     shuffled = uncertainty_scores(prediction, reference, rng.permutation(spread.ravel()).reshape(spread.shape), brain)
     assert abs(shuffled["spearman_uncertainty"]) < 0.1  # an uncertainty that says nothing about where the errors are
     assert all(np.isnan(v) for v in uncertainty_scores(prediction, reference, None, brain).values())
+    assert np.isnan(scores["coverage_lesion"])  # no lesion mask
+    lesion = np.zeros_like(brain)
+    lesion[5:10, 5:10] = True
+    worse = prediction.copy()
+    worse[lesion] = reference[lesion] + 3 * (prediction - reference)[lesion]  # errors 3x the stated spread there
+    with_lesion = uncertainty_scores(worse, reference, 1.645 * spread, brain, lesion)
+    assert with_lesion["coverage_lesion"] == pytest.approx(0.41, abs=0.08)  # P(|z| <= 1.645 / 3)
+    assert with_lesion["coverage"] > 0.8  # the brain's coverage hides it
 
 
 def test_evaluate_reports_the_uncertainty_of_sampling_pipelines(tiny_cache, tmp_path, capsys):

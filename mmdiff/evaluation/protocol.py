@@ -176,21 +176,28 @@ def score(prediction: np.ndarray, reference: np.ndarray, brain: np.ndarray,
 
 
 def uncertainty_scores(prediction: np.ndarray, reference: np.ndarray, uncertainty: np.ndarray | None,
-                       brain: np.ndarray) -> dict[str, float]:
+                       brain: np.ndarray, lesion: np.ndarray | None = None) -> dict[str, float]:
     """How well a per-voxel uncertainty describes the error, over brain voxels (NaN without one).
 
     ``coverage``: the fraction of voxels with ``|prediction - reference| <= uncertainty``, in the
     pipeline's own [0, 1] units (where its interval was calibrated; not renormalised);
+    ``coverage_lesion``: the same over the lesion's brain voxels (NaN without a lesion): where the
+    errors are largest and a reader looks, a calibration over the whole brain can hide under-coverage;
     ``spearman_uncertainty``: the rank correlation of the uncertainty with ``|error|`` (1: the larger
     the stated uncertainty, the larger the error; 0: it says nothing about where the errors are).
     """
+    nothing = {"coverage": float("nan"), "coverage_lesion": float("nan"), "spearman_uncertainty": float("nan")}
     if uncertainty is None or not brain.any():
-        return {"coverage": float("nan"), "spearman_uncertainty": float("nan")}
+        return nothing
     from ..pipelines.ldm import rank_correlation
 
     error = np.abs(prediction[brain].astype(np.float64) - reference[brain])
     spread = uncertainty[brain].astype(np.float64)
-    return {"coverage": float(np.mean(error <= spread)), "spearman_uncertainty": rank_correlation(spread, error)}
+    inside = None if lesion is None else lesion[brain]
+    return {"coverage": float(np.mean(error <= spread)),
+            "coverage_lesion": float(np.mean(error[inside] <= spread[inside])) if inside is not None and inside.any()
+            else float("nan"),
+            "spearman_uncertainty": rank_correlation(spread, error)}
 
 
 # --- methods: each maps (case, task) -> (prediction [X, Y, Z], uncertainty or None) ---

@@ -22,7 +22,7 @@ Method = Callable[[EvalCase, Task], tuple[np.ndarray, np.ndarray | None]]
 SUMMARY_COLUMNS = ("psnr_brain", "ssim_brain", "mae_brain", "psnr_lesion", "ssim_lesion", "psnr_whole", "ssim_whole",
                    "contrast_lesion", "contrast_lesion_real")
 CONTRAST_COLUMNS = tuple(f"contrast_label{k}{suffix}" for k in (1, 2, 3) for suffix in ("", "_real"))
-UNCERTAINTY_COLUMNS = ("coverage", "spearman_uncertainty")
+UNCERTAINTY_COLUMNS = ("coverage", "coverage_lesion", "spearman_uncertainty")
 
 
 def evaluate(cache: str | Path, methods: Sequence[Method], out: str | Path, protocol: str = "paper",
@@ -55,7 +55,8 @@ def evaluate(cache: str | Path, methods: Sequence[Method], out: str | Path, prot
                                  None if case.lesion is None else case.lesion[..., k],
                                  None if case.labels is None else case.labels[..., k]),
                          **uncertainty_scores(prediction[..., k], reference[..., k],
-                                              None if uncertainty is None else uncertainty[..., k], case.brain[..., k])})
+                                              None if uncertainty is None else uncertainty[..., k], case.brain[..., k],
+                                              None if case.lesion is None else case.lesion[..., k])})
         if figures and (task, case.dataset) not in shown:  # one figure row per task and dataset
             shown[(task, case.dataset)] = _figure_row(case, task, results)
     _write_csv(rows, out / "scores.csv", overwrite)
@@ -216,11 +217,13 @@ def summary_markdown(rows: list[dict], slice_stride: int = 1) -> str:
     uncertain = [(key, stats) for key, stats in ranked if stats["coverage"][2]]
     if uncertain:
         lines += ["", "Uncertainty (methods that state one): coverage of image ± uncertainty over brain voxels, in "
-                  "the pipeline's own units (the nominal value is the pipeline's `coverage`), and the Spearman "
-                  "rank correlation of the uncertainty with |error| (0: it does not say where the errors are).", "",
-                  "| dataset | task | method | coverage | Spearman(uncertainty, abs error) |", "|---|---|---|---|---|"]
+                  "the pipeline's own units (the nominal value is the pipeline's `coverage`), the same over the "
+                  "lesion's voxels (where there is a lesion mask), and the Spearman rank correlation of the "
+                  "uncertainty with |error| (0: it does not say where the errors are).", "",
+                  "| dataset | task | method | coverage | coverage in the lesion | Spearman(uncertainty, abs error) |",
+                  "|---|---|---|---|---|---|"]
         for (dataset, task, method), stats in uncertain:
-            cells = [_cell(stats["coverage"], 3), _cell(stats["spearman_uncertainty"], 3)]
+            cells = [_cell(stats[c], 3) for c in UNCERTAINTY_COLUMNS]
             lines.append(f"| {dataset} | {task} | {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
