@@ -382,8 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pipeline", metavar="PATH|ldm", help="the diffusion pipeline (ldm: the published one)")
     p.add_argument("--data", required=True, help="prepared cache folder, or a data config (tiny, cpu, paper)")
     p.add_argument("--out", required=True, help="the calibrated pipeline folder (never the input folder)")
-    p.add_argument("--samples", type=int, help="samples per slice (>= 2 fits the uncertainty scale; default: the "
-                                               "pipeline's, the count the scale then holds for)")
+    p.add_argument("--samples", type=int, help="samples per slice (>= 2, or any with an error model, fits the "
+                                               "uncertainty scale; default: the pipeline's, the count the scale "
+                                               "then holds for)")
     p.add_argument("--steps", type=int, help="diffusion steps (default: the pipeline's)")
     p.add_argument("--uncertainty-window", type=int, metavar="PIXELS",
                    help="pool the samples' variance over this many pixels square before the scale is fitted "
