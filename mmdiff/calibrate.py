@@ -3,8 +3,8 @@
 A diffusion pipeline stores what :func:`mmdiff.pipelines.ldm.calibrate` fits on validation slices:
 ``residual_fit`` (how much of the UNet's residual the point estimate of K runs adds to its
 predictor's image) and ``interval_scale`` (so that ``image +- uncertainty`` covers ``coverage`` of brain voxels;
-``interval_scales``: one per target sequence, and per finer group -- a target on one dataset, from one
-source -- with enough validation voxels). Training
+``interval_scales``: one per target sequence, and with ``--groups`` per finer group -- a target on one
+dataset, from one source -- with enough validation voxels). Training
 fits them on its own validation split at export; this command refits them on the validation cases of
 any prepared cache -- another site's data, more slices, another ``coverage`` -- and writes a new
 pipeline folder (the input folder is never changed). What it fitted, on how many voxels, and the
@@ -27,7 +27,8 @@ def calibrate_pipeline(pipe, cache: Path, out: Path, num_samples: int | None = N
                        num_inference_steps: int | None = None,
                        coverage: float | None = None, slices_per_case: int = 4, cases_per_dataset: int = 4,
                        seed: int = 1, fit_weight: bool = True, overwrite: bool = False,
-                       uncertainty_window: int | None = None, conditions: str | None = None) -> dict:
+                       uncertainty_window: int | None = None, conditions: str | None = None,
+                       groups: bool = False) -> dict:
     """Fit ``residual_fit`` and ``interval_scale`` of ``pipe`` (an :class:`~mmdiff.pipelines.MMDiffPipeline`)
     on ``cache``'s validation cases (test cases where it has none) and save the pipeline to ``out``.
 
@@ -77,7 +78,7 @@ def calibrate_pipeline(pipe, cache: Path, out: Path, num_samples: int | None = N
     fitted = calibrate(pipe.predictor, pipe.vae, pipe.unet, pipe.scheduler, slices, num_samples, num_inference_steps,
                        coverage, pipe.config.point_estimate, torch.Generator(device="cpu").manual_seed(seed),
                        fit_weight=fit_weight, uncertainty_window=uncertainty_window,
-                       error_model=getattr(pipe, "error_model", None))
+                       error_model=getattr(pipe, "error_model", None), groups=groups)
     stored = fitted.pipeline_config()
     pipe.register_to_config(**stored, coverage=coverage)
     record = {"residual_weight": {k: fitted.weight(k) for k in (1, 2, 4, 8)}, "residual_fit": stored["residual_fit"],
@@ -88,7 +89,7 @@ def calibrate_pipeline(pipe, cache: Path, out: Path, num_samples: int | None = N
               "spearman_calibration": fitted.spearman, "spearman_calibration_samples_only": fitted.spearman_samples,
               "slices": len(slices), "voxels": fitted.voxels, "predictor_mse": fitted.predictor_mse,
               "point_mse": fitted.point_mse, "datasets": sorted({cache_names[int(s["dataset_id"])] for s in samples}),
-              "datasets_unknown_to_the_model": unknown, "conditions": conditions, "seed": seed}
+              "datasets_unknown_to_the_model": unknown, "conditions": conditions, "seed": seed, "groups": groups}
     with atomic_dir(out) as tmp:  # replaces an older ``out`` only once the new one is whole
         pipe.save_pretrained(tmp)
         # the run record travels with the weights (`mmdiff export` renders a card from it and a new

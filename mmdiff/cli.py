@@ -195,7 +195,7 @@ def cmd_calibrate(args) -> int:
                                 coverage=args.coverage, slices_per_case=args.slices_per_case,
                                 cases_per_dataset=args.cases_per_dataset, seed=args.seed,
                                 fit_weight=not args.keep_weight, overwrite=args.overwrite,
-                                conditions=args.conditions)
+                                conditions=args.conditions, groups=args.groups)
     scale = record["interval_scale"]
     weights = ", ".join(f"{w:.2f} (K={k})" for k, w in record["residual_weight"].items())
     print(f"residual weight {weights}; interval scale (spread pooled over {record['uncertainty_window']} px) "
@@ -393,6 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "(default: the pipeline's)")
     p.add_argument("--slices-per-case", type=int, default=4, help="(default: %(default)s)")
     p.add_argument("--cases-per-dataset", type=int, default=4, help="(default: %(default)s)")
+    p.add_argument("--groups", action="store_true",
+                   help="also fit a scale per target on each dataset and per number of sources, where the "
+                        "validation slices have the voxels (worth it with many validation cases per site; "
+                        "with two it made held-out coverage worse, BENCHMARKS.md session 13)")
     p.add_argument("--conditions", choices=["random", "all-but-one", "one-to-one", "many-to-one"],
                    help="the sources and targets each validation slice gets (default: random, any non-empty "
                         "proper subset of its sequences as sources and the rest as targets)")

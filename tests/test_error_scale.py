@@ -128,6 +128,13 @@ def test_calibration_fits_the_combined_spread_and_reports_how_it_ranks_the_error
                        num_inference_steps=2, coverage=0.8, fit_weight=False, error_model=model)
     assert fitted.interval_scale is not None and fitted.interval_scale > 0  # one sample, yet a spread to scale
     assert fitted.spearman is not None and -1 <= fitted.spearman <= 1
+    assert fitted.group_voxels is None and set(fitted.interval_scales) <= set(pipe.modalities)  # groups are opt-in
+    grouped = calibrate(pipe.predictor, pipe.vae, pipe.unet, pipe.scheduler, slices, num_samples=1,
+                        num_inference_steps=2, coverage=0.8, fit_weight=False, error_model=model, groups=True)
+    names = pipe.unet.config.dataset_names
+    # three slices of 256 voxels, two sources: every target's finer groups are counted (too few voxels for scales)
+    assert grouped.group_voxels[f"t2 on {names[0]} from 2+ sources"] == 3 * 256
+    assert grouped.group_voxels["t2 from 2+ sources"] == 3 * 256
     without = calibrate(pipe.predictor, pipe.vae, pipe.unet, pipe.scheduler, slices, num_samples=1,
                         num_inference_steps=2, coverage=0.8, fit_weight=False)
     assert without.interval_scale is None and without.spearman is None and without.spearman_samples is None

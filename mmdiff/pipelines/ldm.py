@@ -455,6 +455,7 @@ def calibrate(
     fit_weight: bool = True,
     uncertainty_window: int = 1,
     error_model: ErrorScaleNet | None = None,
+    groups: bool = False,
 ) -> Calibration:
     """The residual weight (:class:`ResidualFit`), then the interval scale, over validation slices
     sampled as the pipeline samples.
@@ -464,8 +465,11 @@ def calibrate(
     voxel of every target (with ground truth) is one calibration point. The scale is fitted for the
     weighted point estimate at ``num_samples`` runs (``fit_weight=False`` keeps the weight at 1), for the
     spread the pipeline states (:func:`combined_spread`: the samples', with ``error_model``'s scale).
+    ``groups``: also one scale per finer group (:func:`interval_groups`); off by default, since with
+    two validation cases of a site they made its held-out coverage worse, not better (BENCHMARKS.md,
+    session 13): use them with many validation cases per site.
     """
-    errors, runs, spreads, sample_spreads, names, groups, members = [], [], [], [], [], [], []
+    errors, runs, spreads, sample_spreads, names, units, members = [], [], [], [], [], [], []
     modalities = list(unet.config.modalities)
     dataset_names = list(unet.config.dataset_names or [])
     device = unet.device
@@ -486,8 +490,8 @@ def calibrate(
             errors.append((images[0, m] - mu[0, m])[brain].double().cpu().numpy())
             runs.append(estimates[:, 0, m][:, brain].double().cpu().numpy())
             names.append(np.full(errors[-1].size, m, dtype=np.int16))
-            members.append(np.full(errors[-1].size, len(groups), dtype=np.int32))
-            groups.append(interval_groups(modalities[m], dataset, int(torch.as_tensor(sources).sum())))
+            members.append(np.full(errors[-1].size, len(units), dtype=np.int32))
+            units.append(interval_groups(modalities[m], dataset, int(torch.as_tensor(sources).sum())))
             if std is not None:
                 spreads.append(std[0, m][brain].cpu().numpy())
             if spread_of_samples is not None:
@@ -506,7 +510,8 @@ def calibrate(
         scale, scales = fit_interval_scales({modalities[m]: point_errors[names == m] for m in present},
                                             {modalities[m]: spreads[names == m] for m in present}, coverage)
         members = np.concatenate(members)
-        scales |= fit_group_scales(point_errors, spreads, groups, members, coverage)
+        if groups:  # off by default: with two validation cases of a site they under-covered its test cases
+            scales |= fit_group_scales(point_errors, spreads, units, members, coverage)
     rank_samples = (rank_correlation(np.concatenate(sample_spreads), np.abs(point_errors), max_points=500_000)
                     if sample_spreads else None)
     return Calibration(residual_fit=fit, interval_scale=scale, num_samples=num_samples, voxels=int(errors.size),
@@ -515,7 +520,7 @@ def calibrate(
                        spearman_samples=rank_samples,
                        target_voxels={modalities[int(m)]: int(n)
                                       for m, n in zip(*np.unique(names, return_counts=True))},
-                       group_voxels=None if scale is None else _group_voxels(groups, members))
+                       group_voxels=None if scale is None or not groups else _group_voxels(units, members))
 
 
 def _group_voxels(groups: Sequence[Sequence[str]], members: np.ndarray) -> dict[str, int]:
