@@ -83,7 +83,8 @@ def calibrate_pipeline(pipe, cache: Path, out: Path, num_samples: int | None = N
     pipe.register_to_config(**stored, coverage=coverage)
     record = {"residual_weight": {k: fitted.weight(k) for k in (1, 2, 4, 8)}, "residual_fit": stored["residual_fit"],
               "interval_scale": fitted.interval_scale, "interval_scales": fitted.interval_scales,
-              "target_voxels": fitted.target_voxels, "group_voxels": fitted.group_voxels, "coverage": coverage, "num_samples": num_samples,
+              "target_voxels": fitted.target_voxels, "group_voxels": fitted.group_voxels, "coverage": coverage,
+              "num_samples": num_samples,
               "num_inference_steps": num_inference_steps, "point_estimate": pipe.config.point_estimate,
               "uncertainty_window": uncertainty_window, "error_model": getattr(pipe, "error_model", None) is not None,
               "spearman_calibration": fitted.spearman, "spearman_calibration_samples_only": fitted.spearman_samples,

@@ -265,8 +265,10 @@ def render_card(pipe, info: dict, rows: list[dict], method: str, evaluation: Pat
            "samples give a usable map), ") +
         "scaled so that `image +- uncertainty` covers the stated fraction of "
         "brain voxels on validation slices (`interval_scale`, `coverage` in `model_index.json`, and "
-        "`interval_scales` per target sequence and per finer group with enough voxels, such as "
-        "`t2 on brats from 1 source`; fitted for the pipeline's default K), and `return_samples=True` "
+        "`interval_scales` per target sequence"
+        + (" and per finer group with enough voxels, such as `t2 on brats from 1 source`"
+           if set(pipe.config.get("interval_scales") or {}) - set(pipe.modalities) else "")
+        + "; fitted for the pipeline's default K), and `return_samples=True` "
         "gives the samples themselves. Sampled with the scheduler saved here (any diffusers scheduler "
         "can be swapped in)."
         if is_diffusion else
