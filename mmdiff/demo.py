@@ -49,8 +49,9 @@ PLANES = {"axial": 2, "coronal": 1, "sagittal": 0}
 MAX_UPLOAD_MB = float(os.environ.get("MMDIFF_DEMO_MAX_UPLOAD_MB", 200))
 #: a volume with more voxels than this is refused (a 256^3 volume has 16.8 M)
 MAX_VOXELS = int(os.environ.get("MMDIFF_DEMO_MAX_VOXELS", 40_000_000))
-#: diffusion defaults: the pipeline's own (``MMDiffPipeline.__call__``, the settings its uncertainty is
-#: calibrated for; written here so the page builds without importing torch; a test keeps them equal)
+#: diffusion defaults for a pipeline not calibrated for a K: the pipeline's own (``MMDiffPipeline.__call__``'s
+#: steps and ``DEFAULT_NUM_SAMPLES``; written here so the page builds without importing torch; a test keeps
+#: them equal). A calibrated pipeline's samples slider starts at its ``default_num_samples``.
 DEFAULT_STEPS, DEFAULT_SAMPLES, MAX_STEPS, MAX_SAMPLES = 6, 2, 50, 8
 #: bump when the bundled examples change, so cached copies are rebuilt
 EXAMPLES_VERSION = 1
@@ -444,7 +445,7 @@ class Sessions:
 
 def run_synthesis(engine: Engine, uploads: Mapping[str, str | os.PathLike | None], folder: Path,
                   dataset: str | None = None, targets: Sequence[str] | None = None, steps: int = DEFAULT_STEPS,
-                  samples: int = DEFAULT_SAMPLES, seed: int = 0, brain_mask: str | os.PathLike | None = None,
+                  samples: int | None = None, seed: int = 0, brain_mask: str | os.PathLike | None = None,
                   max_mb: float = MAX_UPLOAD_MB, max_voxels: int = MAX_VOXELS) -> tuple[Result, list[str]]:
     """Check the uploads, copy them into ``folder`` under safe names, synthesize with
     :func:`mmdiff.synthesize.synthesize` and read the results back for display: ``(result, notes)``.
@@ -463,7 +464,8 @@ def run_synthesis(engine: Engine, uploads: Mapping[str, str | os.PathLike | None
     if dataset is not None and dataset.lower() not in [d.lower() for d in engine.datasets]:
         notes.append(f"the {engine.name} model does not know the dataset {dataset!r}: used as an unknown site")
         dataset = None
-    samples = max(1, int(samples)) if engine.name == "ldm" else 1
+    # None: the pipeline's own K (the one its uncertainty was calibrated at)
+    samples = (None if samples is None else max(1, int(samples))) if engine.name == "ldm" else 1
     steps = max(1, int(steps))
 
     inputs_dir, out = folder / "inputs", folder / "synthetic"
@@ -523,6 +525,9 @@ def build_demo(engines: Mapping[str, Engine] | None = None, examples: Sequence[E
     default_engine = default_engine if default_engine in engines else next(iter(engines))
     modalities = list(dict.fromkeys(m for e in engines.values() for m in e.modalities))
     datasets = list(dict.fromkeys(d for e in engines.values() for d in e.datasets))
+    # the diffusion pipeline's own K (its calibration's), so the page starts where the stated interval holds
+    default_samples = int(getattr(engines["ldm"].pipeline, "default_num_samples", DEFAULT_SAMPLES)
+                          if "ldm" in engines else DEFAULT_SAMPLES)
 
     for e in engines.values():
         with contextlib.suppress(Exception):
@@ -626,8 +631,8 @@ def build_demo(engines: Mapping[str, Engine] | None = None, examples: Sequence[E
                 with gr.Group(visible=default_engine == "ldm") as diffusion_settings:
                     steps = gr.Slider(1, MAX_STEPS, value=DEFAULT_STEPS, step=1, label="Diffusion steps",
                                       elem_id="steps")
-                    samples = gr.Slider(1, MAX_SAMPLES, value=DEFAULT_SAMPLES, step=1,
-                                        label="Samples (more than 1: an uncertainty map from their spread)", elem_id="samples")
+                    samples = gr.Slider(1, MAX_SAMPLES, value=default_samples, step=1,
+                                        label="Samples (K: the model's own is where its uncertainty is calibrated; more than 1 adds their spread to it)", elem_id="samples")
                 seed = gr.Number(0, precision=0, label="Seed", minimum=0, elem_id="seed")
                 run = gr.Button("Synthesize", variant="primary", elem_id="run")
                 status = gr.Markdown(elem_id="status")

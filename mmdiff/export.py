@@ -228,7 +228,7 @@ def render_card(pipe, info: dict, rows: list[dict], method: str, evaluation: Pat
     """The model card: every fact about the training comes from the run's ``training_info.json``."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from .pipelines.common import call_defaults
+    from .pipelines.common import diffusion_settings
 
     engine = pipe.engine
     is_diffusion = engine == "ldm"
@@ -283,7 +283,7 @@ def render_card(pipe, info: dict, rows: list[dict], method: str, evaluation: Pat
                  f"mmdiff pipeline (`{type(pipe).__name__}`) synthesises "
                  "the others, slice by slice, on the input's own grid."),
         engine=engine, pipeline_ref=repo_id or f"pipelines/{name}", pipeline_class=type(pipe).__name__,
-        call_extra="".join(f", {k}={v}" for k, v in call_defaults(pipe, "num_inference_steps", "num_samples").items())
+        call_extra="".join(f", {k}={v}" for k, v in zip(("num_inference_steps", "num_samples"), diffusion_settings(pipe)))
         if is_diffusion else "",
         model_description=model_description,
         modalities=", ".join(pipe.modalities), datasets=", ".join(datasets), parameters=parameters,

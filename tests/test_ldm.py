@@ -294,6 +294,33 @@ def test_pipeline_uncertainty_uses_the_calibrated_scale(tmp_path):
         assert raw.uncertainty[name][raw.mask].mean() > 0
 
 
+def test_default_sample_count_is_the_calibrated_one(tmp_path):
+    """A call that does not say K gets the K the uncertainty was calibrated at (the stated interval holds
+    for it), saved and loaded with the pipeline; an uncalibrated pipeline gets DEFAULT_NUM_SAMPLES."""
+    from mmdiff.pipelines.common import diffusion_settings
+    from mmdiff.pipelines.ldm import DEFAULT_NUM_SAMPLES
+
+    pipe = tiny_ldm()
+    assert pipe.default_num_samples == DEFAULT_NUM_SAMPLES == 2
+    pipe.register_to_config(calibration_samples=3, interval_scale=1.5)
+    pipe.save_pretrained(tmp_path)
+    loaded = MMDiffPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.default_num_samples == 3 and diffusion_settings(loaded)[1] == 3
+    assert diffusion_settings(loaded, samples=5)[1] == 5
+    volume = square_volume(2)
+    kwargs = dict(dataset="brats", num_inference_steps=2, return_samples=True)
+    out = loaded(inputs(volume), generator=torch.Generator().manual_seed(0), **kwargs)
+    assert all(len(draws) == 3 for draws in out.samples.values())
+    three = loaded(inputs(volume), generator=torch.Generator().manual_seed(0), num_samples=3, **kwargs)
+    for name in out.images:
+        np.testing.assert_array_equal(out.images[name], three.images[name])
+        np.testing.assert_array_equal(out.uncertainty[name], three.uncertainty[name])
+    loaded.register_to_config(calibration_samples=1)  # K = 1: the one-UNet-pass path, no spread without an error model
+    one = loaded(inputs(volume), dataset="brats", num_inference_steps=2)
+    assert loaded.default_num_samples == 1 and one.uncertainty is None
+
+
 def test_sample_spread_pools_the_variance_over_a_window():
     """The uncertainty is the samples' std; with a window its variance is averaged over the window
     (the image is untouched), so a voxel's spread no longer rests on K - 1 degrees of freedom alone."""

@@ -7,7 +7,6 @@ import pytest
 from PIL import Image
 
 from mmdiff.io import is_synthetic, load_volume
-from mmdiff.pipelines.common import call_defaults
 from mmdiff.quickstart import quickstart
 from test_pipelines import tiny_gan, tiny_ldm
 
@@ -19,7 +18,7 @@ def test_quickstart_hides_synthesises_scores_and_pictures(tmp_path):
                         spacing=3.0, progress=False)
     phantom_t1 = next((out / "phantom").rglob("*-t1n.nii.gz"))
     # the diffusion engine runs at the pipeline's default sample count: with K > 1 it also maps the uncertainty
-    assert call_defaults(ldm, "num_samples")["num_samples"] > 1
+    assert ldm.default_num_samples > 1
     assert set(result["files"]["ldm"]) == {"t1c", "flair", "t1c_uncertainty", "flair_uncertainty"}
     for engine in ("gan", "ldm"):
         assert {"t1c", "flair"} <= set(result["files"][engine])

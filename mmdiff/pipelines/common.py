@@ -78,10 +78,11 @@ def call_defaults(pipe, *names: str) -> dict:
 
 
 def diffusion_settings(pipe, steps: int | None = None, samples: int | None = None) -> tuple[int, int]:
-    """``(steps, samples)`` for a diffusion pipeline: those given, the pipeline's defaults for None."""
-    defaults = call_defaults(pipe, "num_inference_steps", "num_samples")
+    """``(steps, samples)`` for a diffusion pipeline: those given, the pipeline's defaults for None (its
+    call's default steps; its :attr:`default_num_samples`, the K it was calibrated at)."""
+    defaults = call_defaults(pipe, "num_inference_steps")
     return (defaults["num_inference_steps"] if steps is None else steps,
-            defaults["num_samples"] if samples is None else samples)
+            pipe.default_num_samples if samples is None else samples)
 
 
 def to_network(images: torch.Tensor) -> torch.Tensor:

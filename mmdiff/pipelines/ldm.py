@@ -195,6 +195,10 @@ def sample_residuals(
     return mu, torch.stack(residuals), torch.stack([to_image(first) for first in firsts])
 
 
+#: K for a pipeline not calibrated for one (two samples give a spread to calibrate; a calibrated
+#: pipeline's default is the K its scale was fitted at: :attr:`MMDiffPipeline.default_num_samples`)
+DEFAULT_NUM_SAMPLES = 2
+
 #: how the pipeline's image is formed from the K runs (see :func:`point_and_spread`)
 POINT_ESTIMATES = ("posterior_mean", "sample_mean")
 
@@ -713,6 +717,13 @@ class MMDiffPipeline(DiffusionPipeline):
         chain = "predictor->vae->unet" if any(True for _ in self.vae.parameters()) else "predictor->unet"
         return chain + ("->error_model" if getattr(self, "error_model", None) is not None else "")
 
+    @property
+    def default_num_samples(self) -> int:
+        """The K a call gets when it does not say: the K the uncertainty was calibrated at
+        (``calibration_samples``: the stated interval holds for it), else :data:`DEFAULT_NUM_SAMPLES`."""
+        calibrated = self.config.get("calibration_samples")
+        return DEFAULT_NUM_SAMPLES if calibrated is None else int(calibrated)
+
     def residual_weight(self, num_samples: int) -> float:
         """The weight of the UNet's residual in the point estimate of ``num_samples`` runs (see
         :class:`ResidualFit`; 1 for a pipeline calibrated before it was fitted)."""
@@ -748,7 +759,7 @@ class MMDiffPipeline(DiffusionPipeline):
         targets: str | Sequence[str] | None = None,
         num_inference_steps: int = 6,
         generator: torch.Generator | list[torch.Generator] | None = None,
-        num_samples: int = 2,
+        num_samples: int | None = None,
         output_type: str = "np",
         brain_mask: ImageInput | None = None,
         batch_size: int = 8,
@@ -780,7 +791,8 @@ class MMDiffPipeline(DiffusionPipeline):
                 ``"independent"``;
                 see :func:`slice_generators`. A list of generators is used as given (one per slice); a
                 2D input draws what the generator would in any mode.
-            num_samples: residual samples per slice (K). With K > 1, ``uncertainty`` holds their
+            num_samples: residual samples per slice (K; default: :attr:`default_num_samples`, the K the
+                uncertainty was calibrated at). With K > 1, ``uncertainty`` holds their
                 per-voxel std (with an ``error_model``, combined with its error scale, and then with
                 K = 1 too) times the target's calibrated scale (:meth:`interval_scale_for`). With
                 K = 1, the posterior-mean point estimate and no ``return_samples``, only the first
@@ -810,6 +822,7 @@ class MMDiffPipeline(DiffusionPipeline):
             Synthetic images in the model's normalised [0, 1] scale, zero outside the brain, on the
             input's grid (see :mod:`mmdiff.pipelines.common`).
         """
+        num_samples = self.default_num_samples if num_samples is None else int(num_samples)
         if num_samples < 1:
             raise ValueError(f"num_samples must be at least 1, got {num_samples}")
         if slice_noise not in SLICE_NOISE:

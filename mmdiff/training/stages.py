@@ -20,8 +20,9 @@ from ..models import (ErrorScaleNet, HaarWavelet, ModalityDiscriminators, MultiM
                       build_vae, diffusion_loss, drop_dataset_id, encode_modalities, laplace_nll, latent_channels,
                       measure_scaling_factor)
 from ..pipelines import MMDiffPipeline, MMGANPipeline
-from ..pipelines.common import call_defaults, from_network, to_network
-from ..pipelines.ldm import (DEFAULT_UNCERTAINTY_WINDOW, SCHEDULERS, TRAINING_SCHEDULER, Calibration, calibrate,
+from ..pipelines.common import from_network, to_network
+from ..pipelines.ldm import (DEFAULT_NUM_SAMPLES, DEFAULT_UNCERTAINTY_WINDOW, SCHEDULERS, TRAINING_SCHEDULER,
+                           Calibration, calibrate,
                            point_and_spread, sample_residuals)
 from .config import ConfigError
 
@@ -207,7 +208,7 @@ class LDMStage(Stage):
         calibration = dict(model_cfg.pop("calibration", None) or {})
         self.coverage = float(calibration.get("coverage", 0.9))
         # the interval scale holds for the K it is fitted at: by default the pipeline's own default K
-        self.calibration_count = int(calibration.get("samples") or call_defaults(MMDiffPipeline, "num_samples")["num_samples"])
+        self.calibration_count = int(calibration.get("samples") or DEFAULT_NUM_SAMPLES)
         self.uncertainty_window = int(calibration.get("window") or DEFAULT_UNCERTAINTY_WINDOW)
         self.calibration_slices = validation or []
         self.scheduler = DDPMScheduler(**{**TRAINING_SCHEDULER, **model_cfg.pop("scheduler", {})})
