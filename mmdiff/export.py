@@ -255,7 +255,10 @@ def render_card(pipe, info: dict, rows: list[dict], method: str, evaluation: Pat
         "weighted by a factor fitted on validation slices for the number of runs K (`residual_fit` in "
         "`model_index.json`: a residual that does not help there is shrunk toward the predictor's image; "
         "`mmdiff calibrate` refits it on other data); "
-        + ("an error model (a small network trained beside the UNet, a pipeline component) states per "
+        + ("an error model (a small network trained beside the UNet, a pipeline component"
+           + (", its features modulated by the dataset embedding as the UNet's"
+              if getattr(getattr(pipe.error_model, "config", None), "use_pfm", False) else "")
+           + ") states per "
            "voxel how far off `mu` is likely to be (the scale of a Laplace error, trained by its likelihood "
            "on the predictor's errors); the uncertainty combines it with the spread of the K sampled "
            "residuals (their variance pooled over a small window of pixels, `uncertainty_window`), "

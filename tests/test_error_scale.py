@@ -76,6 +76,49 @@ def test_error_model_starts_constant_and_learns_where_the_errors_are():
         assert float(model(condition[:1] * 0 - 1, sources, 0).min()) >= LOG_SCALE_MIN
 
 
+def test_dataset_modulated_error_model_learns_a_site_specific_failure():
+    """A predictor that misses bright lesions on one site only: with ``use_pfm`` the error model learns
+    large scales on bright tissue for that site and not for the other; without it the dataset only
+    shifts ``log b`` by a constant, so the bright / dark ratio is the same on both sites. A zero-initialised
+    modulation leaves a model that had none unchanged (old weights load and start as they were)."""
+    torch.manual_seed(0)
+    blobs = (torch.rand(64, 1, 8, 8) > 0.6).float()
+    source = torch.nn.functional.interpolate(blobs, size=(32, 32), mode="nearest")
+    condition = torch.cat([source * 2 - 1, torch.zeros_like(source)], dim=1)
+    sources = torch.tensor([True, False])
+    site = torch.arange(64) % 2  # site 0 misses the bright tissue, site 1 does not
+    true_scale = 0.01 + 0.2 * source[:, 0] * (site == 0).float()[:, None, None]
+    error = torch.distributions.Laplace(torch.zeros_like(true_scale), true_scale).sample()
+    errors = torch.stack([torch.zeros_like(error), error], dim=1)
+    weight = torch.tensor([[0.0, 1.0]]).expand(16, 2)
+    ratios = {}
+    for use_pfm in (False, True):
+        torch.manual_seed(1)
+        model = ErrorScaleNet(modalities=("t1", "t2"), num_datasets=2, dataset_names=["a", "b"], channels=8,
+                              num_layers=2, use_pfm=use_pfm)
+        if use_pfm:
+            plain = ErrorScaleNet(modalities=("t1", "t2"), num_datasets=2, dataset_names=["a", "b"], channels=8,
+                                  num_layers=2)
+            torch.nn.init.normal_(plain.conv_out.weight, std=0.1)
+            model.load_state_dict(plain.state_dict(), strict=False)
+            torch.testing.assert_close(model(condition[:4], sources, site[:4]), plain(condition[:4], sources, site[:4]))
+        optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for step in range(200):
+            batch = torch.randint(0, 48, (16,))
+            loss = laplace_nll(model(condition[batch], sources, site[batch]), errors[batch], weight)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        bright = source[48:, 0] > 0
+        ratios[use_pfm] = []
+        for k in (0, 1):  # the same held-out images, stated for each site
+            with torch.no_grad():
+                scale = model(condition[48:], sources, k)[:, 1].exp()
+            ratios[use_pfm].append(float(scale[bright].mean() / scale[~bright].mean()))
+    assert ratios[False][0] == pytest.approx(ratios[False][1], rel=1e-4)  # a constant offset per site only
+    assert ratios[True][0] > 4 and ratios[True][1] < 2
+
+
 def test_a_pipeline_with_an_error_model_states_an_uncertainty_even_from_one_sample(tmp_path):
     """The uncertainty is sqrt(std^2 + 2 b^2) times the calibrated scale: with K = 1 it is sqrt 2 b;
     the image is the same with or without the error model; it is saved and loaded as a component."""
@@ -148,3 +191,55 @@ def test_calibration_fits_the_combined_spread_and_reports_how_it_ranks_the_error
     std, scale = torch.tensor([3.0]), torch.tensor([2.0])
     assert float(combined_spread(std, scale)) == pytest.approx(math.sqrt(9 + 8))
     assert float(combined_spread(std, None)) == 3.0 and float(combined_spread(None, scale)) == pytest.approx(math.sqrt(8))
+
+
+def test_error_model_alone_learns_with_lesion_pixels_weighted(tmp_path, monkeypatch):
+    """``model.train_unet: false`` refits the error model alone (the UNet is untouched), and
+    ``model.error_model.lesion_weight`` weights lesion pixels in its likelihood (brain pixels 1, lesion
+    1 + w, background 0)."""
+    import contextlib
+
+    from test_pipelines import tiny_gan
+
+    from mmdiff.training import load_config
+    from mmdiff.training import stages
+    from mmdiff.training.config import ConfigError
+
+    tiny_gan().generator.save_pretrained(tmp_path / "generator")
+    modalities = ["t1", "t2", "t1c", "flair", "dwi", "adc"]
+    config = load_config("ldm-tiny", ["model.train_unet=false", "model.error_model.lesion_weight=9"])
+    stage = stages.LDMStage(config, DATASETS, modalities, "cpu", predictor_path=tmp_path / "generator")
+    seen = []
+    original = stages.laplace_nll
+    monkeypatch.setattr(stages, "laplace_nll", lambda *a: seen.append(a[3].clone()) or original(*a))
+    seg = torch.zeros(2, 32, 28, dtype=torch.uint8)
+    seg[:, 10:14, 8:12] = 2
+    brain = torch.ones(2, 32, 28, dtype=torch.bool)
+    brain[:, :2] = False
+    batch = {"images": torch.rand(2, 6, 32, 28, generator=torch.Generator().manual_seed(0)),
+             "available": torch.ones(2, 6, dtype=torch.bool), "dataset_id": torch.zeros(2, dtype=torch.long),
+             "seg": seg, "brain_mask": brain}
+
+    class Accelerator:
+        sync_gradients = False
+
+        def accumulate(self, *models):
+            return contextlib.nullcontext()
+
+        def backward(self, loss):
+            loss.backward()
+
+    unet_before = [p.detach().clone() for p in stage.models["unet"].parameters()]
+    error_before = [p.detach().clone() for p in stage.models["error_model"].parameters()]
+    for step in range(3):
+        logs = stage.training_step(batch, Accelerator(), step)
+    assert "loss" not in logs and math.isfinite(logs["error_nll"])
+    assert all(torch.equal(a, b) for a, b in zip(unet_before, stage.models["unet"].parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(error_before, stage.models["error_model"].parameters()))
+    pixels = seen[0]
+    assert (pixels[seg > 0] == 10).all() and (pixels[:, :2] == 0).all()
+    assert (pixels[(seg == 0) & brain] == 1).all()
+
+    with pytest.raises(ConfigError, match="error model"):
+        stages.LDMStage(load_config("ldm-tiny", ["model.train_unet=false", "model.error_model=null"]), DATASETS,
+                        modalities, "cpu", predictor_path=tmp_path / "generator")

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..losses import _selective_mean
 from ..modalities import MODALITIES
-from .pfm import NULL_DATASET_ID, check_dataset_names
+from .pfm import NULL_DATASET_ID, DatasetEmbedding, FeatureModulation, check_dataset_names
 
 #: the scale is kept in [exp(LOG_SCALE_MIN), exp(LOG_SCALE_MAX)] ([-1, 1] units): exact zeros (a
 #: background voxel) would otherwise drive ``log b`` to minus infinity
@@ -50,12 +50,17 @@ class ErrorScaleNet(ModelMixin, ConfigMixin):
         num_layers: 3 x 3 conv layers at half resolution (dilations 1, 2, 4, ...: the receptive field
             grows to tens of pixels at a few MFLOP per layer).
         init_scale: the constant scale an untrained model states ([-1, 1] units).
+        use_pfm: modulate every conv layer's features by the dataset embedding (PFM, as the GAN and the
+            UNet; zero-initialised, so a model without it loads and starts unchanged). Without it the
+            dataset only shifts ``log b`` by a constant, and a site whose lesions the predictor misses
+            (WML FLAIR from T2) cannot have its own idea of where the errors are.
+        embedding_dim: the dataset embedding's size (with ``use_pfm``).
     """
 
     @register_to_config
     def __init__(self, modalities: Sequence[str] = MODALITIES, num_datasets: int = 4,
                  dataset_names: Sequence[str] | None = None, channels: int = 32, num_layers: int = 4,
-                 init_scale: float = 0.05):
+                 init_scale: float = 0.05, use_pfm: bool = False, embedding_dim: int = 32):
         super().__init__()
         check_dataset_names(num_datasets, dataset_names)
         m = len(modalities)
@@ -69,6 +74,9 @@ class ErrorScaleNet(ModelMixin, ConfigMixin):
         nn.init.constant_(self.conv_out.bias, math.log(init_scale))
         self.dataset_offset = nn.Embedding(num_datasets + 1, m)  # index num_datasets: the null dataset
         nn.init.zeros_(self.dataset_offset.weight)
+        if use_pfm:  # one modulation for the full-resolution features, one per body layer
+            self.dataset_embedding = DatasetEmbedding(num_datasets, embedding_dim)
+            self.modulation = nn.ModuleList(FeatureModulation(embedding_dim, channels) for _ in range(num_layers + 1))
 
     def forward(self, condition: torch.Tensor, source_mask: torch.Tensor, dataset_id: torch.Tensor | int
                 ) -> torch.Tensor:
@@ -87,12 +95,17 @@ class ErrorScaleNet(ModelMixin, ConfigMixin):
         dtype = condition.dtype
         mask = torch.as_tensor(source_mask, device=condition.device).to(dtype).expand(batch, m)
         planes = mask[:, :, None, None].expand(batch, m, height, width)
-        full = nn.functional.silu(self.conv_in(torch.cat([condition, planes], dim=1)))
-        x = nn.functional.silu(self.down(full))
-        for conv in self.body:
-            x = x + nn.functional.silu(conv(x))
-        log_scale = self.conv_out(torch.cat([full, self.up(x)], dim=1))
         ids = torch.as_tensor(dataset_id, device=condition.device).long().reshape(-1).expand(batch)
+        if self.config.use_pfm:
+            embedding = self.dataset_embedding(ids, dtype)
+            modulate = lambda k, features: self.modulation[k](features, embedding)  # noqa: E731
+        else:
+            modulate = lambda k, features: features  # noqa: E731
+        full = nn.functional.silu(modulate(0, self.conv_in(torch.cat([condition, planes], dim=1))))
+        x = nn.functional.silu(self.down(full))
+        for k, conv in enumerate(self.body, start=1):
+            x = x + nn.functional.silu(modulate(k, conv(x)))
+        log_scale = self.conv_out(torch.cat([full, self.up(x)], dim=1))
         ids = torch.where(ids == NULL_DATASET_ID, self.config.num_datasets, ids)
         log_scale = log_scale + self.dataset_offset(ids).to(dtype)[:, :, None, None]
         return log_scale.clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)

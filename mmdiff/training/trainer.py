@@ -297,7 +297,7 @@ def train(config: dict, output_dir: str | Path, max_steps: int | None = None, re
                 bar.update()
                 if step % log_every == 0 or step == total:
                     record = {f"train/{k}": v for k, v in logs.items()} | {"lr": schedulers[stage.main].get_last_lr()[0]}
-                    bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}")
+                    bar.set_postfix({k: f"{logs[k]:.4f}" for k in ("loss", "error_nll") if k in logs})
                     _log(accelerator, output_dir, step, record)
                 if ckpt_every and step % ckpt_every == 0 and step < total:
                     save()
