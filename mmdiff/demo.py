@@ -626,7 +626,7 @@ def build_demo(engines: Mapping[str, Engine] | None = None, examples: Sequence[E
                 targets = gr.CheckboxGroup(modalities, value=[], label="Sequences to synthesize",
                                            info="none ticked: every sequence not uploaded", elem_id="targets")
                 engine = gr.Radio([ENGINE_LABELS[e] for e in engines], value=ENGINE_LABELS[default_engine],
-                                  label="Engine", info="the GAN takes seconds on a CPU; diffusion takes minutes",
+                                  label="Engine", info="the GAN takes seconds on a CPU; diffusion about twice as long at one sample, more with more",
                                   elem_id="engine")
                 with gr.Group(visible=default_engine == "ldm") as diffusion_settings:
                     steps = gr.Slider(1, MAX_STEPS, value=DEFAULT_STEPS, step=1, label="Diffusion steps",
