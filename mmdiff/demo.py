@@ -626,13 +626,15 @@ def build_demo(engines: Mapping[str, Engine] | None = None, examples: Sequence[E
                 targets = gr.CheckboxGroup(modalities, value=[], label="Sequences to synthesize",
                                            info="none ticked: every sequence not uploaded", elem_id="targets")
                 engine = gr.Radio([ENGINE_LABELS[e] for e in engines], value=ENGINE_LABELS[default_engine],
-                                  label="Engine", info="the GAN takes seconds on a CPU; diffusion about twice as long at one sample, more with more",
+                                  label="Engine", info="the GAN takes seconds on a CPU; diffusion about twice as "
+                                                       "long at one sample, more with more",
                                   elem_id="engine")
                 with gr.Group(visible=default_engine == "ldm") as diffusion_settings:
                     steps = gr.Slider(1, MAX_STEPS, value=DEFAULT_STEPS, step=1, label="Diffusion steps",
                                       elem_id="steps")
                     samples = gr.Slider(1, MAX_SAMPLES, value=default_samples, step=1,
-                                        label="Samples (K: the model's own is where its uncertainty is calibrated; more than 1 adds their spread to it)", elem_id="samples")
+                                        label="Samples (K: the model's own is where its uncertainty is calibrated; "
+                                              "more than 1 adds their spread to it)", elem_id="samples")
                 seed = gr.Number(0, precision=0, label="Seed", minimum=0, elem_id="seed")
                 run = gr.Button("Synthesize", variant="primary", elem_id="run")
                 status = gr.Markdown(elem_id="status")

@@ -53,7 +53,8 @@ class ErrorScaleNet(ModelMixin, ConfigMixin):
         use_pfm: modulate every conv layer's features by the dataset embedding (PFM, as the GAN and the
             UNet; zero-initialised, so a model without it loads and starts unchanged). Without it the
             dataset only shifts ``log b`` by a constant, and a site whose lesions the predictor misses
-            (WML FLAIR from T2) cannot have its own idea of where the errors are.
+            (WML FLAIR from T2) cannot have its own idea of where the errors are. Measured: no gain in
+            held-out (lesion) coverage over the plain model (BENCHMARKS.md, session 14), so off by default.
         embedding_dim: the dataset embedding's size (with ``use_pfm``).
     """
 

@@ -22,8 +22,7 @@ from ..models import (ErrorScaleNet, HaarWavelet, ModalityDiscriminators, MultiM
 from ..pipelines import MMDiffPipeline, MMGANPipeline
 from ..pipelines.common import from_network, to_network
 from ..pipelines.ldm import (DEFAULT_NUM_SAMPLES, DEFAULT_UNCERTAINTY_WINDOW, SCHEDULERS, TRAINING_SCHEDULER,
-                           Calibration, calibrate,
-                           point_and_spread, sample_residuals)
+                           Calibration, calibrate, point_and_spread, sample_residuals)
 from .config import ConfigError
 
 
@@ -285,7 +284,8 @@ class LDMStage(Stage):
                 log_scale = error_model(torch.where(sources[:, :, None, None], x, mu), sources, dataset_id)
                 # the likelihood is a proper scoring rule: weighting lesion pixels up leaves each pixel's
                 # optimum at b = E|e| and makes the small network spend itself where lesions are (its
-                # lesion errors were under-stated: held-out lesion coverage 0.68 for 0.90, BENCHMARKS.md)
+                # lesion errors were under-stated: held-out lesion coverage 0.68 for 0.90; weights 4 and 16
+                # did not change that, BENCHMARKS.md session 14, so 0 by default)
                 pixels = batch["brain_mask"].to(x.device)
                 if self.error_lesion_weight:
                     pixels = pixels * lesion_pixel_weight(batch["seg"].to(x.device), self.error_lesion_weight)
