@@ -197,8 +197,7 @@ def test_error_model_alone_learns_with_lesion_pixels_weighted(tmp_path, monkeypa
     """``model.train_unet: false`` refits the error model alone (the UNet is untouched), and
     ``model.error_model.lesion_weight`` weights lesion pixels in its likelihood (brain pixels 1, lesion
     1 + w, background 0)."""
-    import contextlib
-
+    from test_generator_lean import StepAccelerator
     from test_pipelines import tiny_gan
 
     from mmdiff.training import load_config
@@ -220,19 +219,10 @@ def test_error_model_alone_learns_with_lesion_pixels_weighted(tmp_path, monkeypa
              "available": torch.ones(2, 6, dtype=torch.bool), "dataset_id": torch.zeros(2, dtype=torch.long),
              "seg": seg, "brain_mask": brain}
 
-    class Accelerator:
-        sync_gradients = False
-
-        def accumulate(self, *models):
-            return contextlib.nullcontext()
-
-        def backward(self, loss):
-            loss.backward()
-
     unet_before = [p.detach().clone() for p in stage.models["unet"].parameters()]
     error_before = [p.detach().clone() for p in stage.models["error_model"].parameters()]
     for step in range(3):
-        logs = stage.training_step(batch, Accelerator(), step)
+        logs = stage.training_step(batch, StepAccelerator(), step)
     assert "loss" not in logs and math.isfinite(logs["error_nll"])
     assert all(torch.equal(a, b) for a, b in zip(unet_before, stage.models["unet"].parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(error_before, stage.models["error_model"].parameters()))

@@ -25,6 +25,19 @@ def lean_generator(**kwargs) -> MultiModalGenerator:
     return MultiModalGenerator(**(settings | kwargs))
 
 
+
+class StepAccelerator:
+    """Enough of ``accelerate.Accelerator`` for a stage's ``training_step`` on one process."""
+
+    sync_gradients = False
+
+    def accumulate(self, *models):
+        import contextlib
+        return contextlib.nullcontext()
+
+    def backward(self, loss):
+        loss.backward()
+
 def test_lean_layout_has_one_tower_and_runs_on_multiples_of_its_patch_and_levels():
     model = lean_generator()
     assert model.size_multiple == 4
@@ -245,18 +258,8 @@ def test_target_weight_scales_one_sequence_share_of_the_synthesis_loss(tiny_cach
     batch = {"images": torch.rand(2, 6, 16, 16), "available": available, "dataset_id": torch.zeros(2, dtype=torch.long),
              "seg": torch.zeros(2, 16, 16, dtype=torch.uint8), "brain_mask": torch.ones(2, 16, 16, dtype=torch.bool)}
 
-    class Accelerator:
-        sync_gradients = False
-
-        def accumulate(self, *models):
-            import contextlib
-            return contextlib.nullcontext()
-
-        def backward(self, loss):
-            loss.backward()
-
     for step in range(6):
-        stage.training_step(batch, Accelerator(), step)
+        stage.training_step(batch, StepAccelerator(), step)
     weights = torch.cat(seen)
     assert set(weights.unique().tolist()) <= {0.0, 1.0, 3.0} and (weights[:, 2] == 3).any()
     assert ((weights[:, 2] == 3) | (weights[:, 2] == 0)).all() and (weights[:, [0, 1, 3, 4, 5]] <= 1).all()
