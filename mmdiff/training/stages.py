@@ -71,6 +71,11 @@ class Stage:
     def export(self, models: dict[str, torch.nn.Module], out: Path) -> None:
         raise NotImplementedError
 
+    def _clip(self, accelerator, model) -> None:
+        """Clip ``model``'s gradient norm to ``train.grad_clip`` on the steps that apply them."""
+        if accelerator.sync_gradients and self.train_cfg.get("grad_clip"):
+            accelerator.clip_grad_norm_(model.parameters(), float(self.train_cfg["grad_clip"]))
+
     def _dataset_ids(self, batch) -> torch.Tensor:
         ids = torch.as_tensor(batch["dataset_id"], device=self.device)
         return drop_dataset_id(ids, float(self.train_cfg.get("dataset_dropout", 0.1)))
@@ -138,10 +143,6 @@ class VAEStage(Stage):
             self.optimizers["discriminator"].step()  # no gradients during the warm-up: a no-op
             self.optimizers["discriminator"].zero_grad(set_to_none=True)
         return logs
-
-    def _clip(self, accelerator, model):
-        if accelerator.sync_gradients and self.train_cfg.get("grad_clip"):
-            accelerator.clip_grad_norm_(model.parameters(), float(self.train_cfg["grad_clip"]))
 
     @torch.no_grad()
     def predict(self, images, sources, targets, dataset_id, generator=None):
@@ -273,8 +274,7 @@ class LDMStage(Stage):
                 loss = diffusion_loss(unet, self.scheduler, latents - mu_latents, condition, sources, weight,
                                       dataset_id)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and self.train_cfg.get("grad_clip"):
-                    accelerator.clip_grad_norm_(unet.parameters(), float(self.train_cfg["grad_clip"]))
+                self._clip(accelerator, unet)
                 self.optimizers["unet"].step()
                 self.optimizers["unet"].zero_grad(set_to_none=True)
             logs["loss"] = loss.item()
@@ -291,8 +291,7 @@ class LDMStage(Stage):
                     pixels = pixels * lesion_pixel_weight(batch["seg"].to(x.device), self.error_lesion_weight)
                 nll = laplace_nll(log_scale, x - mu, weight, pixels)
                 accelerator.backward(nll)
-                if accelerator.sync_gradients and self.train_cfg.get("grad_clip"):
-                    accelerator.clip_grad_norm_(error_model.parameters(), float(self.train_cfg["grad_clip"]))
+                self._clip(accelerator, error_model)
                 self.optimizers["error_model"].step()
                 self.optimizers["error_model"].zero_grad(set_to_none=True)
             logs["error_nll"] = nll.item()
@@ -424,8 +423,7 @@ class GANStage(Stage):
             g_terms = generator_loss(fake, x, synthesis_w, reconstruction_w, fake_logits or None,
                                      **{k: float(v) for k, v in self.lambdas.items()}, pixel_weight=pixel_weight)
             accelerator.backward(g_terms["loss"])
-            if accelerator.sync_gradients and self.train_cfg.get("grad_clip"):
-                accelerator.clip_grad_norm_(generator.parameters(), float(self.train_cfg["grad_clip"]))
+            self._clip(accelerator, generator)
             self.optimizers["generator"].step()
             self.optimizers["generator"].zero_grad(set_to_none=True)
             self.optimizers["discriminators"].zero_grad(set_to_none=True)
