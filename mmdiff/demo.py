@@ -4,8 +4,8 @@ A visitor picks a bundled example (a phantom case of each simulated site, genera
 with :mod:`mmdiff.data.phantom` and cached on disk) or uploads NIfTI files, one per sequence;
 chooses the dataset profile (one of the model's datasets, or "unknown site"), the sequences to
 synthesize and the engine (the one-step GAN, the default on a CPU, or latent diffusion with its
-steps and samples); then sees the inputs, the synthesized sequences and, for diffusion with several
-samples, the uncertainty side by side in three planes with a slice slider, and downloads the
+steps and samples); then sees the inputs, the synthesized sequences and, for diffusion (with an
+error model, or several samples), the calibrated uncertainty side by side in three planes with a slice slider, and downloads the
 synthesized NIfTI files with their JSON sidecars.
 
 Synthesis goes through :func:`mmdiff.synthesize.synthesize`, so a downloaded file is marked synthetic
@@ -653,7 +653,7 @@ def build_demo(engines: Mapping[str, Engine] | None = None, examples: Sequence[E
         shown_inputs = gr.Gallery(label="Inputs", elem_id="inputs-gallery", **gallery)
         shown_synth = gr.Gallery(label="Synthesized (marked synthetic in every file)", elem_id="synthetic-gallery",
                                  **gallery)
-        shown_unc = gr.Gallery(label="Uncertainty: standard deviation over the diffusion samples", visible=False,
+        shown_unc = gr.Gallery(label="Uncertainty: the calibrated interval half-width (the error model's scale and the samples' spread)", visible=False,
                                elem_id="uncertainty-gallery", **gallery)
 
         engine.change(lambda label: gr.update(visible=label == ENGINE_LABELS["ldm"]), engine, diffusion_settings,
