@@ -137,7 +137,11 @@ def test_save_load_roundtrip(tmp_path, kind):
     before = pipe(inputs(brain_volume()), generator=seeded(3), **kwargs)
     after = loaded(inputs(brain_volume()), generator=seeded(3), **kwargs)
     for name in before.images:
-        np.testing.assert_array_equal(before.images[name], after.images[name])
+        if kind == "ldm":
+            np.testing.assert_array_equal(before.images[name], after.images[name])
+        else:  # weights loaded from safetensors are not 64-byte aligned, and oneDNN then sums some
+            # convolutions (the GAN's smaller per-slice windows) in another order: ~1e-7 apart
+            np.testing.assert_allclose(before.images[name], after.images[name], rtol=0, atol=1e-6)
 
 
 def test_generic_from_pretrained_in_fresh_process(tmp_path):
@@ -169,7 +173,8 @@ def test_generic_from_pretrained_in_fresh_process(tmp_path):
         assert type(ldm) is mmdiff.pipelines.MMDiffPipeline and type(gan) is mmdiff.pipelines.MMGANPipeline
         out = ldm({{"t1": volume}}, num_inference_steps={STEPS}, generator=torch.Generator().manual_seed(5))
         np.testing.assert_array_equal(out.images["t2"], np.load(root + "/ldm.npy"))
-        np.testing.assert_array_equal(gan({{"t1": volume}}).images["t2"], np.load(root + "/gan.npy"))
+        # (unaligned weights from safetensors: oneDNN's summation order may differ, ~1e-7)
+        np.testing.assert_allclose(gan({{"t1": volume}}).images["t2"], np.load(root + "/gan.npy"), rtol=0, atol=1e-6)
         print("ok")
     """)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

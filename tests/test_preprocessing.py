@@ -14,7 +14,7 @@ from mmdiff.data.cache import cache_preprocessor
 from mmdiff.data.prepare import PrepareConfig
 from mmdiff.data.preprocessing import MRIPreprocessor
 from mmdiff.pipelines import MMGANPipeline
-from mmdiff.pipelines.common import brain_window, prepare_inputs
+from mmdiff.pipelines.common import SLICE_MARGIN, brain_window, prepare_inputs
 from test_pipelines import tiny_gan
 
 
@@ -65,11 +65,12 @@ def test_pipeline_saves_and_loads_its_preprocessor_and_feeds_inputs_through_it(t
                                                with_kwargs=True)
     loaded(images={"t1": image}, targets=["t2"], brain_mask=brain, batch_size=8)
     expected = prepare_inputs({"t1": image}, loaded.modalities, ["t2"], brain, loaded.downsampling,
-                              preprocessor=MRIPreprocessor("percentile", clip_percentile=90.0))
+                              preprocessor=MRIPreprocessor("percentile", clip_percentile=90.0),
+                              slice_margin=SLICE_MARGIN)
     fed = (seen[0][:, 0] + 1) / 2  # the network's [-1, 1] back to [0, 1]
-    torch.testing.assert_close(fed, torch.from_numpy(expected.images[0][..., expected.slices].transpose(2, 0, 1)))
+    torch.testing.assert_close(fed, next(expected.batches(8))[1][:, 0])
     other = prepare_inputs({"t1": image}, loaded.modalities, ["t2"], brain, loaded.downsampling,
-                           preprocessor=MRIPreprocessor("median"))
+                           preprocessor=MRIPreprocessor("median"), slice_margin=SLICE_MARGIN)
     assert not np.allclose(other.images, expected.images)
 
 
@@ -119,3 +120,60 @@ def test_outputs_do_not_depend_on_how_much_background_surrounds_the_brain():
     wide = pipe(images={"t1": padded}, targets=["t2"], brain_mask=padded_brain).images["t2"]
     np.testing.assert_allclose(wide[5:-9, 7:-3], out, atol=1e-6)
     assert wide[:5].max() == 0 and wide[-9:].max() == 0
+
+
+def _head_with_small_top_slices():
+    """A 40 x 40 x 6 volume whose brain narrows towards the top, like a head's."""
+    brain = np.zeros((40, 40, 6), bool)
+    for z, half in enumerate([14, 14, 12, 8, 4, 2]):
+        brain[20 - half:20 + half, 18 - half:18 + half, z] = True
+    image = np.where(brain, 500.0, 0.0).astype(np.float32)
+    return image, brain
+
+
+def test_per_slice_windows_hold_each_slices_brain_and_margin_in_multiples():
+    image, brain = _head_with_small_top_slices()
+    case = prepare_inputs({"t1": image}, ["t1", "t2"], ["t2"], brain, 8)
+    with pytest.raises(ValueError, match="slice_margin=4"):  # the volume window has no room for margins
+        case.per_slice(8, margin=4)
+    tight = prepare_inputs({"t1": image}, ["t1", "t2"], ["t2"], brain, 8, slice_margin=2)
+    assert tight.images.shape[1] >= 28 + 2 * (2 + 8)  # the widest brain slice, its margin and a multiple
+    case = tight
+    (x0, _), (y0, _) = case.window
+    widths = []
+    for z in case.slices:
+        (a0, a1), (b0, b1) = tight.crops[z]
+        assert (a1 - a0) % 8 == 0 and (b1 - b0) % 8 == 0
+        assert 0 <= a0 < a1 <= case.images.shape[1] and 0 <= b0 < b1 <= case.images.shape[2]
+        xs, ys = np.nonzero(brain[..., z])
+        # the brain plus its margin, in window coordinates
+        assert a0 <= xs.min() - x0 - 2 and a1 >= xs.max() + 1 - x0 + 2
+        assert b0 <= ys.min() - y0 - 2 and b1 >= ys.max() + 1 - y0 + 2
+        assert a1 - a0 < xs.max() + 1 - xs.min() + 2 * 2 + 8  # and no more than its multiple needs
+        widths.append((a1 - a0) * (b1 - b0))
+    assert widths[-1] < widths[0] < case.images.shape[1] * case.images.shape[2]
+    # batches hold slices of one size, every brain slice once
+    seen = []
+    for index, batch, _ in tight.batches(4):
+        sizes = {tuple(np.diff(tight.crops[z], axis=1).ravel()) for z in index}
+        assert len(sizes) == 1 and tuple(batch.shape[2:]) == sizes.pop()
+        assert tight.context(index, 1).shape[3:] == batch.shape[2:]
+        seen += index.tolist()
+    assert sorted(seen) == case.slices.tolist()
+    assert tight.num_batches(4) == len(list(tight.batches(4)))
+
+
+def test_gan_runs_small_slices_on_small_windows_with_the_brain_written_back():
+    pipe = tiny_gan()
+    image, brain = _head_with_small_top_slices()
+    shapes = []
+    hook = pipe.generator.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape[2:])))
+    try:
+        out = pipe(images={"t1": image}, targets=["t2"], brain_mask=brain, batch_size=1).images["t2"]
+    finally:
+        hook.remove()
+    assert len(set(shapes)) > 1 and min(a * b for a, b in shapes) < max(a * b for a, b in shapes)
+    assert out[brain].min() > 0 and out[~brain].max() == 0  # every brain voxel synthesised, nothing outside
+    # a slice's result does not depend on the others: the top slice alone, in a volume of its own
+    alone = pipe(images={"t1": image[..., -1:]}, targets=["t2"], brain_mask=brain[..., -1:]).images["t2"]
+    np.testing.assert_allclose(alone[..., 0], out[..., -1], atol=1e-5)

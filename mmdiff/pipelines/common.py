@@ -13,7 +13,12 @@ Preprocessing is the one the model was trained with:
   the outputs are 0. Training saw the brain centred in 192 x 192 at 1 mm, and the networks are
   fully convolutional, so other window sizes run (inputs should still be skull-stripped and about
   1 mm in plane, like the training data);
-- axial slices without brain are not run and come back as 0.
+- axial slices without brain are not run and come back as 0;
+- the GAN pipeline narrows the window further, slice by slice (:meth:`PreparedInputs.per_slice`):
+  each slice runs on its own brain's box plus a margin, in multiples of the size multiple, so the
+  small slices at the top and bottom of the head cost what their brain does (a BraTS volume: about
+  three quarters of the volume window's pixels). A slice's window depends on that slice alone, so
+  its result does not depend on the batching or on which other slices are run.
 
 Outputs are in the model's normalised [0, 1] scale (not scanner units), zero outside the brain, on
 the input's own grid: an array input gives arrays of its shape; a NIfTI input gives arrays in the
@@ -45,6 +50,11 @@ from ..modalities import KNOWN_MODALITIES, canonical
 from ..models.pfm import NULL_DATASET_ID
 
 OUTPUT_TYPES = ("np", "pt", "nifti")
+
+#: background kept round each slice's brain by :meth:`PreparedInputs.per_slice`, in pixels: with none,
+#: the brain's edge meets the zero padding of the network's convolutions and the image there changes
+#: (BraTS T1C, BENCHMARKS.md session 15: 8 pixels gave the volume window's image to a mean 0.003)
+SLICE_MARGIN = 8
 
 ImageInput = np.ndarray | torch.Tensor | str | os.PathLike
 
@@ -190,6 +200,7 @@ class PreparedInputs:
     reference: Volume | None
     affine: np.ndarray | None
     is_2d: bool
+    crops: np.ndarray | None = None  # [Z, 2, 2]: per slice (x0, x1), (y0, y1) inside the window, or None
 
     @property
     def num_slices(self) -> int:
@@ -209,46 +220,96 @@ class PreparedInputs:
             raise ValueError(f"slices {outside.tolist()} are outside the volume's {self.num_slices} axial slices")
         return dataclasses.replace(self, slices=np.intersect1d(self.slices, wanted))
 
-    def num_batches(self, batch_size: int) -> int:
+    def per_slice(self, multiple: int, margin: int) -> PreparedInputs:
+        """The same inputs, each slice run on its own window: its brain's bounding box grown by
+        ``margin`` pixels on every side and then symmetrically to multiples of ``multiple``. Batches
+        then hold slices of one window size (each at its own place); outside a slice's window its
+        results are 0, as outside the brain. The volume window must leave ``margin + multiple``
+        pixels round the brain (``prepare_inputs(slice_margin=...)`` makes it so), so that no slice's
+        window is cut or moved by the volume's: a slice's window depends on its own brain alone.
+
+        Only for a network whose output at a pixel does not depend on how the slices are batched and
+        whose noise, if any, is not shared between slices (the GAN's generator)."""
+        brain = np.zeros(self.images.shape[1:], dtype=bool)
+        brain[_window_part(self.window, self.brain.shape)] = self.brain[_grid_part(self.window, self.brain.shape)]
+        crops = np.zeros((self.num_slices, 2, 2), dtype=np.int64)
+        crops[:, :, 1] = self.images.shape[1:3]
+        for z in self.slices:
+            for axis in (0, 1):
+                present = np.flatnonzero(brain[..., z].any(axis=1 - axis))
+                lo, hi = int(present[0]) - margin, int(present[-1]) + 1 + margin
+                length = -(-(hi - lo) // multiple) * multiple
+                start = lo - (length - (hi - lo)) // 2
+                if start < 0 or start + length > brain.shape[axis]:
+                    raise ValueError(f"the volume window leaves no room for a {margin}-pixel margin round "
+                                     f"slice {z}'s brain: prepare the inputs with slice_margin={margin}")
+                crops[z, axis] = start, start + length
+        return dataclasses.replace(self, crops=crops)
+
+    def _groups(self, batch_size: int) -> list[np.ndarray]:
+        """The batches' slice indices: runs of ``batch_size`` slices up the volume; with per-slice
+        windows, of slices whose windows have one size (groups in order of their first slice)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
-        return -(-len(self.slices) // batch_size)
+        if self.crops is None:
+            runs = [self.slices]
+        else:
+            sizes = self.crops[self.slices, :, 1] - self.crops[self.slices, :, 0]
+            by_size: dict[tuple[int, int], list[int]] = {}
+            for z, size in zip(self.slices.tolist(), map(tuple, sizes.tolist())):
+                by_size.setdefault(size, []).append(z)
+            runs = [np.asarray(zs) for zs in by_size.values()]
+        return [run[start:start + batch_size] for run in runs for start in range(0, len(run), batch_size)]
+
+    def _crop(self, z: int) -> tuple[slice, slice]:
+        if self.crops is None:
+            return slice(None), slice(None)
+        return slice(*self.crops[z, 0]), slice(*self.crops[z, 1])
+
+    def num_batches(self, batch_size: int) -> int:
+        return len(self._groups(batch_size))
 
     def batches(self, batch_size: int, generator=None) -> Iterator[tuple[np.ndarray, torch.Tensor, object]]:
-        """``(slice indices, images [B, M, X', Y'] in [0, 1], generator for them)`` per batch of brain slices.
+        """``(slice indices, images [B, M, X', Y'] in [0, 1], generator for them)`` per batch of brain
+        slices (with :meth:`per_slice`, ``X' x Y'`` is the batch's window size).
 
         A list of generators holds one per axial slice (``Z``; 1 for a 2D input), so a slice gets the
         same noise whatever the batching; a single generator is passed on as is.
         """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if isinstance(generator, list) and len(generator) != self.num_slices:
             raise ValueError(f"a list of generators needs one per axial slice ({self.num_slices}), "
                              f"got {len(generator)}")
-        for start in range(0, len(self.slices), batch_size):
-            index = self.slices[start:start + batch_size]
-            batch = torch.from_numpy(np.ascontiguousarray(self.images[..., index].transpose(3, 0, 1, 2)))
+        for index in self._groups(batch_size):
+            batch = torch.from_numpy(np.stack([self.images[(slice(None), *self._crop(z), z)] for z in index]))
             yield index, batch, [generator[k] for k in index] if isinstance(generator, list) else generator
 
     def context(self, index: np.ndarray, k: int) -> torch.Tensor:
         """The ``k`` axial neighbours below and above each slice in ``index``: ``[B, M, 2k, X', Y']``
-        in [0, 1] (order ``-k .. -1, +1 .. +k``; zeros beyond the volume), for a 2.5D model."""
+        in [0, 1] (order ``-k .. -1, +1 .. +k``; zeros beyond the volume; in the slice's own window),
+        for a 2.5D model."""
         offsets = [d for d in range(-k, k + 1) if d]
-        out = np.zeros((len(index), self.images.shape[0], len(offsets)) + self.images.shape[1:3], dtype=np.float32)
-        for n, d in enumerate(offsets):
-            for b, z in enumerate(index):
+        out = None
+        for b, z in enumerate(index):
+            plane = self.images[(slice(None), *self._crop(z))]
+            if out is None:
+                out = np.zeros((len(index), plane.shape[0], len(offsets)) + plane.shape[1:3], dtype=np.float32)
+            for n, d in enumerate(offsets):
                 if 0 <= z + d < self.num_slices:
-                    out[b, :, n] = self.images[..., z + d]
+                    out[b, :, n] = plane[..., z + d]
         return torch.from_numpy(out)
 
     def canvas(self) -> np.ndarray:
         """Zeros ``[T, X', Y', Z]`` to collect per-slice results for the targets."""
         return np.zeros((len(self.targets),) + self.images.shape[1:], dtype=np.float32)
 
-    @staticmethod
-    def put(canvas: np.ndarray, index: np.ndarray, values: torch.Tensor) -> None:
-        """Write ``values [B, T, X', Y']`` into the slices ``index`` of ``canvas``."""
-        canvas[..., index] = values.float().cpu().numpy().transpose(1, 2, 3, 0)
+    def put(self, canvas: np.ndarray, index: np.ndarray, values: torch.Tensor) -> None:
+        """Write ``values [B, T, X', Y']`` into the slices ``index`` of ``canvas`` (each in its window)."""
+        values = values.float().cpu().numpy()
+        if self.crops is None:
+            canvas[..., index] = values.transpose(1, 2, 3, 0)
+            return
+        for b, z in enumerate(index):
+            canvas[(slice(None), *self._crop(z), z)] = values[b]
 
     def _to_input_grid(self, volume: np.ndarray) -> np.ndarray:
         """``[X', Y', Z]`` in the window -> the input's grid (zeros outside the window)."""
@@ -290,14 +351,14 @@ class PreparedInputs:
         return MMDiffPipelineOutput(*result) if return_dict else result
 
 
-def brain_window(brain: np.ndarray, multiple: int) -> tuple[tuple[int, int], tuple[int, int]]:
+def brain_window(brain: np.ndarray, multiple: int, pad: int = 0) -> tuple[tuple[int, int], tuple[int, int]]:
     """The in-plane window ``((x0, x1), (y0, y1))`` the network runs on: the bounding box of ``brain``
-    ``[X, Y, Z]`` over all slices, grown symmetrically to multiples of ``multiple`` (it may reach past
-    the grid's edges)."""
+    ``[X, Y, Z]`` over all slices, grown by ``pad`` on every side and then symmetrically to multiples
+    of ``multiple`` (it may reach past the grid's edges)."""
     window = []
     for axis in (0, 1):
         present = np.flatnonzero(brain.any(axis=tuple(a for a in range(3) if a != axis)))
-        lo, hi = int(present[0]), int(present[-1]) + 1
+        lo, hi = int(present[0]) - pad, int(present[-1]) + 1 + pad
         extra = -(hi - lo) % multiple
         window.append((lo - extra // 2, hi + extra - extra // 2))
     return tuple(window)
@@ -322,10 +383,14 @@ def prepare_inputs(
     output_type: str = "np",
     affine: np.ndarray | None = None,
     preprocessor: MRIPreprocessor | None = None,
+    slice_margin: int | None = None,
 ) -> PreparedInputs:
     """Check and preprocess a pipeline call's inputs for a model over ``modalities`` whose slice sides
     must be multiples of ``multiple``, with the model's intensity rule (``None``: the 99.5th-percentile
-    rule of pipelines saved without one). Every problem raises a ``ValueError`` that names it."""
+    rule of pipelines saved without one). Every problem raises a ``ValueError`` that names it.
+
+    ``slice_margin``: run each slice on its own window, with this many pixels of background round
+    its brain (:meth:`PreparedInputs.per_slice`); ``None``: every slice on the volume's window."""
     preprocessor = preprocessor or MRIPreprocessor.legacy()
     modalities = list(modalities)
     if not isinstance(images, Mapping):  # e.g. a list of cases: one call is one exam
@@ -388,7 +453,7 @@ def prepare_inputs(
     if not brain.any():
         raise ValueError("the brain mask is empty")
 
-    window = brain_window(brain, multiple)
+    window = brain_window(brain, multiple, 0 if slice_margin is None else slice_margin + multiple)
     stack = np.zeros((len(modalities), window[0][1] - window[0][0], window[1][1] - window[1][0], grid_shape[2]),
                      dtype=np.float32)
     inside, part = _grid_part(window, grid_shape), _window_part(window, grid_shape)
@@ -397,7 +462,7 @@ def prepare_inputs(
         if top <= 0:
             warnings.warn(f"{name} is zero inside the brain", stacklevel=4)
         stack[(modalities.index(name),) + part] = normalised[inside]
-    return PreparedInputs(
+    prepared = PreparedInputs(
         images=stack,
         brain=brain,
         source_mask=np.isin(modalities, sources),
@@ -410,3 +475,4 @@ def prepare_inputs(
         affine=None if affine is None else np.asarray(affine, dtype=np.float64),
         is_2d=is_2d,
     )
+    return prepared if slice_margin is None else prepared.per_slice(multiple, slice_margin)

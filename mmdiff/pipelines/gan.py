@@ -10,7 +10,7 @@ from diffusers import DiffusionPipeline
 
 from ..data.preprocessing import MRIPreprocessor
 from ..models.gan import MultiModalGenerator
-from .common import ImageInput, MMDiffPipelineOutput, from_network, prepare_inputs, resolve_dataset_id, to_network
+from .common import SLICE_MARGIN, ImageInput, MMDiffPipelineOutput, from_network, prepare_inputs, resolve_dataset_id, to_network
 from .precision import network_autocast, resolve_precision
 
 
@@ -77,7 +77,7 @@ class MMGANPipeline(DiffusionPipeline):
             raise ValueError("the GAN is deterministic: num_samples must be 1 (MMDiffPipeline gives uncertainty)")
         network = self.generator
         case = prepare_inputs(images, network.config.modalities, targets, brain_mask, self.downsampling,
-                              output_type, affine, self.preprocessor).only(slices)
+                              output_type, affine, self.preprocessor, SLICE_MARGIN).only(slices)
         dataset_id = resolve_dataset_id(dataset, network.config.dataset_names)
         device = self._execution_device
         precision = resolve_precision(precision, device)
