@@ -74,9 +74,11 @@ class MRIPreprocessor(SchedulerMixin, ConfigMixin):
         top = self.scale(image, brain)
         if top <= 0:
             return np.zeros_like(image, dtype=np.float32), top
-        out = np.clip(image, 0.0, top) / top
+        out = np.empty(image.shape, dtype=np.float32)  # one float32 array, worked in place: a volume's
+        np.clip(image, 0.0, top, out=out, casting="same_kind")  # temporaries cost more than the maths
+        np.divide(out, np.float32(top), out=out)
         out[~brain] = 0.0
-        return out.astype(np.float32), top
+        return out, top
 
     def describe(self) -> str:
         """The rule in words, for sidecars and model cards."""
