@@ -15,10 +15,10 @@ Preprocessing is the one the model was trained with:
   1 mm in plane, like the training data);
 - axial slices without brain are not run and come back as 0;
 - the GAN pipeline narrows the window further, slice by slice (:meth:`PreparedInputs.per_slice`):
-  each slice runs on its own brain's box plus a margin, in multiples of the size multiple, so the
-  small slices at the top and bottom of the head cost what their brain does (a BraTS volume: about
-  three quarters of the volume window's pixels). A slice's window depends on that slice alone, so
-  its result does not depend on the batching or on which other slices are run.
+  each slice runs on its own brain's box plus a margin, in multiples of the size multiple (at most
+  the volume window), so the small slices at the top and bottom of the head cost what their brain
+  does (a BraTS volume: about four fifths of the volume window's pixels). A slice's result does not
+  depend on the batching or on which other slices are run.
 
 Outputs are in the model's normalised [0, 1] scale (not scanner units), zero outside the brain, on
 the input's own grid: an array input gives arrays of its shape; a NIfTI input gives arrays in the
@@ -222,14 +222,13 @@ class PreparedInputs:
 
     def per_slice(self, multiple: int, margin: int) -> PreparedInputs:
         """The same inputs, each slice run on its own window: its brain's bounding box grown by
-        ``margin`` pixels on every side and then symmetrically to multiples of ``multiple``. Batches
-        then hold slices of one window size (each at its own place); outside a slice's window its
-        results are 0, as outside the brain. The volume window must leave ``margin + multiple``
-        pixels round the brain (``prepare_inputs(slice_margin=...)`` makes it so), so that no slice's
-        window is cut or moved by the volume's: a slice's window depends on its own brain alone.
+        ``margin`` pixels on every side and then symmetrically to multiples of ``multiple``, at most
+        the volume window and moved inside it where it would leave it. Batches then hold slices of
+        one window size (each at its own place); outside a slice's window its results are 0, as
+        outside the brain. The windows come from the whole volume's brain, so a slice's result does
+        not depend on the batching or on which slices are run (``slices=``).
 
-        Only for a network whose output at a pixel does not depend on how the slices are batched and
-        whose noise, if any, is not shared between slices (the GAN's generator)."""
+        Only for a network whose noise, if any, is not shared between slices (the GAN's generator)."""
         brain = np.zeros(self.images.shape[1:], dtype=bool)
         brain[_window_part(self.window, self.brain.shape)] = self.brain[_grid_part(self.window, self.brain.shape)]
         crops = np.zeros((self.num_slices, 2, 2), dtype=np.int64)
@@ -237,12 +236,9 @@ class PreparedInputs:
         for z in self.slices:
             for axis in (0, 1):
                 present = np.flatnonzero(brain[..., z].any(axis=1 - axis))
-                lo, hi = int(present[0]) - margin, int(present[-1]) + 1 + margin
-                length = -(-(hi - lo) // multiple) * multiple
-                start = lo - (length - (hi - lo)) // 2
-                if start < 0 or start + length > brain.shape[axis]:
-                    raise ValueError(f"the volume window leaves no room for a {margin}-pixel margin round "
-                                     f"slice {z}'s brain: prepare the inputs with slice_margin={margin}")
+                lo, hi, size = int(present[0]) - margin, int(present[-1]) + 1 + margin, brain.shape[axis]
+                length = min(-(-(hi - lo) // multiple) * multiple, size)
+                start = min(max(lo - (length - (hi - lo)) // 2, 0), size - length)
                 crops[z, axis] = start, start + length
         return dataclasses.replace(self, crops=crops)
 
@@ -351,14 +347,14 @@ class PreparedInputs:
         return MMDiffPipelineOutput(*result) if return_dict else result
 
 
-def brain_window(brain: np.ndarray, multiple: int, pad: int = 0) -> tuple[tuple[int, int], tuple[int, int]]:
+def brain_window(brain: np.ndarray, multiple: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """The in-plane window ``((x0, x1), (y0, y1))`` the network runs on: the bounding box of ``brain``
-    ``[X, Y, Z]`` over all slices, grown by ``pad`` on every side and then symmetrically to multiples
-    of ``multiple`` (it may reach past the grid's edges)."""
+    ``[X, Y, Z]`` over all slices, grown symmetrically to multiples of ``multiple`` (it may reach past
+    the grid's edges)."""
     window = []
     for axis in (0, 1):
         present = np.flatnonzero(brain.any(axis=tuple(a for a in range(3) if a != axis)))
-        lo, hi = int(present[0]) - pad, int(present[-1]) + 1 + pad
+        lo, hi = int(present[0]), int(present[-1]) + 1
         extra = -(hi - lo) % multiple
         window.append((lo - extra // 2, hi + extra - extra // 2))
     return tuple(window)
@@ -389,8 +385,8 @@ def prepare_inputs(
     must be multiples of ``multiple``, with the model's intensity rule (``None``: the 99.5th-percentile
     rule of pipelines saved without one). Every problem raises a ``ValueError`` that names it.
 
-    ``slice_margin``: run each slice on its own window, with this many pixels of background round
-    its brain (:meth:`PreparedInputs.per_slice`); ``None``: every slice on the volume's window."""
+    ``slice_margin``: run each slice on its own window, with up to this many pixels of background
+    round its brain (:meth:`PreparedInputs.per_slice`); ``None``: every slice on the volume's window."""
     preprocessor = preprocessor or MRIPreprocessor.legacy()
     modalities = list(modalities)
     if not isinstance(images, Mapping):  # e.g. a list of cases: one call is one exam
@@ -453,7 +449,7 @@ def prepare_inputs(
     if not brain.any():
         raise ValueError("the brain mask is empty")
 
-    window = brain_window(brain, multiple, 0 if slice_margin is None else slice_margin + multiple)
+    window = brain_window(brain, multiple)
     stack = np.zeros((len(modalities), window[0][1] - window[0][0], window[1][1] - window[1][0], grid_shape[2]),
                      dtype=np.float32)
     inside, part = _grid_part(window, grid_shape), _window_part(window, grid_shape)
