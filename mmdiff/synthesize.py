@@ -31,9 +31,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import torch
-
-from .data.preprocessing import MRIPreprocessor
 
 from .io import (OverwriteError, SYNTHETIC_DESCRIP, check_not_input, provenance_record, save_nifti, sidecar_path,
                  write_json)
@@ -98,12 +95,19 @@ def synthesize(
     Every file and option is checked before the model loads; the outputs are written to a hidden
     folder inside ``out`` and moved into place together, so a failure leaves no new file behind.
     """
-    from .pipelines import load_pipeline, resolve_precision, resolve_source
-    from .pipelines.common import diffusion_settings
-
-    resolve_precision(precision, "cpu")  # a bad value: before anything is read
     check_synthesize_options(engine, steps, samples, batch_size, seed, scheduler, targets, inputs or {})
-    volumes = check_input_files(inputs, brain_mask)  # read once, here; the pipeline takes them as they are
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # read once, here (the pipeline takes the volumes as they are), while torch and diffusers import:
+        # a fresh process spends seconds importing them on one core, and gzip inflation needs no GIL
+        reading = pool.submit(check_input_files, inputs, brain_mask)
+        import torch
+
+        from .data.preprocessing import MRIPreprocessor
+        from .pipelines import load_pipeline, resolve_precision, resolve_source
+        from .pipelines.common import diffusion_settings
+
+        resolve_precision(precision, "cpu")  # a bad value: before the model loads
+        volumes = reading.result()
     inputs = {m: volume.path for m, volume in volumes.items()}
     input_files = list(inputs.values()) + ([Path(brain_mask)] if brain_mask else [])
     out = check_output_folder(out, input_files)
