@@ -97,7 +97,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from mmdiff.synthesize import synthesize
+    import mmdiff.pipelines  # noqa: F401  imports are not a stage here (python -X importtime measures them);
+    from mmdiff.synthesize import synthesize  # synthesize() imports torch and diffusers on first use
 
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
