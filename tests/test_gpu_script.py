@@ -36,7 +36,8 @@ def test_codec_round_trip_is_uint8_quantisation():
 
 def test_budget_counts_what_travels(tmp_path):
     tree = gpu_pack.travelling_bytes(REPO)
-    assert 0 < tree < 64 * 2**20
+    # the data travels in what the tree leaves of the 64 MiB: keep a third of it free (docs/evaluation/README.md)
+    assert 0 < tree < (64 - 20) * 2**20, f"the working tree is {tree / 2**20:.1f} MiB: too little left for the data"
     assert gpu_pack.travelling_bytes(REPO, exclude=REPO / "bench") < tree
 
 
