@@ -17,7 +17,7 @@ Preprocessing is the one the model was trained with:
 - the GAN pipeline narrows the window further, slice by slice (:meth:`PreparedInputs.per_slice`):
   each slice runs on its own brain's box plus a margin, in multiples of the size multiple (at most
   the volume window), so the small slices at the top and bottom of the head cost what their brain
-  does (a BraTS volume: about four fifths of the volume window's pixels). A slice's result does not
+  does (a BraTS volume: about three quarters of the volume window's pixels). A slice's result does not
   depend on the batching or on which other slices are run.
 
 Outputs are in the model's normalised [0, 1] scale (not scanner units), zero outside the brain, on
@@ -201,7 +201,7 @@ class PreparedInputs:
     reference: Volume | None
     affine: np.ndarray | None
     is_2d: bool
-    crops: np.ndarray | None = None  # [Z, 2, 2]: per slice (x0, x1), (y0, y1) inside the window, or None
+    crops: np.ndarray  # [Z, 2, 2]: each slice's window (x0, x1), (y0, y1) inside the volume window
 
     @property
     def num_slices(self) -> int:
@@ -232,15 +232,14 @@ class PreparedInputs:
         Only for a network whose noise, if any, is not shared between slices (the GAN's generator)."""
         brain = np.zeros(self.images.shape[1:], dtype=bool)
         brain[_window_part(self.window, self.brain.shape)] = self.brain[_grid_part(self.window, self.brain.shape)]
-        crops = np.zeros((self.num_slices, 2, 2), dtype=np.int64)
-        crops[:, :, 1] = self.images.shape[1:3]
+        crops = self.crops.copy()
         for z in self.slices:
-            for axis in (0, 1):
-                present = np.flatnonzero(brain[..., z].any(axis=1 - axis))
-                lo, hi, size = int(present[0]) - margin, int(present[-1]) + 1 + margin, brain.shape[axis]
-                length = min(-(-(hi - lo) // multiple) * multiple, size)
-                start = min(max(lo - (length - (hi - lo)) // 2, 0), size - length)
-                crops[z, axis] = start, start + length
+            for axis, size in enumerate(brain.shape[:2]):
+                start, stop = _span(brain[..., z].any(axis=1 - axis), multiple, margin)
+                if stop - start > size:  # at most the volume window ...
+                    start, stop = 0, size
+                shift = max(-start, 0) - max(stop - size, 0)  # ... and inside it
+                crops[z, axis] = start + shift, stop + shift
         return dataclasses.replace(self, crops=crops)
 
     def _groups(self, batch_size: int) -> list[np.ndarray]:
@@ -248,19 +247,14 @@ class PreparedInputs:
         windows, of slices whose windows have one size (groups in order of their first slice)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
-        if self.crops is None:
-            runs = [self.slices]
-        else:
-            sizes = self.crops[self.slices, :, 1] - self.crops[self.slices, :, 0]
-            by_size: dict[tuple[int, int], list[int]] = {}
-            for z, size in zip(self.slices.tolist(), map(tuple, sizes.tolist())):
-                by_size.setdefault(size, []).append(z)
-            runs = [np.asarray(zs) for zs in by_size.values()]
+        sizes = self.crops[self.slices, :, 1] - self.crops[self.slices, :, 0]
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for z, size in zip(self.slices.tolist(), map(tuple, sizes.tolist())):
+            by_size.setdefault(size, []).append(z)
+        runs = [np.asarray(zs) for zs in by_size.values()]
         return [run[start:start + batch_size] for run in runs for start in range(0, len(run), batch_size)]
 
     def _crop(self, z: int) -> tuple[slice, slice]:
-        if self.crops is None:
-            return slice(None), slice(None)
         return slice(*self.crops[z, 0]), slice(*self.crops[z, 1])
 
     def num_batches(self, batch_size: int) -> int:
@@ -302,9 +296,6 @@ class PreparedInputs:
     def put(self, canvas: np.ndarray, index: np.ndarray, values: torch.Tensor) -> None:
         """Write ``values [B, T, X', Y']`` into the slices ``index`` of ``canvas`` (each in its window)."""
         values = values.float().cpu().numpy()
-        if self.crops is None:
-            canvas[..., index] = values.transpose(1, 2, 3, 0)
-            return
         for b, z in enumerate(index):
             canvas[(slice(None), *self._crop(z), z)] = values[b]
 
@@ -352,13 +343,16 @@ def brain_window(brain: np.ndarray, multiple: int) -> tuple[tuple[int, int], tup
     """The in-plane window ``((x0, x1), (y0, y1))`` the network runs on: the bounding box of ``brain``
     ``[X, Y, Z]`` over all slices, grown symmetrically to multiples of ``multiple`` (it may reach past
     the grid's edges)."""
-    window = []
-    for axis in (0, 1):
-        present = np.flatnonzero(brain.any(axis=tuple(a for a in range(3) if a != axis)))
-        lo, hi = int(present[0]), int(present[-1]) + 1
-        extra = -(hi - lo) % multiple
-        window.append((lo - extra // 2, hi + extra - extra // 2))
-    return tuple(window)
+    return tuple(_span(brain.any(axis=tuple(a for a in range(3) if a != axis)), multiple) for axis in (0, 1))
+
+
+def _span(present: np.ndarray, multiple: int, margin: int = 0) -> tuple[int, int]:
+    """``(start, stop)`` along one axis: where ``present`` is true, grown by ``margin`` on each side and
+    then symmetrically to a multiple of ``multiple`` (it may reach past the axis's ends)."""
+    where = np.flatnonzero(present)
+    lo, hi = int(where[0]) - margin, int(where[-1]) + 1 + margin
+    extra = -(hi - lo) % multiple
+    return lo - extra // 2, hi + extra - extra // 2
 
 
 def _grid_part(window, shape) -> tuple[slice, slice]:
@@ -459,8 +453,11 @@ def prepare_inputs(
         if top <= 0:
             warnings.warn(f"{name} is zero inside the brain", stacklevel=4)
         stack[(modalities.index(name),) + part] = normalised[inside]
+    whole = np.zeros((grid_shape[2], 2, 2), dtype=np.int64)  # every slice on the volume window
+    whole[:, :, 1] = stack.shape[1:3]
     prepared = PreparedInputs(
         images=stack,
+        crops=whole,
         brain=brain,
         source_mask=np.isin(modalities, sources),
         target_mask=np.isin(modalities, targets),
