@@ -185,6 +185,34 @@ def test_context_is_live_masked_like_the_sources_and_defaults_to_the_slice_itsel
         model(x, sources, 0, context=neighbours[:, :, :1])
 
 
+def test_first_conv_reads_only_the_sources_some_row_has_with_the_full_convs_result():
+    """An absent source's planes are zero, so the first conv leaves its weights out: a sample gives
+    the same output whether its batch-mates' extra sources make the conv read every channel or not,
+    and fewer sources cost fewer FLOPs."""
+    model = lean_generator(refine_channels=8, refine_blur=True, detail_transfer=True).eval()
+    perturb_modulations(model)
+    x, context = images(), torch.rand(2, M, 2, 16, 16) * 2 - 1
+    sources = mask(T1, FLAIR)
+    everything = sources.clone()
+    everything[1] = True  # row 1 has every sequence: the conv reads all its input channels
+    with torch.no_grad():
+        alone = model(x[:1], sources[:1], 0, context=context[:1])
+        beside = model(x, everything, 0, context=context)[:1]
+    torch.testing.assert_close(alone, beside, atol=1e-6, rtol=0)
+    assert model._input_channels(list(range(M))) is None
+    # T1 and FLAIR: image, two neighbours and mask plane each, in 2 x 2 patches, in forward's order
+    channels = model._input_channels([T1, FLAIR]).tolist()
+    planes = [T1, FLAIR, M + 2 * T1, M + 2 * T1 + 1, M + 2 * FLAIR, M + 2 * FLAIR + 1, 3 * M + T1, 3 * M + FLAIR]
+    assert channels == [4 * plane + p for plane in planes for p in range(4)]
+
+    def flops(present):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(images(size=32), present, 0)
+        return counter.get_total_flops()
+
+    assert flops(mask(T1)) < flops(mask(T1, T2, FLAIR)) < flops(mask(*range(M)))
+
+
 def test_lean_generator_absent_sources_get_no_gradient_through_the_input():
     """Zero gradient for a missing sequence: its pixels (and neighbours) cannot reach the output."""
     model = lean_generator()
