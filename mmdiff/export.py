@@ -220,6 +220,9 @@ def generator_layout(config) -> str:
         parts.append("each source's own fine detail (the image minus its [1 2 1] blur"
                      + (f", and {bands - 1} coarser à trous band{'s' if bands > 2 else ''}" if bands > 1 else "")
                      + ") added back to each output, weighted per voxel by coefficients the decoder draws")
+    if config.get("fine_channels"):
+        parts.append(f"a {config['fine_channels']}-channel full-resolution head over the features and the sources "
+                     "that draws pixel-scale structure no source has (a thin enhancing rim)")
     return (" Layout: " + "; ".join(parts) + ".") if parts else ""
 
 

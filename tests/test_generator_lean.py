@@ -167,6 +167,39 @@ def test_detail_bands_add_the_a_trous_bands_which_sum_back_to_the_image_and_a_on
         lean_generator(**settings, detail_bands=0)
 
 
+def test_fine_head_starts_as_the_old_model_draws_at_pixel_scale_and_ignores_absent_sources():
+    """A model without the full-resolution head loads into one with it and gives its exact output
+    (the head's last conv starts at zero); trained, the head changes the asked targets only, draws
+    pixel-scale structure the low-passed path cannot (a one-pixel line in a source moves the output
+    at that line and not two pixels away), never reads an absent source, and learns."""
+    settings = dict(refine_channels=4, refine_blur=True, detail_transfer=True)
+    old, new = lean_generator(**settings), lean_generator(**settings, fine_channels=6)
+    report = new.load_state_dict(old.state_dict(), strict=False)
+    assert all(key.startswith("decoder.fine_") for key in report.missing_keys) and len(report.missing_keys) == 6
+    x, present = images(size=16), mask(T1, T2)
+    with torch.no_grad():
+        before = old(x, present, 0)
+        torch.testing.assert_close(new(x, present, 0), before, rtol=0, atol=0)
+        torch.nn.init.normal_(new.decoder.fine_out.weight, std=0.3)
+        after = new(x, present, 0, targets=[T1C, FLAIR])
+        assert (after[:, [T1C, FLAIR]] - before[:, [T1C, FLAIR]]).abs().mean() > 1e-3
+        assert torch.all(after[:, T2] == -1)  # not asked: background, as without the head
+        # a one-pixel line in T1: through the head, it reaches its own row and the next ones
+        line = x.clone()
+        line[:, T1, 8] += 1.0
+        head = lambda images: new(images, present, 0)[:, T1C] - old(images, present, 0)[:, T1C]
+        change = (head(line) - head(x)).abs().mean((0, 2))
+        assert change[8] > 10 * change[3] and change[8] > 1e-3, change
+        # an absent source is never read
+        other = x.clone()
+        other[:, FLAIR] = 5.0
+        torch.testing.assert_close(new(other, present, 0), new(x, present, 0), rtol=0, atol=0)
+    new(x, present, 0)[:, T1C].square().mean().backward()
+    assert new.decoder.fine_in.weight.grad.abs().sum() > 0 and new.decoder.fine_out.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="full-resolution head needs"):
+        lean_generator(refine_channels=4, fine_channels=6)
+
+
 def test_context_is_live_masked_like_the_sources_and_defaults_to_the_slice_itself():
     model = lean_generator().eval()
     perturb_modulations(model)

@@ -40,17 +40,25 @@ from .pfm import NULL_DATASET_ID, check_dataset_names, DatasetEmbedding, Feature
 
 
 class SubsetConv2d(nn.Conv2d):
-    """A conv that can be given only some of its input channels (the others being zero).
+    """A conv that can be given only some of its input channels (the others being zero), and asked
+    for only some of its output channels.
 
     ``conv(x, in_channels=idx)`` with ``x`` holding input channels ``idx`` equals ``conv(full)`` where
-    ``full`` has ``x`` at ``idx`` and zeros elsewhere, without the zeros' multiply-adds. The subset
-    is taken inside the module's own forward, so hooks on the conv (layerwise casting, offloading)
-    still see the call."""
+    ``full`` has ``x`` at ``idx`` and zeros elsewhere, without the zeros' multiply-adds;
+    ``out_channels=idx`` gives ``conv(x)[:, idx]`` without working out the others. The subsets are
+    taken inside the module's own forward, so hooks on the conv (layerwise casting, offloading) still
+    see the call."""
 
-    def forward(self, x: torch.Tensor, in_channels: torch.Tensor | None = None) -> torch.Tensor:
-        if in_channels is None:
+    def forward(self, x: torch.Tensor, in_channels: torch.Tensor | None = None,
+                out_channels: torch.Tensor | None = None) -> torch.Tensor:
+        if in_channels is None and out_channels is None:
             return super().forward(x)
-        return self._conv_forward(x, self.weight[:, in_channels], self.bias)
+        weight, bias = self.weight, self.bias
+        if in_channels is not None:
+            weight = weight[:, in_channels]
+        if out_channels is not None:
+            weight, bias = weight[out_channels], None if bias is None else bias[out_channels]
+        return self._conv_forward(x, weight, bias)
 
 
 class ModulatedConvBlock(nn.Module):
@@ -136,11 +144,23 @@ class Decoder(nn.Module):
     coefficient maps, from its own zero-initialised 1 x 1 conv, so a model trained with fewer bands
     loads and gives its old output. A per-voxel regression keeps the sources' texture at every scale;
     the one-band network was still smoother than it at 2-5 pixels (BENCHMARKS.md, session 12).
+
+    Detail transfer only moves detail the sources have. What a target has and no source has at the
+    1-3 pixel scale, the thin enhancing rim of a glioblastoma on T1C or an enhancing vessel, the
+    low-passed features still cannot draw: a 2-pixel rim comes out as a 5-pixel band that fills the
+    necrotic core (BENCHMARKS.md, session 16). ``fine_channels = F > 0`` adds a small head at full
+    resolution: ``y += c(SiLU(b(SiLU(a([x, sources])))))``, three 3 x 3 convs over the low-passed
+    features ``x`` and the (masked) source images, ``F`` channels wide. It sees where the coarse path
+    puts a rim and the sources' own edges, and can draw it as thin as the image's pixels. Its inputs
+    have no patch-period energy (``x`` is low-passed; the sources are the image's own), so it brings
+    no mesh back. Its last conv starts at zero: an older model loaded into this layout gives exactly
+    its old output until it is trained.
     """
 
     def __init__(self, block_out_channels: Sequence[int], layers_per_block: int, embedding_dim: int,
                  norm_num_groups: int, out_channels: int = 1, patch_size: int = 1, refine_channels: int = 0,
-                 refine_blur: bool = False, detail_sources: int = 0, detail_bands: int = 1):
+                 refine_blur: bool = False, detail_sources: int = 0, detail_bands: int = 1, fine_channels: int = 0,
+                 fine_sources: int = 0):
         super().__init__()
         self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
         self.levels = nn.ModuleList()
@@ -177,6 +197,14 @@ class Decoder(nn.Module):
             for conv in [self.detail, *self.detail_coarser]:
                 nn.init.zeros_(conv.weight)
                 nn.init.zeros_(conv.bias)
+        if fine_channels:
+            if not (refine_channels and refine_blur and fine_sources):
+                raise ValueError("the full-resolution head needs refine_channels > 0, refine_blur and the sources")
+            self.fine_in = SubsetConv2d(refine_channels + fine_sources, fine_channels, 3, padding=1)
+            self.fine_mid = nn.Conv2d(fine_channels, fine_channels, 3, padding=1)
+            self.fine_out = SubsetConv2d(fine_channels, out_channels, 3, padding=1)
+            nn.init.zeros_(self.fine_out.weight)
+            nn.init.zeros_(self.fine_out.bias)
 
     def low_pass(self, x: torch.Tensor, dilation: int = 1) -> torch.Tensor:
         """The fixed [1 2 1] x [1 2 1] / 16 filter (taps ``dilation`` pixels apart), channel by channel,
@@ -209,10 +237,19 @@ class Decoder(nn.Module):
         if hasattr(self, "blur"):  # no period-2 energy left for the (linear) 3 x 3 conv to pass on
             x = self.low_pass(x)
         y = self.refine(x) if hasattr(self, "refine") else x
+        outs = list(range(y.shape[1])) if targets is None else sorted(set(targets))
+        if hasattr(self, "fine_in"):
+            if sources is None or x.shape[1] + sources.shape[1] != self.fine_in.in_channels:
+                raise ValueError("the full-resolution head needs the source planes")
+            ins = list(range(sources.shape[1])) if present is None else sorted(set(present))
+            channels = torch.as_tensor(list(range(x.shape[1])) + [x.shape[1] + i for i in ins], device=x.device)
+            h = F.silu(self.fine_in(torch.cat([x, sources[:, ins]], dim=1), in_channels=channels))
+            h = F.silu(self.fine_mid(h))
+            index = torch.as_tensor(outs, device=y.device)
+            y = y.index_add(1, index, self.fine_out(h, out_channels=index).to(y.dtype))
         if hasattr(self, "detail"):
             if sources is None or sources.shape[1] != self.detail_sources:
                 raise ValueError(f"detail transfer needs the {self.detail_sources} source planes")
-            outs = list(range(self.out_channels)) if targets is None else sorted(set(targets))
             ins = list(range(self.detail_sources)) if present is None else sorted(set(present))
             detail = 0
             for conv, band in zip([self.detail, *self.detail_coarser], self.detail_bands(sources[:, ins])):
@@ -253,6 +290,9 @@ class MultiModalGenerator(ModelMixin, ConfigMixin):
             decoder draws (see :class:`Decoder`); needs ``refine_channels`` and ``refine_blur``.
         detail_bands: how many à trous bands of the sources' detail it transfers (1: the 1-2 pixel
             scale only; 2 adds the 2-4 pixel scale; see :class:`Decoder`).
+        fine_channels: width of a small full-resolution head over the low-passed features and the
+            sources, which draws what no source has at the pixel scale (a thin enhancing rim; 0: none;
+            see :class:`Decoder`); needs ``refine_channels`` and ``refine_blur``.
     """
 
     @register_to_config
@@ -274,6 +314,7 @@ class MultiModalGenerator(ModelMixin, ConfigMixin):
         refine_blur: bool = False,
         detail_transfer: bool = False,
         detail_bands: int = 1,
+        fine_channels: int = 0,
     ):
         super().__init__()
         check_dataset_names(num_datasets, dataset_names)
@@ -293,7 +334,8 @@ class MultiModalGenerator(ModelMixin, ConfigMixin):
         if refine_channels < 0:
             raise ValueError(f"refine_channels must be >= 0, got {refine_channels}")
         output = dict(patch_size=patch_size, refine_channels=refine_channels, refine_blur=refine_blur,
-                      detail_sources=num_modalities if detail_transfer else 0, detail_bands=detail_bands)
+                      detail_sources=num_modalities if detail_transfer else 0, detail_bands=detail_bands,
+                      fine_channels=fine_channels, fine_sources=num_modalities if fine_channels else 0)
         if shared_decoder:
             self.decoder = Decoder(**levels, **output, out_channels=num_modalities)
         else:
