@@ -147,14 +147,14 @@ class Decoder(nn.Module):
 
     Detail transfer only moves detail the sources have. What a target has and no source has at the
     1-3 pixel scale, the thin enhancing rim of a glioblastoma on T1C or an enhancing vessel, the
-    low-passed features still cannot draw: a 2-pixel rim comes out as a 5-pixel band that fills the
-    necrotic core (BENCHMARKS.md, session 16). ``fine_channels = F > 0`` adds a small head at full
+    low-passed features cannot draw at that scale. ``fine_channels = F > 0`` adds a small head at full
     resolution: ``y += c(SiLU(b(SiLU(a([x, sources])))))``, three 3 x 3 convs over the low-passed
-    features ``x`` and the (masked) source images, ``F`` channels wide. It sees where the coarse path
-    puts a rim and the sources' own edges, and can draw it as thin as the image's pixels. Its inputs
-    have no patch-period energy (``x`` is low-passed; the sources are the image's own), so it brings
-    no mesh back. Its last conv starts at zero: an older model loaded into this layout gives exactly
-    its old output until it is trained.
+    features ``x`` and the (masked) source images, ``F`` channels wide, which can put a rim where the
+    coarse path puts it, as thin as the image's pixels, along the sources' own edges. Its inputs have
+    no patch-period energy (``x`` is low-passed; the sources are the image's own), so it brings no
+    mesh back. Its last conv starts at zero: an older model loaded into this layout gives exactly its
+    old output until it is trained. (2000 CPU steps from the published model did not teach it the
+    rim, which that model also misses on the cases it was trained on: BENCHMARKS.md, session 16.)
     """
 
     def __init__(self, block_out_channels: Sequence[int], layers_per_block: int, embedding_dim: int,
