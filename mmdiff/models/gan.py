@@ -223,11 +223,11 @@ class Decoder(nn.Module):
 
     def forward(self, fused: list[torch.Tensor], embedding: torch.Tensor, sources: torch.Tensor | None = None,
                 targets: Sequence[int] | None = None, present: Sequence[int] | None = None) -> torch.Tensor:
-        """``sources`` ``[B, S, H, W]`` (the masked inputs, absent ones zero) feed the detail transfer;
-        it is worked out only for the output channels ``targets`` (default: all; the others get none)
-        and the source channels ``present`` (default: all; an absent source's detail is zero anyway),
-        which makes it several times cheaper in a pipeline that asks for three targets from three
-        sources."""
+        """``sources`` ``[B, S, H, W]`` (the masked inputs, absent ones zero) feed the detail transfer
+        and the full-resolution head; both are worked out only for the output channels ``targets``
+        (default: all; the others get none) and the source channels ``present`` (default: all; an
+        absent source adds nothing anyway), which makes them several times cheaper in a pipeline
+        that asks for three targets from three sources."""
         x = fused[-1]
         for blocks, skip in zip(self.levels, reversed(fused[:-1])):
             x = torch.cat([self.upsample(x), skip], dim=1)
@@ -238,26 +238,26 @@ class Decoder(nn.Module):
             x = self.low_pass(x)
         y = self.refine(x) if hasattr(self, "refine") else x
         outs = list(range(y.shape[1])) if targets is None else sorted(set(targets))
+        index = torch.as_tensor(outs, device=y.device)  # the output channels both heads add to
+        if sources is not None:  # the source channels both heads read
+            ins = list(range(sources.shape[1])) if present is None else sorted(set(present))
         if hasattr(self, "fine_in"):
             if sources is None or x.shape[1] + sources.shape[1] != self.fine_in.in_channels:
                 raise ValueError("the full-resolution head needs the source planes")
-            ins = list(range(sources.shape[1])) if present is None else sorted(set(present))
             channels = torch.as_tensor(list(range(x.shape[1])) + [x.shape[1] + i for i in ins], device=x.device)
             h = F.silu(self.fine_in(torch.cat([x, sources[:, ins]], dim=1), in_channels=channels))
             h = F.silu(self.fine_mid(h))
-            index = torch.as_tensor(outs, device=y.device)
             y = y.index_add(1, index, self.fine_out(h, out_channels=index).to(y.dtype))
         if hasattr(self, "detail"):
             if sources is None or sources.shape[1] != self.detail_sources:
                 raise ValueError(f"detail transfer needs the {self.detail_sources} source planes")
-            ins = list(range(self.detail_sources)) if present is None else sorted(set(present))
             detail = 0
             for conv, band in zip([self.detail, *self.detail_coarser], self.detail_bands(sources[:, ins])):
                 weight = conv.weight.view(self.out_channels, self.detail_sources, -1)[outs][:, ins]
                 bias = conv.bias.view(self.out_channels, self.detail_sources)[outs][:, ins]
                 coefficients = F.conv2d(x, weight.flatten(0, 1)[:, :, None, None], bias.flatten())
                 detail = detail + (coefficients.unflatten(1, (len(outs), len(ins))) * band[:, None]).sum(2)
-            y = y.index_add(1, torch.as_tensor(outs, device=y.device), detail.to(y.dtype))
+            y = y.index_add(1, index, detail.to(y.dtype))
         return torch.tanh(y)
 
 
