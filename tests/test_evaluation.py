@@ -11,7 +11,7 @@ import pytest
 from mmdiff.cli import main
 from mmdiff.evaluation.protocol import (PAPER_TASKS, CopyNearest, EvalCase, PipelineMethod, Task, VoxelwiseRegression,
                                         load_cases, robust_normalise, score, tasks_for, uncertainty_scores)
-from mmdiff.evaluation.report import evaluate
+from mmdiff.evaluation.report import evaluate, summary_markdown
 from test_pipelines import tiny_gan, tiny_ldm
 
 
@@ -65,6 +65,25 @@ def test_scores_per_region():
     assert 15 < scores["psnr_brain"] < 40 and scores["ssim_brain"] < 0.99
     assert scores["psnr_whole"] > scores["psnr_brain"]  # background inflates whole-image scores
     assert math.isnan(score(noisy, image, brain, None)["psnr_lesion"])
+
+
+def test_spread_and_correlation_tell_a_flattened_image_from_a_better_one():
+    image, brain, lesion = _case()
+    perfect = score(image, image, brain, lesion)
+    assert perfect["spread_brain"] == pytest.approx(1.0) and perfect["corr_brain"] == pytest.approx(1.0)
+    noisy = image + np.random.default_rng(1).normal(0, 0.1, image.shape).astype(np.float32) * brain
+    mean = float(noisy[brain].mean())
+    flattened = np.where(brain, mean + 0.5 * (noisy - mean), 0).astype(np.float32)  # halfway to the mean
+    drawn, shrunk = score(noisy, image, brain, lesion), score(flattened, image, brain, lesion)
+    # flattening wins PSNR with the same errors: the spread falls below 1, the correlation does not move
+    assert shrunk["psnr_brain"] > drawn["psnr_brain"] + 1
+    assert drawn["spread_brain"] > 1 > 0.7 > shrunk["spread_brain"]
+    assert shrunk["corr_brain"] == pytest.approx(drawn["corr_brain"], abs=1e-3) and drawn["corr_brain"] < 0.9
+    rows = [{"dataset": "d", "case": "c", "split": "test", "task": "t1->t2", "method": m, **r}
+            for m, r in (("drawn", drawn), ("shrunk", shrunk))]
+    text = summary_markdown(rows)
+    assert f"| {shrunk['spread_brain']:.2f} / {shrunk['corr_brain']:.2f} |" in text and "spread / corr brain" in text
+    assert math.isnan(score(noisy, np.where(brain, 0.5, 0).astype(np.float32), brain, lesion)["corr_brain"])
 
 
 def test_copy_nearest_picks_the_closest_contrast_that_is_given():

@@ -339,6 +339,24 @@ def test_slice_dataset_context_holds_the_neighbouring_slices(tiny_cache):
     assert "context" not in flat[order[1]]
 
 
+def test_flipped_items_are_left_right_mirrors_of_every_array_half_the_time_and_repeat_on_resume(tiny_cache):
+    plain = SliceDataset(tiny_cache, split="train", context_slices=1, crop=24)
+    mirrored = SliceDataset(tiny_cache, split="train", context_slices=1, crop=24, flip=True)
+    flags = [mirrored[i]["flipped"] for i in range(len(mirrored))]
+    assert 0.3 < np.mean(flags) < 0.7 and not any(plain[i]["flipped"] for i in range(len(plain)))
+    i = flags.index(True)
+    a, b = plain[i], mirrored[i]  # same crop window: the flip has its own random stream
+    for key in ("images", "brain_mask", "seg", "context"):
+        torch.testing.assert_close(b[key], a[key].flip(-2))  # the first in-plane axis: left-right
+    assert b["images"].abs().sum() > 0 and not torch.equal(b["images"], a["images"])
+    torch.testing.assert_close(mirrored[flags.index(False)]["images"], plain[flags.index(False)]["images"])
+    again = SliceDataset(tiny_cache, split="train", context_slices=1, crop=24, flip=True)
+    assert [again[i]["flipped"] for i in range(len(again))] == flags  # a function of (seed, epoch, index)
+    again.set_epoch(1)
+    assert [again[i]["flipped"] for i in range(len(again))] != flags
+    torch.utils.data.default_collate([b, mirrored[i + 1]])  # batches as before
+
+
 def test_gan_pipeline_runs_a_2_5d_model_on_a_volume_with_its_neighbours():
     """Slice k of a volume gets slices k-1 and k+1 as context: swapping them (same voxels, so the same
     normalisation) changes slice k's result, and a volume's result does not depend on the batching."""

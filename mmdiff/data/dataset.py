@@ -29,6 +29,12 @@ class SliceDataset(Dataset):
     ``[M, 2k, H, W]``: the ``k`` stored slices below and above (order ``-k .. -1, +1 .. +k``), zeros
     beyond the case's ends, in the same crop window.
 
+    With ``flip`` set, half the items (a function of ``(seed, epoch, index)``, like the crops) are
+    mirrored left-right: every array of the item, context included, reversed along the first in-plane
+    axis (left-right in the RAS+ cache that ``prepare`` writes). A brain's mirror image is a brain, so
+    a model sees twice the anatomies of a small cohort (nnU-Net mirrors for the same reason); a slice's
+    ``flipped`` flag says which way it came.
+
     ``modalities`` reorders or narrows the modality axis (a model trained on fewer sequences);
     ``datasets`` keeps only the named datasets; ``split`` is one of train/val/test or a list of them.
     Arrays are memory-mapped and opened lazily in each DataLoader worker.
@@ -44,11 +50,13 @@ class SliceDataset(Dataset):
         cases: Sequence[str] | None = None,
         seed: int = 0,
         context_slices: int = 0,
+        flip: bool = False,
     ):
         self.cache = Path(cache)
         if context_slices < 0:
             raise CacheError(f"context_slices must be >= 0, got {context_slices}")
         self.context_slices = int(context_slices)
+        self.flip = bool(flip)
         index = read_index(self.cache)
         self.dataset_names: list[str] = index["datasets"]
         cache_modalities: list[str] = index["modalities"]
@@ -137,7 +145,8 @@ class SliceDataset(Dataset):
             if s >= 0:
                 out[j] = images[k, s][window]
         case = self.cases[case_idx]
-        extra = {}
+        arrays = {"images": out, "brain_mask": np.array(brain[k][window], dtype=bool),
+                  "seg": np.array(seg[k][window], dtype=np.uint8)}
         if self.context_slices:
             offsets = [d for d in range(-self.context_slices, self.context_slices + 1) if d]
             context = np.zeros((len(self.modalities), len(offsets)) + self._shape(), dtype=np.float32)
@@ -146,16 +155,21 @@ class SliceDataset(Dataset):
                     for j, s in enumerate(stored):
                         if s >= 0:
                             context[j, n] = images[k + d, s][window]
-            extra["context"] = torch.from_numpy(context)
-        return extra | {
-            "images": torch.from_numpy(out),
+            arrays["context"] = context
+        flipped = self._flipped(i)
+        if flipped:  # reversed along the first in-plane axis, copied: torch needs positive strides
+            arrays = {key: np.ascontiguousarray(a[..., ::-1, :]) for key, a in arrays.items()}
+        return {key: torch.from_numpy(a) for key, a in arrays.items()} | {
             "available": torch.from_numpy(available.copy()),
             "dataset_id": dataset_id(self.dataset_names, case["dataset"]),
-            "brain_mask": torch.from_numpy(np.array(brain[k][window], dtype=bool)),
-            "seg": torch.from_numpy(np.array(seg[k][window], dtype=np.uint8)),
             "case_id": case["case_id"],
             "slice": k,
+            "flipped": flipped,
         }
+
+    def _flipped(self, i: int) -> bool:
+        """Whether item ``i`` is mirrored this epoch (its own stream: the crops do not move with it)."""
+        return self.flip and bool(np.random.default_rng([self.seed, self.epoch, i, 1]).integers(2))
 
     def _shape(self) -> tuple[int, int]:
         return (self.crop, self.crop) if self.crop else (self.size, self.size)

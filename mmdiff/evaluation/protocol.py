@@ -8,6 +8,14 @@ bright lesion (enhancing tumour on T1C, restricted diffusion on DWI) cannot move
 gain error of a method is not counted against it (only contrast and structure are), and, unlike a
 high percentile, the median does not stretch a smooth prediction that regresses to the mean.
 
+Spread and correlation (what a PSNR win is made of): over the brain, ``spread_brain`` is the standard
+deviation of the normalised synthetic volume over the real one's and ``corr_brain`` their Pearson
+correlation. With the means equal, mean squared error / real variance = spread^2 - 2 spread corr + 1,
+smallest at spread = corr: a method that flattens its image toward the mean (a regression does; a
+blurred or shrunk prediction does) gains PSNR at the cost of contrast, one that draws the real
+contrast (spread 1) pays 2 (1 - corr) for what it gets wrong. Read PSNR beside these two: only a
+higher correlation is a better image of the anatomy.
+
 Lesion contrast (what a reader looks at): the mean of a lesion over the mean of the healthy brain,
 in the synthetic volume and in the real one, for the whole lesion and each label of the lesion mask
 (BraTS: 1 necrotic/non-enhancing core, 2 oedema, 3 enhancing). A synthetic T1C without enhancement
@@ -153,13 +161,24 @@ def contrast_scores(prediction: np.ndarray, reference: np.ndarray, brain: np.nda
     return scores
 
 
+def spread_scores(prediction: np.ndarray, reference: np.ndarray, brain: np.ndarray) -> dict[str, float]:
+    """``spread_brain`` (std of the prediction over the reference's) and ``corr_brain`` (Pearson) over
+    the brain voxels of two normalised volumes (module doc); NaN where the reference is flat."""
+    p, r = prediction[brain].astype(np.float64), reference[brain].astype(np.float64)
+    if p.size < 2 or r.std() == 0:
+        return {"spread_brain": float("nan"), "corr_brain": float("nan")}
+    spread = float(p.std() / r.std())
+    corr = float(np.corrcoef(p, r)[0, 1]) if p.std() > 0 else float("nan")
+    return {"spread_brain": spread, "corr_brain": corr}
+
+
 def score(prediction: np.ndarray, reference: np.ndarray, brain: np.ndarray,
           lesion: np.ndarray | None, labels: np.ndarray | None = None) -> dict[str, float]:
     """Per-volume PSNR, SSIM and MAE in each region (``psnr_brain``, ``ssim_lesion``, ...), after
-    :func:`robust_normalise`, and the lesion contrasts (:func:`contrast_scores`); a region a case
-    lacks is NaN."""
-    pred = torch.from_numpy(robust_normalise(prediction, brain, lesion).transpose(2, 0, 1).copy())
-    ref = torch.from_numpy(robust_normalise(reference, brain, lesion).transpose(2, 0, 1).copy())
+    :func:`robust_normalise`, the spread and correlation inside the brain (:func:`spread_scores`) and
+    the lesion contrasts (:func:`contrast_scores`); a region a case lacks is NaN."""
+    normalised = robust_normalise(prediction, brain, lesion), robust_normalise(reference, brain, lesion)
+    pred, ref = (torch.from_numpy(volume.transpose(2, 0, 1).copy()) for volume in normalised)
     regions = {"brain": brain, "whole": np.ones_like(brain),
                "lesion": lesion if lesion is not None and lesion.any() else None}
     similarity = ssim_map(pred, ref)  # once, averaged per region below
@@ -172,7 +191,7 @@ def score(prediction: np.ndarray, reference: np.ndarray, brain: np.ndarray,
         scores[f"psnr_{region}"] = float(psnr(pred, ref, mask, pooled=True))
         scores[f"ssim_{region}"] = float(masked_ssim(similarity, mask, pooled=True))
         scores[f"mae_{region}"] = float(mae(pred, ref, mask, pooled=True))
-    return scores | contrast_scores(prediction, reference, brain, lesion, labels)
+    return scores | spread_scores(*normalised, brain) | contrast_scores(prediction, reference, brain, lesion, labels)
 
 
 def uncertainty_scores(prediction: np.ndarray, reference: np.ndarray, uncertainty: np.ndarray | None,

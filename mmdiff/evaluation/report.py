@@ -21,6 +21,7 @@ from .protocol import (NORMALISATION, EvalCase, Task, load_cases, robust_normali
 Method = Callable[[EvalCase, Task], tuple[np.ndarray, np.ndarray | None]]
 SUMMARY_COLUMNS = ("psnr_brain", "ssim_brain", "mae_brain", "psnr_lesion", "ssim_lesion", "psnr_whole", "ssim_whole",
                    "contrast_lesion", "contrast_lesion_real")
+SPREAD_COLUMNS = ("spread_brain", "corr_brain")
 CONTRAST_COLUMNS = tuple(f"contrast_label{k}{suffix}" for k in (1, 2, 3) for suffix in ("", "_real"))
 UNCERTAINTY_COLUMNS = ("coverage", "coverage_lesion", "spearman_uncertainty")
 
@@ -115,7 +116,7 @@ def aggregate(rows: list[dict]) -> dict[tuple[str, str, str], dict[str, tuple[fl
     table = {}
     for key, group in groups.items():
         table[key] = {}
-        for column in SUMMARY_COLUMNS + CONTRAST_COLUMNS + UNCERTAINTY_COLUMNS:
+        for column in SUMMARY_COLUMNS + SPREAD_COLUMNS + CONTRAST_COLUMNS + UNCERTAINTY_COLUMNS:
             values = np.array([float(r.get(column, "nan")) for r in group])
             values = values[~np.isnan(values)]
             table[key][column] = ((float(values.mean()), float(values.std()), len(values)) if len(values)
@@ -194,16 +195,20 @@ def summary_markdown(rows: list[dict], slice_stride: int = 1) -> str:
           + (f"; not in: {'; '.join(behind)}." if behind else ".") for method, (won, total, behind) in baseline_wins(rows).items()],
         "",
         "Lesion contrast: mean lesion / mean healthy brain, synthetic vs real (the ratio of the two: 1 is "
-        "faithful; a synthetic that draws normal tissue over the lesion is near 1 / real).",
+        "faithful; a synthetic that draws normal tissue over the lesion is near 1 / real). Spread / corr: the "
+        "synthetic brain's intensity spread (std) over the real one's, and their correlation; PSNR is best at "
+        "spread = corr, so a method below spread 1 buys PSNR by flattening contrast, and only a higher "
+        "correlation is a better image.",
         "",
         "| dataset | task | method | PSNR brain (dB) | SSIM brain | MAE brain | PSNR lesion | SSIM lesion "
-        "| PSNR whole | SSIM whole | lesion contrast synth / real |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| PSNR whole | SSIM whole | spread / corr brain | lesion contrast synth / real |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {method: i for i, method in enumerate(dict.fromkeys(row["method"] for row in rows))}  # as evaluated
     ranked = sorted(table.items(), key=lambda item: (*item[0][:2], order[item[0][2]]))
     for (dataset, task, method), stats in ranked:
         cells = [_cell(stats[c], 3 if c.startswith(("ssim", "mae")) else 2) for c in SUMMARY_COLUMNS[:7]]
+        cells.append(_spread_cell(stats))
         cells.append(_contrast_cell(stats, "contrast_lesion"))
         lines.append(f"| {dataset} | {task} | {method} | " + " | ".join(cells) + " |")
     labelled = [(key, stats) for key, stats in ranked if any(stats[f"contrast_label{k}"][2] for k in (2, 3))]
@@ -226,6 +231,11 @@ def summary_markdown(rows: list[dict], slice_stride: int = 1) -> str:
             cells = [_cell(stats[c], 3) for c in UNCERTAINTY_COLUMNS]
             lines.append(f"| {dataset} | {task} | {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _spread_cell(stats: dict) -> str:
+    spread, corr = stats["spread_brain"], stats["corr_brain"]
+    return "-" if not spread[2] or not corr[2] else f"{spread[0]:.2f} / {corr[0]:.2f}"
 
 
 def _contrast_cell(stats: dict, column: str) -> str:

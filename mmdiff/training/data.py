@@ -83,7 +83,7 @@ def build_cache(cache: Path, build: dict) -> None:
 def training_dataset(data_cfg: dict, cache: Path, seed: int, context_slices: int = 0) -> SliceDataset:
     return SliceDataset(cache, split="train", datasets=data_cfg.get("datasets"),
                         modalities=data_cfg.get("modalities"), crop=data_cfg.get("crop"), seed=seed,
-                        context_slices=context_slices)
+                        context_slices=context_slices, flip=bool(data_cfg.get("flip", False)))
 
 
 def ignore_interrupts(worker_id: int) -> None:
