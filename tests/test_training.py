@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from mmdiff.data.cache import fingerprint, read_index
@@ -86,16 +87,18 @@ def test_init_from_fine_tunes_matching_weights_and_starts_new_layers_fresh(tiny_
 
 
 def test_resume_equals_an_uninterrupted_run(tiny_cache, tmp_path):
+    """Bit-exact, with the left-right flips too (they are a function of seed, epoch and index)."""
     full = tmp_path / "full"
     assert _train("gan-tiny", full, tiny_cache, "--max-steps", "8", "checkpoint.every=4", "checkpoint.keep=null",
-                  "validation.every=4") == 0
+                  "validation.every=4", "data.flip=true") == 0
     # a run that died after its checkpoint at step 4
     cut = tmp_path / "cut"
     shutil.copytree(full, cut)
     shutil.rmtree(cut / "checkpoint-8")
     shutil.rmtree(cut / "final")
     assert _train("gan-tiny", cut, tiny_cache, "--max-steps", "8", "checkpoint.every=4", "checkpoint.keep=null",
-                  "validation.every=4", "--resume", "latest") == 0
+                  "validation.every=4", "data.flip=true", "--resume", "latest") == 0
+    assert yaml.safe_load((full / "config.yaml").read_text())["data"]["flip"] is True
     for name in ("generator", "discriminators"):
         a = load_file(full / "checkpoint-8" / f"{name}.safetensors")
         b = load_file(cut / "checkpoint-8" / f"{name}.safetensors")
