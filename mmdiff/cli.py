@@ -113,7 +113,8 @@ def cmd_synthesize(args) -> int:
         record = synthesize_cases(args.cases, args.out, pipeline_source=args.pipeline, engine=args.engine,
                                   dataset=args.dataset, targets=args.targets, steps=args.steps,
                                   scheduler=args.scheduler, samples=args.samples, seed=args.seed,
-                                  batch_size=args.batch_size, precision=args.precision, overwrite=args.overwrite)
+                                  batch_size=args.batch_size, precision=args.precision,
+                                  flip_average=args.flip_average, overwrite=args.overwrite)
         summary = record["summary"]
         print(", ".join(f"{n} {s}" for s, n in summary.items()) + f"; record: {Path(args.out) / CASES_RECORD}")
         for entry in record["cases"]:
@@ -124,7 +125,7 @@ def cmd_synthesize(args) -> int:
                          targets=args.targets, steps=args.steps, scheduler=args.scheduler, samples=args.samples,
                          seed=args.seed,
                          brain_mask=args.brain_mask, batch_size=args.batch_size, precision=args.precision,
-                         overwrite=args.overwrite)
+                         flip_average=args.flip_average, overwrite=args.overwrite)
     for name, path in written.items():
         print(f"{name:18s} {path}")
     return 0
@@ -167,13 +168,17 @@ def cmd_evaluate(args) -> int:
     methods = []
     for source in args.pipeline or []:
         path, pipe = _named_pipeline(source)
-        settings = [(None, 1)]
+        settings = [(None, 1, False)]
         if pipe.engine == "ldm":  # diffusion: one method per scheduler and step count
-            settings = [(name, steps) for name in args.scheduler or [None] for steps in args.steps or [None]]
-        for scheduler, steps in settings:
-            name = path.name if len(settings) == 1 else f"{path.name} ({scheduler or 'default'}, {steps or 'default'} steps)"
+            settings = [(name, steps, False) for name in args.scheduler or [None] for steps in args.steps or [None]]
+        elif args.flip_average:  # the GAN as is, and looking twice
+            settings.append((None, 1, True))
+        for scheduler, steps, flip in settings:
+            name = (f"{path.name} (flip-averaged)" if flip else path.name) if pipe.engine == "gan" else \
+                path.name if len(settings) == 1 else f"{path.name} ({scheduler or 'default'}, {steps or 'default'} steps)"
             methods.append(PipelineMethod(pipe, name=name, steps=steps, samples=args.samples, seed=args.seed,
-                                          batch_size=args.batch_size, scheduler=scheduler, precision=args.precision))
+                                          batch_size=args.batch_size, scheduler=scheduler, precision=args.precision,
+                                          flip_average=flip))
     methods += [BASELINES[name](cache) for name in args.baselines]
     if not methods:
         raise ValueError("nothing to evaluate: give --pipeline and/or --baselines")
@@ -347,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=PRECISION_NAMES, default="auto",
                    help="the networks' precision: auto (bfloat16 autocast on a CPU with native bf16, else "
                         "float32; default), float32 or bfloat16")
+    p.add_argument("--flip-average", action="store_true",
+                   help="GAN engine: also run each slice mirrored left-right and average the two images (a better "
+                        "image, about +0.1-0.2 dB PSNR, for twice the network time)")
     p.add_argument("--overwrite", action="store_true", help="replace earlier outputs")
     p.set_defaults(func=cmd_synthesize)
 
@@ -368,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, help="samples per slice (ldm; >1 adds uncertainty maps; default: the "
                                                "pipeline's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--flip-average", action="store_true",
+                   help="GAN pipelines: also score each with --flip-average (a second method, '... (flip-averaged)')")
     p.add_argument("--slice-stride", type=int, default=1, help="score every k-th axial slice (default: all)")
     p.add_argument("--batch-size", type=int, default=16, help="slices per forward pass")
     p.add_argument("--precision", choices=PRECISION_NAMES, default="auto",

@@ -35,7 +35,8 @@ import numpy as np
 from .io import (OverwriteError, SYNTHETIC_DESCRIP, check_not_input, provenance_record, save_nifti, sidecar_path,
                  write_json)
 from .modalities import canonical
-from .validation import check_input_files, check_output_folder, check_pipeline_source, check_synthesize_options
+from .validation import (check_flip_average, check_input_files, check_output_folder, check_pipeline_source,
+                         check_synthesize_options)
 
 #: the hidden folder inside ``--out`` that a run's outputs are written to before they move into place
 STAGING_PREFIX = ".mmdiff-synthesize-"
@@ -84,6 +85,7 @@ def synthesize(
     brain_mask: str | os.PathLike | None = None,
     batch_size: int = 8,
     precision: str = "auto",
+    flip_average: bool = False,
     overwrite: bool = False,
 ) -> dict[str, Path]:
     """Synthesize the missing sequences of one exam from NIfTI files; returns the written paths.
@@ -92,10 +94,12 @@ def synthesize(
     else the LDM) is loaded unless ``pipeline`` is given; the provenance records the engine that ran.
     ``steps`` and ``samples`` left unset take the diffusion pipeline's own defaults; ``precision`` is
     the networks' (:mod:`mmdiff.pipelines.precision`), and the record says which one ran.
+    ``flip_average`` (GAN engine): also run the generator on the mirrored slices and average
+    (:func:`mmdiff.pipelines.gan.mirrored`; twice the network time), recorded too.
     Every file and option is checked before the model loads; the outputs are written to a hidden
     folder inside ``out`` and moved into place together, so a failure leaves no new file behind.
     """
-    check_synthesize_options(engine, steps, samples, batch_size, seed, scheduler, targets, inputs or {})
+    check_synthesize_options(engine, steps, samples, batch_size, seed, scheduler, targets, inputs or {}, flip_average)
     with ThreadPoolExecutor(max_workers=1) as pool:
         # read once, here (the pipeline takes the volumes as they are), while torch and diffusers import:
         # a fresh process spends seconds importing them on one core, and gzip inflation needs no GIL
@@ -116,7 +120,7 @@ def synthesize(
         index = check_pipeline_source(source)  # a broken or foreign folder: one line before anything loads
         if index is not None:  # a pipeline folder says which engine it is
             found = "gan" if index["_class_name"] == "MMGANPipeline" else "ldm"
-            check_synthesize_options(found, steps, samples, batch_size, seed, scheduler, targets, inputs)
+            check_synthesize_options(found, steps, samples, batch_size, seed, scheduler, targets, inputs, flip_average)
         pipe = load_pipeline(source, engine)  # checks that it is of `engine`, when given
     else:
         source = resolve_source(pipeline_source) if pipeline_source is not None else None
@@ -124,6 +128,7 @@ def synthesize(
         if engine is not None and pipe.engine != engine:
             raise ValueError(f"the pipeline is {type(pipe).__name__} (engine {pipe.engine}), not the {engine} engine")
     diffusion = pipe.engine == "ldm"
+    check_flip_average(pipe.engine, flip_average)  # a pipeline given as an object
     steps, samples = diffusion_settings(pipe, steps, samples) if diffusion else (steps, 1)
     if scheduler is not None:
         if not diffusion:
@@ -141,7 +146,8 @@ def synthesize(
             if file.exists() and not overwrite:
                 raise OverwriteError(f"{file} exists (pass --overwrite to replace it)")
     generator = torch.Generator().manual_seed(seed)
-    kwargs = {"num_inference_steps": steps, "num_samples": samples, "generator": generator} if diffusion else {}
+    kwargs = ({"num_inference_steps": steps, "num_samples": samples, "generator": generator} if diffusion
+              else {"flip_average": flip_average})
     precision = resolve_precision(precision, pipe._execution_device)
     result = pipe(volumes, dataset=dataset, targets=targets, output_type="nifti",
                   brain_mask=str(brain_mask) if brain_mask else None, batch_size=batch_size, precision=precision,
@@ -153,6 +159,7 @@ def synthesize(
         "dataset": dataset, "inputs": {m: str(p.resolve()) for m, p in inputs.items()},
         "brain_mask": str(Path(brain_mask).resolve()) if brain_mask else "derived from the inputs",
         "targets": targets, "seed": seed, "precision": precision,
+        **({} if diffusion else {"flip_average": flip_average}),
         **({"steps": steps, "samples": samples, "scheduler": type(pipe.scheduler).__name__} if diffusion else {}),
         "intensity_units": "mmdiff normalised [0, 1]: " + (getattr(pipe, "preprocessor", None)
                                                             or MRIPreprocessor.legacy()).describe(),
@@ -262,6 +269,7 @@ def synthesize_cases(
     seed: int = 0,
     batch_size: int = 8,
     precision: str = "auto",
+    flip_average: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
@@ -283,7 +291,7 @@ def synthesize_cases(
     from .pipelines import load_pipeline, resolve_precision, resolve_source
 
     resolve_precision(precision, "cpu")  # a bad value: before anything is read
-    check_synthesize_options(engine, steps, samples, batch_size, seed, scheduler, None, ())
+    check_synthesize_options(engine, steps, samples, batch_size, seed, scheduler, None, (), flip_average)
     if not isinstance(cases, list):
         cases = scan(cases)
     if not cases:
@@ -301,8 +309,10 @@ def synthesize_cases(
     elif pipeline_source is not None:
         source = resolve_source(pipeline_source)
     pipeline.set_progress_bar_config(disable=True)  # one bar, over the cases
+    check_flip_average(pipeline.engine, flip_average)
     record = {"model": str(source) if source is not None else type(pipeline).__name__, "engine": pipeline.engine,
               "precision": resolve_precision(precision, pipeline._execution_device),
+              **({"flip_average": flip_average} if pipeline.engine == "gan" else {}),
               "targets": sorted(hidden) if targets else "each case's missing sequences", "seed": seed, "cases": []}
     known = list(pipeline.modalities)
     for target in targets or ():  # a target the model cannot make fails every case: say so once, here
@@ -327,7 +337,7 @@ def synthesize_cases(
                                      dataset=dataset or case.dataset, targets=wanted, steps=steps,
                                      scheduler=scheduler, samples=samples, seed=seed,
                                      brain_mask=case.files.get("brainmask"), batch_size=batch_size,
-                                     precision=precision, overwrite=overwrite)
+                                     precision=precision, flip_average=flip_average, overwrite=overwrite)
                 entry |= {"status": "done", "outputs": {k: str(v) for k, v in written.items()}}
             except OverwriteError as exc:
                 entry |= {"status": "skipped", "reason": str(exc)}

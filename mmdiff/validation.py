@@ -141,13 +141,22 @@ def check_output_folder(out: str | os.PathLike, inputs: Iterable[str | os.PathLi
 
 # --------------------------------------------------------------------------------------- options
 
+def check_flip_average(engine: str | None, flip_average: bool) -> None:
+    """``--flip-average`` is the GAN engine's (the diffusion engine's predictor is calibrated as it is)."""
+    if flip_average and engine == "ldm":
+        raise ValueError("--flip-average is for the GAN engine (--engine gan); the diffusion engine's predictor "
+                         "is calibrated as it is")
+
+
 def check_synthesize_options(engine: str | None, steps: int | None, samples: int | None, batch_size: int, seed: int,
-                             scheduler: str | None, targets: Iterable[str] | None, inputs: Iterable[str]) -> None:
+                             scheduler: str | None, targets: Iterable[str] | None, inputs: Iterable[str],
+                             flip_average: bool = False) -> None:
     """The options of ``mmdiff synthesize``, before any file or model is read (``engine`` None: not
     known yet; the engine's own options are checked again once the pipeline folder names it; ``steps``
     and ``samples`` None: the pipeline's defaults)."""
     if engine is not None and engine not in ("ldm", "gan"):
         raise ValueError(f"unknown engine {engine!r}: choose ldm or gan")
+    check_flip_average(engine, flip_average)
     if samples is not None:
         positive_int(samples, "--samples")
     positive_int(batch_size, "--batch-size")

@@ -179,6 +179,20 @@ def test_evaluate_command_compares_schedulers_and_steps(tiny_cache, tmp_path, ca
     assert summary.index("(ddim, 3 steps)") < summary.index("(ddim, 1 steps)") < summary.index("(dpm++, 3 steps)")
 
 
+def test_evaluate_command_scores_a_gan_plain_and_flip_averaged(tiny_cache, tmp_path, capsys):
+    tiny_gan().save_pretrained(tmp_path / "gan")
+    tiny_ldm().save_pretrained(tmp_path / "ldm")
+    code = main(["evaluate", "--data", str(tiny_cache), "--datasets", "glioma", "--tasks", "t1->t1c",
+                 "--pipeline", str(tmp_path / "gan"), str(tmp_path / "ldm"), "--flip-average", "--baselines",
+                 "--steps", "1", "--slice-stride", "4", "--out", str(tmp_path / "e"), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    with open(tmp_path / "e" / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    by_method = {row["method"]: float(row["psnr_brain"]) for row in rows}
+    assert sorted(by_method) == ["gan", "gan (flip-averaged)", "ldm"]  # the diffusion engine is scored once
+    assert by_method["gan"] != by_method["gan (flip-averaged)"]
+
+
 def test_uncertainty_scores_coverage_and_rank_correlation():
     rng = np.random.default_rng(0)
     brain = np.zeros((20, 20, 4), bool)

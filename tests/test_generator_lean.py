@@ -378,6 +378,26 @@ def test_gan_pipeline_runs_a_2_5d_model_on_a_volume_with_its_neighbours():
         np.testing.assert_allclose(other[..., k], one[..., k], atol=1e-5)
 
 
+def test_flip_average_is_the_mean_of_the_volume_and_its_left_right_mirror_run_alike():
+    """pipe(V, flip_average=True) = (pipe(V) + mirror(pipe(mirror(V)))) / 2, neighbours and all; the
+    second look differs from the first (the network is not mirror-symmetric), so the mean is new."""
+    network = lean_generator(num_datasets=1, dataset_names=["brats"]).eval()
+    perturb_modulations(network)
+    pipe = MMGANPipeline(network)
+    pipe.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng(1)
+    volume = np.zeros((24, 24, 5), np.float32)
+    volume[4:20, 4:20] = rng.uniform(100, 200, (16, 16, 5))
+    images_ = {"t1": volume, "flair": volume[:, ::-1].copy()}
+    mirror = {k: v[::-1].copy() for k, v in images_.items()}
+    plain = pipe(images=images_, targets=["t2", "t1c"]).images
+    looked_twice = pipe(images=images_, targets=["t2", "t1c"], flip_average=True, batch_size=2).images
+    second = pipe(images=mirror, targets=["t2", "t1c"]).images
+    for target in ("t2", "t1c"):
+        np.testing.assert_allclose(looked_twice[target], (plain[target] + second[target][::-1]) / 2, atol=1e-5)
+        assert not np.allclose(second[target][::-1], plain[target], atol=1e-3)
+
+
 def test_training_validation_reports_the_lesion_contrast_error(tiny_cache, tmp_path):
     """Checkpoints are chosen by lesions too: validation logs |synthetic / real lesion contrast - 1|."""
     import json

@@ -114,6 +114,20 @@ def test_the_pipeline_says_its_engine_and_the_record_says_what_ran(exam, pipelin
     assert not (tmp_path / "other").exists()
 
 
+def test_flip_average_changes_the_gan_image_says_so_and_is_refused_for_the_diffusion_engine(exam, pipelines, tmp_path,
+                                                                                             capsys):
+    common = ["synthesize", "--t1", str(exam["t1"]), "--targets", "t2", "--pipeline", str(pipelines / "gan")]
+    assert main([*common, "--out", str(tmp_path / "once")]) == 0
+    assert main([*common, "--flip-average", "--out", str(tmp_path / "twice")]) == 0
+    once, twice = (nib.load(tmp_path / run / "t2_synthetic.nii.gz").get_fdata() for run in ("once", "twice"))
+    assert once.shape == twice.shape and not np.allclose(once, twice)
+    assert json.loads((tmp_path / "twice" / "t2_synthetic.json").read_text())["flip_average"] is True
+    assert json.loads((tmp_path / "once" / "t2_synthetic.json").read_text())["flip_average"] is False
+    assert main(["synthesize", "--t1", str(exam["t1"]), "--targets", "t2", "--pipeline", str(pipelines / "ldm"),
+                 "--flip-average", "--out", str(tmp_path / "from-ldm")]) == 2
+    assert "--flip-average is for the GAN engine" in capsys.readouterr().err and not (tmp_path / "from-ldm").exists()
+
+
 def _hub_cache(root, repo_id: str, folder) -> None:
     """``folder`` as the Hugging Face cache holds a downloaded repo (refs/main -> one snapshot)."""
     import shutil

@@ -306,12 +306,16 @@ class PipelineMethod:
     sequence the model does not know is not one it can do (:meth:`supports`). A 2.5D model
     (``pipeline.context_slices > 0``) gets the whole volume and runs on the scored slices only
     (``slices=``), so each scored slice has its real neighbours; any other model gets only the
-    scored slices.
+    scored slices. ``flip_average`` (GAN pipelines) runs it with ``flip_average=True``.
     """
 
     def __init__(self, pipeline, name: str, steps: int | None = None, samples: int | None = None, seed: int = 0,
-                 batch_size: int = 16, scheduler: str | None = None, precision: str = "auto"):
+                 batch_size: int = 16, scheduler: str | None = None, precision: str = "auto",
+                 flip_average: bool = False):
         self.pipeline, self.name = pipeline, name
+        if flip_average and pipeline.engine != "gan":
+            raise ValueError("flip averaging is for the GAN engine")
+        self.flip_average = flip_average
         self.precision = precision  # the networks' (mmdiff.pipelines.precision); "auto" as users get it
         self.is_diffusion = pipeline.engine == "ldm"
         # None: the pipeline's own defaults
@@ -336,6 +340,8 @@ class PipelineMethod:
             kwargs = {"num_inference_steps": self.steps, "num_samples": self.samples, "generator": generators}
         if whole:
             kwargs["slices"] = np.arange(case.brain.shape[2])[case.scored]
+        if self.flip_average:
+            kwargs["flip_average"] = True
         result = self.pipeline({m: case.images[m][..., scored] for m in task.sources}, dataset=case.dataset,
                                targets=[task.target], brain_mask=case.brain[..., scored], batch_size=self.batch_size,
                                precision=self.precision, **kwargs)

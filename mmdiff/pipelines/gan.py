@@ -67,11 +67,14 @@ class MMGANPipeline(DiffusionPipeline):
         return_dict: bool = True,
         slices: Sequence[int] | None = None,
         precision: str = "auto",
+        flip_average: bool = False,
     ) -> MMDiffPipelineOutput | tuple:
         """Synthesise ``targets`` from ``images``; arguments as for ``MMDiffPipeline.__call__``.
 
         ``precision``: ``"auto"`` (bf16 autocast on a CPU with native bf16, else float32),
         ``"float32"`` or ``"bfloat16"``; see :mod:`mmdiff.pipelines.precision`.
+        ``flip_average``: also run the generator on every slice mirrored left-right and average the
+        two images (:func:`mirrored`): a better image for twice the network time.
         """
         if num_samples != 1:
             raise ValueError("the GAN is deterministic: num_samples must be 1 (MMDiffPipeline gives uncertainty)")
@@ -92,8 +95,26 @@ class MMGANPipeline(DiffusionPipeline):
                 context = to_network(case.context(index, k).to(device=device, dtype=network.dtype)) if k else None
                 with network_autocast(precision, device):
                     output = network(batch, source_mask, dataset_id, context=context, targets=target_index)
+                    if flip_average:
+                        output = (output + mirrored(network, batch, source_mask, dataset_id, context, target_index)) / 2
                 output = from_network(output.to(batch.dtype))
                 case.put(predictions, index, output[:, target_index])
                 progress_bar.update()
         self.maybe_free_model_hooks()
         return case.output(predictions, None, return_dict)
+
+
+def mirrored(network: MultiModalGenerator, batch: torch.Tensor, source_mask: torch.Tensor, dataset_id,
+             context: torch.Tensor | None, targets: Sequence[int]) -> torch.Tensor:
+    """The generator's output for the slices mirrored left-right, mirrored back.
+
+    The flip is along the first in-plane axis (``X``; left-right in the RAS+ arrays that mmdiff's
+    readers and caches hold), of the sources and their axial neighbours alike. A brain's mirror image
+    is a brain, so this is a second look at the same slice whose errors are partly its own: the mean
+    of the two looks is a better image (higher correlation with the real one, the spread about the
+    same; BENCHMARKS.md, session 17), as averaging two models would be, for one more generator pass.
+    A hand-written test-time augmentation: diffusers has none for image-to-image.
+    """
+    flip = (lambda x: x.flip(-2))
+    return flip(network(flip(batch), source_mask, dataset_id, context=None if context is None else flip(context),
+                        targets=targets))
