@@ -119,6 +119,7 @@ def test_export_writes_fp16_weights_and_a_card_with_held_out_results(tmp_path):
     results = {(r.dataset_config, r.metric_type): r.metric_value for r in card.data.eval_results}
     assert results == {("t1+t2+flair->t1c", "psnr"): 21.0, ("t1+t2+flair->t1c", "ssim"): 0.7}
     assert "not for diagnosis" in card.text and "copy-nearest" in card.text and "MMGANPipeline" in card.text
+    assert "`--flip-average` (`flip_average=True`)" in card.text  # the GAN's option, under "Use"
     assert json.loads((out / "training_info.json").read_text())["exported_dtype"] == "float16"
     # no path of this machine in what is published: configs name the model, not the folder it came from
     for path in out.rglob("*.json"):
@@ -154,6 +155,7 @@ def test_export_ldm_without_evaluation_says_so(tmp_path):
     assert main(["export", str(run), str(out), "--dtype", "float32", "--repo-id", "org/tiny-ldm"]) == 0
     card = ModelCard.load(out / "README.md")
     assert card.data.eval_results is None and "Not evaluated yet" in card.text
+    assert "flip_average" not in card.text  # the diffusion engine refuses it
     assert 'DiffusionPipeline.from_pretrained("org/tiny-ldm")' in card.text
     assert {t.dtype for t in load_file(out / "unet" / "diffusion_pytorch_model.safetensors").values()} == {torch.float32}
 
