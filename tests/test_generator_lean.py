@@ -357,16 +357,21 @@ def test_flipped_items_are_left_right_mirrors_of_every_array_half_the_time_and_r
     torch.utils.data.default_collate([b, mirrored[i + 1]])  # batches as before
 
 
-def test_gan_pipeline_runs_a_2_5d_model_on_a_volume_with_its_neighbours():
-    """Slice k of a volume gets slices k-1 and k+1 as context: swapping them (same voxels, so the same
-    normalisation) changes slice k's result, and a volume's result does not depend on the batching."""
+def _lean_2_5d_pipeline_and_volume(seed: int, size: int, depth: int):
+    """A lean 2.5D GAN pipeline with perturbed modulations, and a volume with a random block of brain."""
     network = lean_generator(num_datasets=1, dataset_names=["brats"]).eval()
     perturb_modulations(network)
     pipe = MMGANPipeline(network)
     pipe.set_progress_bar_config(disable=True)
-    rng = np.random.default_rng(0)
-    volume = np.zeros((20, 20, 7), np.float32)
-    volume[4:16, 4:16] = rng.uniform(100, 200, (12, 12, 7))
+    volume = np.zeros((size, size, depth), np.float32)
+    volume[4:size - 4, 4:size - 4] = np.random.default_rng(seed).uniform(100, 200, (size - 8, size - 8, depth))
+    return pipe, volume
+
+
+def test_gan_pipeline_runs_a_2_5d_model_on_a_volume_with_its_neighbours():
+    """Slice k of a volume gets slices k-1 and k+1 as context: swapping them (same voxels, so the same
+    normalisation) changes slice k's result, and a volume's result does not depend on the batching."""
+    pipe, volume = _lean_2_5d_pipeline_and_volume(seed=0, size=20, depth=7)
     images_ = {"t1": volume, "flair": volume[::-1].copy()}
     one = pipe(images=images_, targets=["t2"], batch_size=1).images["t2"]
     many = pipe(images=images_, targets=["t2"], batch_size=5).images["t2"]
@@ -381,13 +386,7 @@ def test_gan_pipeline_runs_a_2_5d_model_on_a_volume_with_its_neighbours():
 def test_flip_average_is_the_mean_of_the_volume_and_its_left_right_mirror_run_alike():
     """pipe(V, flip_average=True) = (pipe(V) + mirror(pipe(mirror(V)))) / 2, neighbours and all; the
     second look differs from the first (the network is not mirror-symmetric), so the mean is new."""
-    network = lean_generator(num_datasets=1, dataset_names=["brats"]).eval()
-    perturb_modulations(network)
-    pipe = MMGANPipeline(network)
-    pipe.set_progress_bar_config(disable=True)
-    rng = np.random.default_rng(1)
-    volume = np.zeros((24, 24, 5), np.float32)
-    volume[4:20, 4:20] = rng.uniform(100, 200, (16, 16, 5))
+    pipe, volume = _lean_2_5d_pipeline_and_volume(seed=1, size=24, depth=5)
     images_ = {"t1": volume, "flair": volume[:, ::-1].copy()}
     mirror = {k: v[::-1].copy() for k, v in images_.items()}
     plain = pipe(images=images_, targets=["t2", "t1c"]).images
