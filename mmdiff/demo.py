@@ -446,9 +446,11 @@ class Sessions:
 def run_synthesis(engine: Engine, uploads: Mapping[str, str | os.PathLike | None], folder: Path,
                   dataset: str | None = None, targets: Sequence[str] | None = None, steps: int = DEFAULT_STEPS,
                   samples: int | None = None, seed: int = 0, brain_mask: str | os.PathLike | None = None,
-                  max_mb: float = MAX_UPLOAD_MB, max_voxels: int = MAX_VOXELS) -> tuple[Result, list[str]]:
+                  max_mb: float = MAX_UPLOAD_MB, max_voxels: int = MAX_VOXELS,
+                  flip_average: bool = False) -> tuple[Result, list[str]]:
     """Check the uploads, copy them into ``folder`` under safe names, synthesize with
     :func:`mmdiff.synthesize.synthesize` and read the results back for display: ``(result, notes)``.
+    ``flip_average`` (the GAN only; ignored for diffusion) looks at every slice twice, mirrored.
     Bad input raises :class:`DemoInputError`."""
     from .io import load_volume, sidecar_path
     from .synthesize import synthesize
@@ -482,7 +484,7 @@ def run_synthesis(engine: Engine, uploads: Mapping[str, str | os.PathLike | None
         warnings.simplefilter("always")
         written = synthesize(copies, out, pipeline=engine.pipeline, pipeline_source=engine.source, engine=engine.name,
                              dataset=dataset, targets=wanted, steps=steps, samples=samples, seed=int(seed),
-                             brain_mask=mask_copy)
+                             brain_mask=mask_copy, flip_average=bool(flip_average) and engine.name == "gan")
     for w in caught:
         text = str(w.message).replace(str(inputs_dir) + os.sep, "")
         if not issubclass(w.category, UserWarning) or text in notes:
@@ -554,7 +556,7 @@ def build_demo(engines: Mapping[str, Engine] | None = None, examples: Sequence[E
     def synthesize_page(request: gr.Request, progress=gr.Progress(track_tqdm=True), *values):
         # gradio puts the request and the progress tracker first; ``values`` follow the event's inputs
         files = dict(zip(modalities, values[:len(modalities)]))
-        mask, dataset, targets, engine_label, steps, samples, seed, plane, previous = values[len(modalities):]
+        mask, dataset, targets, engine_label, steps, samples, seed, look_twice, plane, previous = values[len(modalities):]
         engine = next((e for name, e in engines.items() if ENGINE_LABELS[name] == engine_label), None)
         if engine is None:
             return failed(f"unknown engine {engine_label!r}")
@@ -564,7 +566,8 @@ def build_demo(engines: Mapping[str, Engine] | None = None, examples: Sequence[E
         started = time.perf_counter()
         try:
             result, notes = run_synthesis(engine, files, folder, None if dataset in (None, UNKNOWN_SITE) else dataset,
-                                          targets, steps, samples, seed, mask, max_mb, max_voxels)
+                                          targets, steps, samples, seed, mask, max_mb, max_voxels,
+                                          flip_average=bool(look_twice))
         except DemoInputError as exc:
             shutil.rmtree(folder, ignore_errors=True)
             return failed(str(exc))
@@ -576,7 +579,8 @@ def build_demo(engines: Mapping[str, Engine] | None = None, examples: Sequence[E
         index = result.centre(plane)
         done = [f"{', '.join(t.upper() for t in result.synthetic)} synthesized from "
                 f"{', '.join(m.upper() for m in result.inputs)} with the {ENGINE_LABELS[engine.name]}"
-                + (f" ({int(steps)} steps, {int(samples)} samples)" if engine.name == "ldm" else "")
+                + (f" ({int(steps)} steps, {int(samples)} samples)" if engine.name == "ldm" else
+                   " (looking twice: mirrored and averaged)" if look_twice else "")
                 + f" in {seconds:.0f} s; download the NIfTI files and their JSON sidecars below.", DISCLAIMER]
         status = message("done", done) + ("\n\n" + message("note", notes) if notes else "")
         slider = gr.update(maximum=result.shape[PLANES[plane]] - 1, value=index)
@@ -635,6 +639,9 @@ def build_demo(engines: Mapping[str, Engine] | None = None, examples: Sequence[E
                     samples = gr.Slider(1, MAX_SAMPLES, value=default_samples, step=1,
                                         label="Samples (K: the model's own is where its uncertainty is calibrated; "
                                               "more than 1 adds their spread to it)", elem_id="samples")
+                look_twice = gr.Checkbox(False, label="Look twice: also run every slice mirrored left-right and "
+                                                      "average (a better image, twice the network time)",
+                                         visible=default_engine == "gan", elem_id="flip-average")
                 seed = gr.Number(0, precision=0, label="Seed", minimum=0, elem_id="seed")
                 run = gr.Button("Synthesize", variant="primary", elem_id="run")
                 status = gr.Markdown(elem_id="status")
@@ -656,10 +663,12 @@ def build_demo(engines: Mapping[str, Engine] | None = None, examples: Sequence[E
         shown_unc = gr.Gallery(label="Uncertainty: the calibrated interval half-width (the error model's scale and the samples' spread)", visible=False,
                                elem_id="uncertainty-gallery", **gallery)
 
-        engine.change(lambda label: gr.update(visible=label == ENGINE_LABELS["ldm"]), engine, diffusion_settings,
-                      queue=False, api_name=False)
+        engine.change(lambda label: (gr.update(visible=label == ENGINE_LABELS["ldm"]),
+                                     gr.update(visible=label == ENGINE_LABELS["gan"])),
+                      engine, [diffusion_settings, look_twice], queue=False, api_name=False)
         run.click(synthesize_page,
-                  [*uploads.values(), mask, dataset, targets, engine, steps, samples, seed, plane, result_state],
+                  [*uploads.values(), mask, dataset, targets, engine, steps, samples, seed, look_twice, plane,
+                   result_state],
                   [status, shown_inputs, shown_synth, shown_unc, downloads, slice_index, result_state],
                   api_name="synthesize", concurrency_limit=1, concurrency_id="synthesis", show_progress_on=[status])
         plane.change(change_plane, [plane, result_state], [slice_index, shown_inputs, shown_synth, shown_unc],

@@ -129,6 +129,10 @@ def test_run_synthesis_writes_what_the_cli_writes_under_safe_names(tmp_path, exa
     assert set(result.inputs) == {"t1", "t2"} and set(result.synthetic) == {"flair"} and not result.uncertainty
     assert result.synthetic["flair"].dtype == np.uint8 and result.synthetic["flair"].max() > 0
     assert result.shape == (40, 44, 30)
+    assert sidecar["flip_average"] is False
+    twice, _ = d.run_synthesis(gan, exam, tmp_path / "twice", dataset="glioma", targets=["flair"], flip_average=True)
+    assert json.loads((tmp_path / "twice" / "synthetic" / "flair_synthetic.json").read_text())["flip_average"] is True
+    assert not np.array_equal(twice.synthetic["flair"], result.synthetic["flair"])
 
 
 def test_unknown_dataset_and_nothing_to_make(tmp_path, exam, gan):
@@ -244,7 +248,7 @@ def test_two_visitors_at_once_both_get_their_results(gan, small_examples, tmp_pa
     try:
         (example,) = small_examples
         files = [handle_file(str(example.files[m])) if m in example.files else None for m in gan.modalities]
-        args = [*files, None, "stroke", ["flair"], d.ENGINE_LABELS["gan"], 8, 1, 0, "axial"]  # the State is not in the API
+        args = [*files, None, "stroke", ["flair"], d.ENGINE_LABELS["gan"], 8, 1, 0, False, "axial"]  # no State in the API
         results = {}
 
         def visit(name):
