@@ -168,17 +168,17 @@ def cmd_evaluate(args) -> int:
     methods = []
     for source in args.pipeline or []:
         path, pipe = _named_pipeline(source)
-        settings = [(None, 1, False)]
         if pipe.engine == "ldm":  # diffusion: one method per scheduler and step count
-            settings = [(name, steps, False) for name in args.scheduler or [None] for steps in args.steps or [None]]
-        elif args.flip_average:  # the GAN as is, and looking twice
-            settings.append((None, 1, True))
-        for scheduler, steps, flip in settings:
-            name = (f"{path.name} (flip-averaged)" if flip else path.name) if pipe.engine == "gan" else \
-                path.name if len(settings) == 1 else f"{path.name} ({scheduler or 'default'}, {steps or 'default'} steps)"
-            methods.append(PipelineMethod(pipe, name=name, steps=steps, samples=args.samples, seed=args.seed,
-                                          batch_size=args.batch_size, scheduler=scheduler, precision=args.precision,
-                                          flip_average=flip))
+            settings = [(scheduler, steps) for scheduler in args.scheduler or [None] for steps in args.steps or [None]]
+            variants = [(path.name if len(settings) == 1 else f"{path.name} ({scheduler or 'default'}, "
+                         f"{steps or 'default'} steps)", {"scheduler": scheduler, "steps": steps})
+                        for scheduler, steps in settings]
+        else:  # the GAN as is, and with --flip-average looking twice too
+            variants = [(path.name, {})] + ([(f"{path.name} (flip-averaged)", {"flip_average": True})]
+                                            if args.flip_average else [])
+        for name, setting in variants:
+            methods.append(PipelineMethod(pipe, name=name, samples=args.samples, seed=args.seed,
+                                          batch_size=args.batch_size, precision=args.precision, **setting))
     methods += [BASELINES[name](cache) for name in args.baselines]
     if not methods:
         raise ValueError("nothing to evaluate: give --pipeline and/or --baselines")

@@ -28,8 +28,8 @@ SYNTHESIS_TASK = "image-to-image"
 
 #: the GAN card's note under "Use" (one sentence, the numbers in BENCHMARKS.md, session 17)
 FLIP_NOTE = ("\nFor the best image the GAN can give, `--flip-average` (`flip_average=True`) also runs every slice "
-             "mirrored left-right and averages the two: a better image (on mmdiff's held-out cases +0.16 dB "
-             "PSNR, a higher correlation with the real scans) for twice the network time.\n")
+             "mirrored left-right and averages the two: a better image for twice the network time (mmdiff's "
+             "published GAN: +0.16 dB PSNR and a higher correlation with the real scans on its held-out cases).\n")
 
 
 def cast_safetensors(folder: Path, dtype: torch.dtype) -> None:
