@@ -29,7 +29,7 @@ SYNTHESIS_TASK = "image-to-image"
 #: the GAN card's note under "Use" (one sentence, the numbers in BENCHMARKS.md, session 17)
 FLIP_NOTE = ("\nFor the best image the GAN can give, `--flip-average` (`flip_average=True`) also runs every slice "
              "mirrored left-right and averages the two: a better image for twice the network time (mmdiff's "
-             "published GAN: +0.16 dB PSNR and a higher correlation with the real scans on its held-out cases).\n")
+             "published GAN: +0.14 dB PSNR and a higher correlation with the real scans on its held-out cases, session 18).\n")
 
 
 def cast_safetensors(folder: Path, dtype: torch.dtype) -> None:

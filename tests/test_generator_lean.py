@@ -408,3 +408,39 @@ def test_training_validation_reports_the_lesion_contrast_error(tiny_cache, tmp_p
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in records if "val/psnr" in r][-1]
     assert final["val/contrast_error"] >= 0 and any(k.startswith("val/contrast_error_") for k in final)
+
+
+@pytest.mark.parametrize("inside_brain", [True, False])
+def test_inside_brain_scores_the_generator_on_the_brain_as_the_pipelines_return_it(monkeypatch, inside_brain):
+    """``model.inside_brain``: the generator's output is background outside the brain mask before the
+    losses and the discriminators, as a pipeline returns it (zeros outside the mask). A generator exact
+    inside the brain and wrong outside then has no synthesis or reconstruction error; scored on the
+    whole slice it has, and the discriminators see its wrong background."""
+    import mmdiff.training.stages as stages
+    from mmdiff.pipelines.common import inside_brain as composite
+    from mmdiff.training import load_config
+
+    modalities = ["t1", "t2", "t1c", "flair", "dwi", "adc"]
+    stage = stages.GANStage(load_config("gan-tiny", [f"model.inside_brain={str(inside_brain).lower()}"]),
+                            ["brats", "ms"], modalities, "cpu")
+    assert stage.models["generator"].config.inside_brain is inside_brain  # saved with the weights, for their users
+    brain = torch.zeros(2, 16, 16, dtype=torch.bool)
+    brain[:, 3:13, 4:12] = True
+    images = torch.rand(2, 6, 16, 16) * brain[:, None]  # the cache's images are 0 outside the brain
+    batch = {"images": images, "available": torch.ones(2, 6, dtype=torch.bool), "dataset_id": torch.zeros(2, dtype=torch.long),
+             "seg": torch.zeros(2, 16, 16, dtype=torch.uint8), "brain_mask": brain}
+    exact_inside = torch.where(brain[:, None], images * 2 - 1, torch.full_like(images, 0.5)).requires_grad_()
+    monkeypatch.setattr(stage.models["generator"], "forward", lambda *args, **kwargs: exact_inside * 1)
+    judged, original_discriminators = [], stage.models["discriminators"].forward
+    monkeypatch.setattr(stage.models["discriminators"], "forward",
+                        lambda sources, shown, targets: judged.append(shown.detach()) or original_discriminators(sources, shown, targets))
+    logs = stage.training_step(batch, StepAccelerator(), 0)
+    outside = ~brain[:, None].expand(-1, judged[-1].shape[1], -1, -1)
+    if inside_brain:
+        assert logs["synthesis_l1"] == 0 and logs["reconstruction_l1"] == 0
+        assert (judged[-1][outside] == -1).all()  # the fake the generator is judged on: background outside
+        assert exact_inside.grad is None or (exact_inside.grad[~brain[:, None].expand_as(images)] == 0).all()
+    else:
+        assert logs["synthesis_l1"] > 0.5 and logs["reconstruction_l1"] > 0.5
+        assert (judged[-1][outside] == 0.5).all()
+    torch.testing.assert_close(composite(exact_inside.detach(), brain), images * 2 - 1)

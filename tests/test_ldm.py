@@ -496,3 +496,32 @@ def test_a_saved_diffusion_pipeline_passes_the_pre_load_checks(tmp_path):
     pipe.save_pretrained(tmp_path / "ldm")
     index = check_pipeline_folder(tmp_path / "ldm")
     assert index["calibration_samples"] == 4 and index["point_estimate"] == "posterior_mean"
+
+
+def test_a_predictor_trained_inside_the_brain_gives_the_residual_diffusion_its_mean_inside_the_brain():
+    """A predictor trained to be right inside the brain only (``config.inside_brain``) draws what it
+    likes outside it; the diffusion engine takes its mean as background there, in sampling as in
+    training, and will not run it without the brain mask. The pipeline passes each batch's mask: an
+    untrained UNet then gives the GAN pipeline's images over the same predictor, bit for bit."""
+    pipe, gan = tiny_ldm(trained=False), tiny_gan()
+    predictor = pipe.predictor
+    images = torch.rand(2, 6, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    sources = torch.tensor([True, False, False, True, False, False])
+    brain = torch.zeros(2, 16, 16, dtype=torch.bool)
+    brain[:, 2:14, 3:12] = True
+    args = (predictor, pipe.vae, pipe.unet, pipe.scheduler, images, sources, 0, 1, 3)
+    plain, _, _ = sample_residuals(*args, brain=brain)  # a predictor scored on the whole slice: its mean as is
+    assert (plain.permute(0, 2, 3, 1)[~brain] != -1).any()
+    predictor.register_to_config(inside_brain=True)
+    with pytest.raises(ValueError, match="brain mask"):
+        sample_residuals(*args)
+    mu, _, _ = sample_residuals(*args, brain=brain)
+    assert torch.all(mu.permute(0, 2, 3, 1)[~brain] == -1)
+    torch.testing.assert_close(mu.permute(0, 2, 3, 1)[brain], plain.permute(0, 2, 3, 1)[brain], rtol=0, atol=0)
+
+    gan.generator.register_to_config(inside_brain=True)
+    volume = square_volume()
+    out = pipe(inputs(volume), dataset="brats", num_inference_steps=3, num_samples=1)
+    reference = gan(inputs(volume), dataset="brats")
+    for name, image in reference.images.items():
+        np.testing.assert_array_equal(out.images[name], image)

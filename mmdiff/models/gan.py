@@ -293,6 +293,11 @@ class MultiModalGenerator(ModelMixin, ConfigMixin):
         fine_channels: width of a small full-resolution head over the low-passed features and the
             sources, which draws what no source has at the pixel scale (a thin enhancing rim; 0: none;
             see :class:`Decoder`); needs ``refine_channels`` and ``refine_blur``.
+        inside_brain: the weights were trained to be right inside the brain mask only (the GAN stage's
+            ``model.inside_brain``: its losses saw the output as a pipeline returns it, background
+            outside the mask), so what they draw outside it means nothing. The network is the same
+            either way; whoever uses its output beyond a pipeline's, as the diffusion engine uses its
+            predictor's, takes it inside the brain (:func:`~mmdiff.pipelines.common.inside_brain`).
     """
 
     @register_to_config
@@ -315,6 +320,7 @@ class MultiModalGenerator(ModelMixin, ConfigMixin):
         detail_transfer: bool = False,
         detail_bands: int = 1,
         fine_channels: int = 0,
+        inside_brain: bool = False,
     ):
         super().__init__()
         check_dataset_names(num_datasets, dataset_names)

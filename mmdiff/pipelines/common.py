@@ -106,6 +106,13 @@ def from_network(images: torch.Tensor) -> torch.Tensor:
     return ((images + 1) / 2).clamp(0, 1)
 
 
+def inside_brain(images: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
+    """Network-space images ``[B, M, H, W]`` with background (-1, i.e. 0 in [0, 1]) outside the brain
+    ``[B, H, W]``: what a pipeline returns of them (:meth:`PreparedInputs.output` zeroes every output
+    outside the brain mask). Training the GAN on this (``model.inside_brain``) scores what users get."""
+    return torch.where(brain.to(torch.bool)[:, None], images, torch.full_like(images, -1.0))
+
+
 def resolve_dataset_id(dataset: str | None, dataset_names: Sequence[str] | None) -> int:
     """A dataset name -> the model's id for it; ``None`` or an unknown name (with a warning) -> null (-1)."""
     if dataset is None:
@@ -230,8 +237,7 @@ class PreparedInputs:
         not depend on the batching or on which slices are run (``slices=``).
 
         Only for a network whose noise, if any, is not shared between slices (the GAN's generator)."""
-        brain = np.zeros(self.images.shape[1:], dtype=bool)
-        brain[_window_part(self.window, self.brain.shape)] = self.brain[_grid_part(self.window, self.brain.shape)]
+        brain = self._brain_in_window()
         crops = self.crops.copy()
         for z in self.slices:
             for axis, size in enumerate(brain.shape[:2]):
@@ -273,6 +279,19 @@ class PreparedInputs:
         for index in self._groups(batch_size):
             batch = torch.from_numpy(np.stack([self.images[(slice(None), *self._crop(z), z)] for z in index]))
             yield index, batch, [generator[k] for k in index] if isinstance(generator, list) else generator
+
+    def brain_batch(self, index: np.ndarray) -> torch.Tensor:
+        """The brain mask of the slices ``index``, each in its window, as :meth:`batches` gives their
+        images: bool ``[B, X', Y']``."""
+        return torch.from_numpy(np.stack([self._brain_in_window(z)[self._crop(z)] for z in index]))
+
+    def _brain_in_window(self, z: int | None = None) -> np.ndarray:
+        """The brain mask on the volume window's grid ``[X', Y', Z]`` (the images' grid), or its axial
+        slice ``z`` ``[X', Y']``."""
+        brain = self.brain if z is None else self.brain[..., z:z + 1]
+        out = np.zeros(self.images.shape[1:3] + brain.shape[2:], dtype=bool)
+        out[_window_part(self.window, self.brain.shape)] = brain[_grid_part(self.window, self.brain.shape)]
+        return out if z is None else out[..., 0]
 
     def context(self, index: np.ndarray, k: int) -> torch.Tensor:
         """The ``k`` axial neighbours below and above each slice in ``index``: ``[B, M, 2k, X', Y']``

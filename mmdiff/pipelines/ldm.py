@@ -41,7 +41,8 @@ from ..models.gan import MultiModalGenerator
 from ..models.unet import ResidualUNet
 from ..data.preprocessing import MRIPreprocessor
 from ..models.vae import Latent, decode_modalities, downsampling_factor, encode_modalities
-from .common import ImageInput, MMDiffPipelineOutput, from_network, prepare_inputs, resolve_dataset_id, to_network
+from .common import (ImageInput, MMDiffPipelineOutput, from_network, inside_brain, prepare_inputs, resolve_dataset_id,
+                     to_network)
 from .precision import network_autocast, resolve_precision
 
 #: schedulers by the names ``mmdiff synthesize/evaluate --scheduler`` take; any other diffusers scheduler
@@ -126,6 +127,19 @@ def denoise(
     return latents, first
 
 
+def predictor_mean_inside_brain(predictor: MultiModalGenerator, mu: torch.Tensor,
+                                brain: torch.Tensor | None) -> torch.Tensor:
+    """The predictor's mean as the residual diffusion sees it, in training and sampling alike: as it
+    is, or, for a predictor trained to be right inside the brain only (``config.inside_brain``), which
+    draws what it likes outside it, background outside the brain ``[B, H, W]``."""
+    if not getattr(predictor.config, "inside_brain", False):
+        return mu
+    if brain is None:
+        raise ValueError("this predictor was trained inside the brain only (config.inside_brain): "
+                         "its mean needs the brain mask")
+    return inside_brain(mu, brain.to(mu.device))
+
+
 @torch.no_grad()
 def sample_residuals(
     predictor: MultiModalGenerator,
@@ -144,6 +158,7 @@ def sample_residuals(
     context: torch.Tensor | None = None,
     noise: Callable[[torch.Size], torch.Tensor] | None = None,
     precision: str = "float32",
+    brain: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The predictor's mean and ``num_samples`` residuals, for a batch of slices (the pipeline's maths).
 
@@ -159,6 +174,8 @@ def sample_residuals(
             default: drawn from ``generator``.
         precision: the networks' (resolved, :mod:`~mmdiff.pipelines.precision`); the latent's
             transforms stay in ``images``' dtype.
+        brain: ``[B, H, W]`` bool, the brain mask; needed with a predictor trained inside the brain only
+            (``predictor.config.inside_brain``), whose mean is then background outside it, as in training.
 
     Returns:
         ``(mu [B, M, H, W], residuals [K, B, M, H, W], posteriors [K, B, M, H, W])`` in [-1, 1] units:
@@ -171,7 +188,7 @@ def sample_residuals(
     context = None if context is None else context.to(predictor.dtype)
     with network_autocast(precision, images.device):
         mu = predictor(images.to(predictor.dtype), sources, dataset_id, context=context)
-    mu = mu.to(images.dtype)
+    mu = predictor_mean_inside_brain(predictor, mu.to(images.dtype), brain)
     mu_latents = encode_modalities(vae, mu)
     planes = sources[:, :, None, None, None]
     condition = torch.where(planes, encode_modalities(vae, images), mu_latents)
@@ -492,7 +509,8 @@ def calibrate(
             context = to_network(context[None].to(device=device, dtype=unet.dtype))
         mu, residuals, posteriors = sample_residuals(predictor, vae, unet, scheduler, images,
                                                      sources[None].to(device), dataset_id, num_samples,
-                                                     num_inference_steps, generator, context=context)
+                                                     num_inference_steps, generator, context=context,
+                                                     brain=torch.as_tensor(brain)[None].bool())
         estimates = point_runs(residuals, posteriors, point_estimate)
         spread_of_samples = sample_spread(residuals, uncertainty_window)
         std = combined_spread(spread_of_samples,
@@ -873,7 +891,8 @@ class MMDiffPipeline(DiffusionPipeline):
                     self.predictor, self.vae, self.unet, self.scheduler, batch,
                     sources, dataset_id, num_samples, num_inference_steps,
                     batch_generator, callback, lambda: self.interrupt, first_only, context,
-                    None if smooth is None else lambda shape, index=index: smooth(index, shape[1:]), precision)
+                    None if smooth is None else lambda shape, index=index: smooth(index, shape[1:]), precision,
+                    case.brain_batch(index))
                 scale_b = error_scale(error_model, batch, mu, sources, dataset_id, precision)
                 # only the targets from here on (the pooled spread of every sequence cost seconds a volume)
                 mu, residuals = mu[:, target_index], residuals[:, :, target_index]

@@ -20,9 +20,9 @@ from ..models import (ErrorScaleNet, HaarWavelet, ModalityDiscriminators, MultiM
                       build_vae, diffusion_loss, drop_dataset_id, encode_modalities, laplace_nll, latent_channels,
                       measure_scaling_factor)
 from ..pipelines import MMDiffPipeline, MMGANPipeline
-from ..pipelines.common import from_network, to_network
+from ..pipelines.common import from_network, inside_brain, to_network
 from ..pipelines.ldm import (DEFAULT_NUM_SAMPLES, DEFAULT_UNCERTAINTY_WINDOW, SCHEDULERS, TRAINING_SCHEDULER,
-                           Calibration, calibrate, point_and_spread, sample_residuals)
+                           Calibration, calibrate, point_and_spread, predictor_mean_inside_brain, sample_residuals)
 from .config import ConfigError
 
 
@@ -61,8 +61,9 @@ class Stage:
     def training_step(self, batch: dict, accelerator, step: int) -> dict[str, float]:
         raise NotImplementedError
 
-    def predict(self, images, sources, targets, dataset_id, generator=None) -> torch.Tensor:
-        """Images ``[B, M, H, W]`` in [0, 1] for the ``targets`` given the ``sources``."""
+    def predict(self, images, sources, targets, dataset_id, generator=None, brain=None) -> torch.Tensor:
+        """Images ``[B, M, H, W]`` in [0, 1] for the ``targets`` given the ``sources`` (``brain``: the
+        slices' brain masks ``[B, H, W]``, for a model that needs them)."""
         raise NotImplementedError
 
     def finish(self, loader, accelerator) -> None:
@@ -145,7 +146,7 @@ class VAEStage(Stage):
         return logs
 
     @torch.no_grad()
-    def predict(self, images, sources, targets, dataset_id, generator=None):
+    def predict(self, images, sources, targets, dataset_id, generator=None, brain=None):
         batch, modalities, height, width = images.shape
         flat = to_network(images).reshape(batch * modalities, 1, height, width)
         recon, _ = self.models["vae"](flat, sample_posterior=False)
@@ -263,7 +264,8 @@ class LDMStage(Stage):
         dataset_id = self._predictor_ids(self._dataset_ids(batch))
         context = to_network(batch["context"]) if "context" in batch else None  # a 2.5D predictor's
         with torch.no_grad():
-            mu = self.predictor(x, sources, dataset_id, context=context)
+            mu = predictor_mean_inside_brain(self.predictor, self.predictor(x, sources, dataset_id, context=context),
+                                             batch["brain_mask"])
         logs = {}
         if self.train_unet:
             with torch.no_grad():
@@ -298,12 +300,12 @@ class LDMStage(Stage):
         return logs
 
     @torch.no_grad()
-    def predict(self, images, sources, targets, dataset_id, generator=None, context=None):
+    def predict(self, images, sources, targets, dataset_id, generator=None, context=None, brain=None):
         """The pipeline's point estimate (``model.point_estimate`` over ``model.validation_samples`` runs)."""
         mu, residuals, posteriors = sample_residuals(
             self.predictor, self.vae, accelerator_free(self.models["unet"]), self.sampler, to_network(images), sources,
             self._predictor_ids(dataset_id), self.validation_count, self.sampling_steps, generator,
-            context=None if context is None else to_network(context))
+            context=None if context is None else to_network(context), brain=brain)
         return from_network(point_and_spread(mu, residuals, posteriors, self.point_estimate)[0])
 
     def calibrate(self, unet, error_model=None) -> Calibration | None:
@@ -407,6 +409,13 @@ class GANStage(Stage):
         pixel_weight = lesion_pixel_weight(batch["seg"], self.lesion_weight) if self.lesion_weight else None
         with accelerator.accumulate(generator, discriminators):
             fake = generator(inputs, sources, self._dataset_ids(batch), context=context)
+            if accelerator_free(generator).config.inside_brain:
+                # background outside the brain, as a pipeline returns it: the losses and the
+                # discriminators judge the brain alone (the cache's images are 0 outside it). Scored
+                # on the whole slice, the generator learns to draw the brain's outline from the
+                # sources, and where they show the outermost CSF as dark as the background (FLAIR,
+                # T1) it draws that rim dark in every target, ADC and T2 included, where it is bright.
+                fake = inside_brain(fake, batch["brain_mask"].to(fake.device))
             targets = (synthesis_w[0] > 0).nonzero().flatten().tolist()  # one condition per batch
             logs = {}
             if targets:  # real and fake in one discriminator call (one forward per backward, for DDP)
@@ -430,10 +439,13 @@ class GANStage(Stage):
         return logs | {k: v.item() for k, v in g_terms.items()}
 
     @torch.no_grad()
-    def predict(self, images, sources, targets, dataset_id, generator=None, context=None):
+    def predict(self, images, sources, targets, dataset_id, generator=None, context=None, brain=None):
         x = to_network(images) * sources[:, :, None, None]
         context = None if context is None else to_network(context)
-        return from_network(self.models["generator"](x, sources, dataset_id, context=context))
+        out = self.models["generator"](x, sources, dataset_id, context=context)
+        if brain is not None:  # as a pipeline returns it
+            out = inside_brain(out, brain)
+        return from_network(out)
 
     def export(self, models, out):
         MMGANPipeline(generator=models["generator"], preprocessor=self.preprocessor).save_pretrained(out)

@@ -443,6 +443,7 @@ def validate(stage: Stage, samples: list[dict], accelerator, step: int, output_d
         dataset_id = torch.tensor([samples[i]["dataset_id"] for i in indices], device=device)
         extra = {"context": torch.stack([samples[i]["context"] for i in indices]).to(device)} \
             if "context" in samples[indices[0]] else {}
+        extra["brain"] = torch.stack([samples[i]["brain_mask"] for i in indices]).to(device)
         pred = stage.predict(images, sources, targets, dataset_id, generator=generator, **extra).float()
         for row, i in enumerate(indices):
             brain = samples[i]["brain_mask"][None].to(device)
