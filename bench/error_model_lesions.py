@@ -14,6 +14,7 @@ import sys, json, numpy as np, torch
 from pathlib import Path
 from mmdiff.pipelines import MMDiffPipeline
 from mmdiff.pipelines.common import to_network
+from mmdiff.pipelines.ldm import predictor_mean_inside_brain
 torch.set_num_threads(2)
 cache = Path.home() / ".cache/mmdiff/cpu-v2"
 cases = sys.argv[2].split(",")
@@ -38,7 +39,7 @@ for path in sys.argv[1].split(","):
         did = names.index(ds) if ds in names else -1
         with torch.no_grad():
             xn = to_network(x)
-            mu = pred(xn, sources, did)
+            mu = predictor_mean_inside_brain(pred, pred(xn, sources, did), torch.from_numpy(np.asarray(brain[zs]) > 0))
             lb = em(torch.where(sources[None, :, None, None], xn, mu), sources, did)
         t = mods.index(tgt)
         e = (xn[:, t] - mu[:, t]).abs().numpy(); b = lb[:, t].exp().numpy()

@@ -19,6 +19,7 @@ from mmdiff.data.conditions import SynthesisConditionSampler, loss_weights
 from mmdiff.models.vae import encode_modalities
 from mmdiff.models.wavelet import HaarWavelet
 from mmdiff.pipelines.common import to_network
+from mmdiff.pipelines.ldm import predictor_mean_inside_brain
 from mmdiff.training.data import training_dataset, training_loader
 from mmdiff.training.stages import load_predictor
 
@@ -50,7 +51,8 @@ def main() -> None:
         context = to_network(batch["context"]) if "context" in batch else None
         ids = torch.tensor([names.index(dataset.dataset_names[int(d)]) for d in batch["dataset_id"]])
         with torch.no_grad():
-            mu = predictor(x * sources[:, :, None, None], sources, ids, context=context)
+            mu = predictor_mean_inside_brain(predictor, predictor(x * sources[:, :, None, None], sources, ids,
+                                                                  context=context), batch["brain_mask"])
             residual = encode_modalities(latent, x) - encode_modalities(latent, mu)
         selected = (weight > 0)[:, :, None, None, None].expand_as(residual)
         total += residual[selected].square().sum().item()

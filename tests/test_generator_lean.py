@@ -439,7 +439,7 @@ def test_inside_brain_scores_the_generator_on_the_brain_as_the_pipelines_return_
     if inside_brain:
         assert logs["synthesis_l1"] == 0 and logs["reconstruction_l1"] == 0
         assert (judged[-1][outside] == -1).all()  # the fake the generator is judged on: background outside
-        assert exact_inside.grad is None or (exact_inside.grad[~brain[:, None].expand_as(images)] == 0).all()
+        assert exact_inside.grad is not None and (exact_inside.grad[~brain[:, None].expand_as(images)] == 0).all()
     else:
         assert logs["synthesis_l1"] > 0.5 and logs["reconstruction_l1"] > 0.5
         assert (judged[-1][outside] == 0.5).all()

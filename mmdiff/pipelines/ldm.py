@@ -135,8 +135,8 @@ def predictor_mean_inside_brain(predictor: MultiModalGenerator, mu: torch.Tensor
     if not getattr(predictor.config, "inside_brain", False):
         return mu
     if brain is None:
-        raise ValueError("this predictor was trained inside the brain only (config.inside_brain): "
-                         "its mean needs the brain mask")
+        raise ValueError("this predictor was trained inside the brain only (config.inside_brain): its mean needs "
+                         "the brain mask; pass brain= (the slices' masks, [B, H, W]) or call the pipeline, which derives one")
     return inside_brain(mu, brain.to(mu.device))
 
 
@@ -507,15 +507,15 @@ def calibrate(
         images = to_network(images[None].to(device=device, dtype=unet.dtype))
         if context is not None:
             context = to_network(context[None].to(device=device, dtype=unet.dtype))
+        brain = torch.as_tensor(brain, device=device).bool()
         mu, residuals, posteriors = sample_residuals(predictor, vae, unet, scheduler, images,
                                                      sources[None].to(device), dataset_id, num_samples,
                                                      num_inference_steps, generator, context=context,
-                                                     brain=torch.as_tensor(brain)[None].bool())
+                                                     brain=brain[None])
         estimates = point_runs(residuals, posteriors, point_estimate)
         spread_of_samples = sample_spread(residuals, uncertainty_window)
         std = combined_spread(spread_of_samples,
                               error_scale(error_model, images, mu, sources[None].to(device), dataset_id))
-        brain = torch.as_tensor(brain, device=device).bool()
         for m in torch.as_tensor(targets).nonzero().flatten().tolist():
             errors.append((images[0, m] - mu[0, m])[brain].double().cpu().numpy())
             runs.append(estimates[:, 0, m][:, brain].double().cpu().numpy())
