@@ -176,6 +176,8 @@ def cmd_evaluate(args) -> int:
         else:  # the GAN as is, and with --flip-average looking twice too
             variants = [(path.name, {})] + ([(f"{path.name} (flip-averaged)", {"flip_average": True})]
                                             if args.flip_average else [])
+        if args.unseen_site:  # each also as a scan from a site the model does not know gets it
+            variants += [(f"{name} (unseen site)", setting | {"unseen_site": True}) for name, setting in variants]
         for name, setting in variants:
             methods.append(PipelineMethod(pipe, name=name, samples=args.samples, seed=args.seed,
                                           batch_size=args.batch_size, precision=args.precision, **setting))
@@ -184,7 +186,8 @@ def cmd_evaluate(args) -> int:
         raise ValueError("nothing to evaluate: give --pipeline and/or --baselines")
     tasks = [Task.parse(t) for t in args.tasks] if args.tasks else None
     evaluate(cache, methods, args.out, protocol=args.protocol, split=args.split, datasets=args.datasets,
-             tasks=tasks, slice_stride=args.slice_stride, overwrite=args.overwrite, progress=not args.quiet)
+             tasks=tasks, slice_stride=args.slice_stride, overwrite=args.overwrite, progress=not args.quiet,
+             source_gamma=args.source_gamma)
     print((Path(args.out) / "summary.md").read_text())
     print(f"scores: {Path(args.out) / 'scores.csv'}\nfigures: {Path(args.out) / 'figures'}")
     return 0
@@ -378,6 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--flip-average", action="store_true",
                    help="GAN pipelines: also score each with --flip-average (a second method, '... (flip-averaged)')")
+    p.add_argument("--unseen-site", action="store_true",
+                   help="also score each pipeline with no dataset (the null embedding: what a scan from a site the "
+                        "model was not trained on gets; a second method, '... (unseen site)')")
+    p.add_argument("--source-gamma", type=float, default=1.0, metavar="GAMMA",
+                   help="give every method the sources raised to this power on the [0, 1] scale (tissue contrasts "
+                        "as another protocol might give them), scored against the real target (default: 1, as is)")
     p.add_argument("--slice-stride", type=int, default=1, help="score every k-th axial slice (default: all)")
     p.add_argument("--batch-size", type=int, default=16, help="slices per forward pass")
     p.add_argument("--precision", choices=PRECISION_NAMES, default="auto",

@@ -10,7 +10,8 @@ import pytest
 
 from mmdiff.cli import main
 from mmdiff.evaluation.protocol import (PAPER_TASKS, CopyNearest, EvalCase, PipelineMethod, Task, VoxelwiseRegression,
-                                        load_cases, robust_normalise, score, tasks_for, uncertainty_scores)
+                                        load_cases, robust_normalise, score, tasks_for, uncertainty_scores,
+                                        with_source_gamma)
 from mmdiff.evaluation.report import evaluate, summary_markdown
 from test_pipelines import tiny_gan, tiny_ldm
 
@@ -191,6 +192,75 @@ def test_evaluate_command_scores_a_gan_plain_and_flip_averaged(tiny_cache, tmp_p
     by_method = {row["method"]: float(row["psnr_brain"]) for row in rows}
     assert sorted(by_method) == ["gan", "gan (flip-averaged)", "ldm"]  # the diffusion engine is scored once
     assert by_method["gan"] != by_method["gan (flip-averaged)"]
+
+
+def test_source_gamma_changes_the_sources_contrast_and_nothing_else(tiny_cache):
+    case = next(load_cases(tiny_cache, "test", ["glioma"]))
+    assert with_source_gamma(case, ("t1",), 1.0) is case
+    changed = with_source_gamma(case, ("t1", "flair"), 0.5)
+    np.testing.assert_allclose(changed.images["t1"], np.sqrt(case.images["t1"]), rtol=1e-6)
+    np.testing.assert_allclose(changed.images["flair"], np.sqrt(case.images["flair"]), rtol=1e-6)
+    assert changed.images["t1c"] is case.images["t1c"] and changed.brain is case.brain
+    # the order of tissues is kept, their contrast is not: grey is brighter against white and CSF
+    inside = case.images["t1"][case.brain]
+    assert np.corrcoef(inside, changed.images["t1"][case.brain])[0, 1] > 0.9
+    assert not np.allclose(changed.images["t1"][case.brain] / inside.mean(),
+                           inside / inside.mean(), atol=0.05)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="source gamma must be positive"):
+            with_source_gamma(case, ("t1",), bad)
+
+
+class _RecordingPipeline:
+    """Stands in for a GAN pipeline: records the dataset it is given and returns zeros."""
+
+    engine, modalities, context_slices = "gan", ("t1", "t1c"), 0
+
+    def __init__(self):
+        self.datasets = []
+
+    def __call__(self, images, dataset=None, targets=(), brain_mask=None, **_):
+        self.datasets.append(dataset)
+        shape = brain_mask.shape
+        return type("Output", (), {"images": {t: np.zeros(shape, np.float32) for t in targets}, "uncertainty": None})
+
+
+def test_an_unseen_site_gets_no_dataset(tiny_cache):
+    case = next(load_cases(tiny_cache, "test", ["glioma"], slice_stride=4))
+    pipe = _RecordingPipeline()
+    task = Task(("t1",), "t1c")
+    PipelineMethod(pipe, "own")(case, task)
+    PipelineMethod(pipe, "unseen", unseen_site=True)(case, task)
+    assert pipe.datasets == ["glioma", None]
+
+
+def test_evaluate_command_scores_a_pipeline_at_an_unseen_site_and_with_other_source_contrasts(
+        tiny_cache, tmp_path, capsys):
+    pipe = tiny_gan()
+    pipe.generator.register_to_config(dataset_names=["glioma", "ixi"])  # a model that knows the cases' site
+    pipe.save_pretrained(tmp_path / "gan")
+    args = ["evaluate", "--data", str(tiny_cache), "--datasets", "glioma", "--tasks", "t1->t1c",
+            "--pipeline", str(tmp_path / "gan"), "--unseen-site", "--baselines", "copy-nearest",
+            "--slice-stride", "4", "--quiet"]
+    code = main([*args, "--source-gamma", "0.5", "--out", str(tmp_path / "e")])
+    assert code == 0, capsys.readouterr().err
+    with open(tmp_path / "e" / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    by_method = {row["method"]: row for row in rows}
+    assert sorted(by_method) == ["copy-nearest", "gan", "gan (unseen site)"]
+    assert by_method["gan"]["psnr_brain"] != by_method["gan (unseen site)"]["psnr_brain"]
+    # every method got the changed sources and was scored against the real target
+    case = next(load_cases(tiny_cache, "test", ["glioma"], slice_stride=4))
+    k = case.scored
+    expected = score((np.sqrt(case.images["t1"]) * case.brain)[..., k], case.images["t1c"][..., k],
+                     case.brain[..., k], case.lesion[..., k], case.labels[..., k])
+    assert float(by_method["copy-nearest"]["psnr_brain"]) == pytest.approx(expected["psnr_brain"], rel=1e-5)
+    as_is = score((case.images["t1"] * case.brain)[..., k], case.images["t1c"][..., k], case.brain[..., k],
+                  case.lesion[..., k], case.labels[..., k])
+    assert abs(as_is["psnr_brain"] - expected["psnr_brain"]) > 0.1
+    assert "raised to the power 0.5" in (tmp_path / "e" / "summary.md").read_text()
+    assert main([*args, "--source-gamma", "0", "--out", str(tmp_path / "f")]) == 2
+    assert "source gamma must be positive" in capsys.readouterr().err
 
 
 def test_uncertainty_scores_coverage_and_rank_correlation():

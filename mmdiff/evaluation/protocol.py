@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +122,22 @@ def load_cases(cache: str | Path, split: str | Sequence[str] = "test", datasets:
             labels=None if seg is None else np.ascontiguousarray(seg.transpose(1, 2, 0)),
             scored=slice(None, None, slice_stride),
         )
+
+
+def with_source_gamma(case: EvalCase, sources: Sequence[str], gamma: float) -> EvalCase:
+    """``case`` as another protocol might give it: each of ``sources`` raised to the power ``gamma`` on the
+    cache's [0, 1] scale; the other sequences and the masks unchanged (so the reference is the real one).
+
+    A probe of how a method copes with a site whose tissue contrasts differ from its training sites', not
+    a model of any scanner: a power law changes the tissues' relative contrast, which no per-volume
+    rescaling (the pipelines' normalisation, the evaluation's) undoes; nnU-Net's gamma augmentation
+    stands in for protocol differences the same way. ``gamma = 1``: the case itself."""
+    if not gamma > 0:
+        raise ValueError(f"source gamma must be positive, got {gamma!r}")
+    if gamma == 1:
+        return case
+    images = {m: np.power(v, gamma, dtype=np.float32) if m in sources else v for m, v in case.images.items()}
+    return replace(case, images=images)
 
 
 def robust_normalise(volume: np.ndarray, brain: np.ndarray, lesion: np.ndarray | None) -> np.ndarray:
@@ -307,12 +323,15 @@ class PipelineMethod:
     (``pipeline.context_slices > 0``) gets the whole volume and runs on the scored slices only
     (``slices=``), so each scored slice has its real neighbours; any other model gets only the
     scored slices. ``flip_average`` (GAN pipelines) runs it with ``flip_average=True``.
+    ``unseen_site``: the pipeline gets no dataset (``dataset=None``, the null embedding), as a scan from
+    a site the model was not trained on does; otherwise each case's own dataset.
     """
 
     def __init__(self, pipeline, name: str, steps: int | None = None, samples: int | None = None, seed: int = 0,
                  batch_size: int = 16, scheduler: str | None = None, precision: str = "auto",
-                 flip_average: bool = False):
+                 flip_average: bool = False, unseen_site: bool = False):
         self.pipeline, self.name = pipeline, name
+        self.unseen_site = bool(unseen_site)
         if flip_average and pipeline.engine != "gan":
             raise ValueError("flip averaging is for the GAN engine")
         self.flip_average = flip_average
@@ -342,7 +361,8 @@ class PipelineMethod:
             kwargs["slices"] = np.arange(case.brain.shape[2])[case.scored]
         if self.flip_average:
             kwargs["flip_average"] = True
-        result = self.pipeline({m: case.images[m][..., scored] for m in task.sources}, dataset=case.dataset,
+        dataset = None if self.unseen_site else case.dataset
+        result = self.pipeline({m: case.images[m][..., scored] for m in task.sources}, dataset=dataset,
                                targets=[task.target], brain_mask=case.brain[..., scored], batch_size=self.batch_size,
                                precision=self.precision, **kwargs)
         outputs = [result.images[task.target], None if result.uncertainty is None else result.uncertainty[task.target]]

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ..io import atomic_path, write_text
 from ..viz import display, montage
 from .protocol import (NORMALISATION, EvalCase, Task, load_cases, robust_normalise, score, tasks_for,
-                       uncertainty_scores)
+                       uncertainty_scores, with_source_gamma)
 
 Method = Callable[[EvalCase, Task], tuple[np.ndarray, np.ndarray | None]]
 SUMMARY_COLUMNS = ("psnr_brain", "ssim_brain", "mae_brain", "psnr_lesion", "ssim_lesion", "psnr_whole", "ssim_whole",
@@ -29,9 +29,11 @@ UNCERTAINTY_COLUMNS = ("coverage", "coverage_lesion", "spearman_uncertainty")
 def evaluate(cache: str | Path, methods: Sequence[Method], out: str | Path, protocol: str = "paper",
              split: str | Sequence[str] = "test", datasets: Sequence[str] | None = None,
              tasks: Sequence[Task] | None = None, slice_stride: int = 1, figures: bool = True,
-             progress: bool = True, overwrite: bool = False) -> list[dict]:
+             progress: bool = True, overwrite: bool = False, source_gamma: float = 1.0) -> list[dict]:
     """Score every method on every task of every held-out case; write ``scores.csv``, ``summary.md``
-    and ``figures/<task>.png`` under ``out``; return the score rows."""
+    and ``figures/<task>.png`` under ``out``; return the score rows. ``source_gamma``: every method gets
+    the sources with their contrast changed (:func:`~mmdiff.evaluation.protocol.with_source_gamma`) and
+    is scored against the real target."""
     out = Path(out)
     cases = list(load_cases(cache, split, datasets, slice_stride))
     if not cases:
@@ -44,12 +46,13 @@ def evaluate(cache: str | Path, methods: Sequence[Method], out: str | Path, prot
     rows, shown = [], {}
     for case, task in tqdm(work, desc="evaluate", unit="task", disable=not progress):
         reference = case.images[task.target]
+        inputs = with_source_gamma(case, task.sources, source_gamma)
         results = {}
         k = case.scored
         for method in methods:
             if hasattr(method, "supports") and not method.supports(task):
                 continue  # a sequence the model does not know: no row, not a zero
-            prediction, uncertainty = method(case, task)
+            prediction, uncertainty = method(inputs, task)
             results[method.name] = (prediction, uncertainty)
             rows.append({"dataset": case.dataset, "case": case.case_id, "split": case.split, "task": task.name, "method": method.name,
                          **score(prediction[..., k], reference[..., k], case.brain[..., k],
@@ -59,9 +62,10 @@ def evaluate(cache: str | Path, methods: Sequence[Method], out: str | Path, prot
                                               None if uncertainty is None else uncertainty[..., k], case.brain[..., k],
                                               None if case.lesion is None else case.lesion[..., k])})
         if figures and (task, case.dataset) not in shown:  # one figure row per task and dataset
-            shown[(task, case.dataset)] = _figure_row(case, task, results)
+            shown[(task, case.dataset)] = _figure_row(inputs, task, results)
     _write_csv(rows, out / "scores.csv", overwrite)
-    write_text(out / "summary.md", summary_markdown(rows, slice_stride=slice_stride), overwrite=overwrite)
+    write_text(out / "summary.md", summary_markdown(rows, slice_stride=slice_stride, source_gamma=source_gamma),
+               overwrite=overwrite)
     if figures:
         by_task = defaultdict(list)
         for (task, _), row in shown.items():
@@ -175,9 +179,9 @@ def baseline_wins(rows: list[dict], baselines: Sequence[str] = ("copy-nearest", 
     return wins
 
 
-def summary_markdown(rows: list[dict], slice_stride: int = 1) -> str:
+def summary_markdown(rows: list[dict], slice_stride: int = 1, source_gamma: float = 1.0) -> str:
     """Mean ± std over cases per dataset, task and method (methods in the order evaluated); brain-masked
-    columns first."""
+    columns first. ``source_gamma`` other than 1: a line says the sources were changed so."""
     table = aggregate(rows)
     split = "+".join(sorted({row["split"] for row in rows}))
     cases = defaultdict(set)
@@ -187,6 +191,9 @@ def summary_markdown(rows: list[dict], slice_stride: int = 1) -> str:
         f"Cases: {split} split ({'held out' if 'train' not in split else 'includes training cases'}); " + ", ".join(f"{d} {len(c)}" for d, c in sorted(cases.items()))
         + (f"; every {slice_stride}th axial slice" if slice_stride > 1 else "") + ".",
         f"Normalisation: {NORMALISATION}. Mean ± std over cases (a single case: its value).",
+        *([f"Sources changed as another protocol might give them: each raised to the power {source_gamma:g} on "
+           "the cache's [0, 1] scale (every method gets the same inputs; the reference is the real target)."]
+          if source_gamma != 1 else []),
         "",
         "Overview: PSNR brain (dB) / SSIM brain, mean over each dataset's case-tasks (their number in brackets).",
         "",
