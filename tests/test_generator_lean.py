@@ -30,6 +30,7 @@ class StepAccelerator:
     """Enough of ``accelerate.Accelerator`` for a stage's ``training_step`` on one process."""
 
     sync_gradients = False
+    process_index = 0
 
     def accumulate(self, *models):
         import contextlib
@@ -444,3 +445,48 @@ def test_inside_brain_scores_the_generator_on_the_brain_as_the_pipelines_return_
         assert logs["synthesis_l1"] > 0.5 and logs["reconstruction_l1"] > 0.5
         assert (judged[-1][outside] == 0.5).all()
     torch.testing.assert_close(composite(exact_inside.detach(), brain), images * 2 - 1)
+
+
+def test_source_gamma_changes_the_sources_the_generator_reads_and_not_what_it_is_scored_against(monkeypatch):
+    """``train.source_gamma``: the sources and their axial neighbours reach the generator raised to a
+    power drawn per slice and sequence, a function of (seed, step); the losses compare the output with
+    the images as stored (a generator that returns them exactly has no L1 error)."""
+    import mmdiff.training.stages as stages
+    from mmdiff.data.contrast import draw_gammas
+    from mmdiff.training import load_config
+
+    modalities = ["t1", "t2", "t1c", "flair", "dwi", "adc"]
+    stage = stages.GANStage(load_config("gan-tiny", ["train.source_gamma=[0.5,2.0]"]), ["brats", "ms"], modalities,
+                            "cpu")
+    brain = torch.zeros(2, 16, 16, dtype=torch.bool)
+    brain[:, 3:13, 4:12] = True
+    images = torch.rand(2, 6, 16, 16) * brain[:, None]
+    context = torch.rand(2, 6, 2, 16, 16) * brain[:, None, None]
+    batch = {"images": images, "context": context, "available": torch.ones(2, 6, dtype=torch.bool),
+             "dataset_id": torch.zeros(2, dtype=torch.long), "seg": torch.zeros(2, 16, 16, dtype=torch.uint8),
+             "brain_mask": brain}
+    seen = []
+
+    def generator(inputs, sources, dataset_id, context=None, **_):
+        seen.append((inputs, sources, context))
+        return (images * 2 - 1).requires_grad_()  # the stored images, exactly
+
+    monkeypatch.setattr(stage.models["generator"], "forward", generator)
+    logs = stage.training_step(batch, StepAccelerator(), 3)
+    inputs, sources, given_context = seen[-1]
+    gammas = draw_gammas((0.5, 2.0), (2, 6), seed=0, step=3)
+    assert ((gammas >= 0.5) & (gammas <= 2.0)).all() and gammas.std() > 0.1
+    changed = images ** gammas[:, :, None, None]
+    torch.testing.assert_close(inputs, (changed * 2 - 1) * sources[:, :, None, None])
+    assert not torch.allclose(inputs, (images * 2 - 1) * sources[:, :, None, None])
+    torch.testing.assert_close(given_context, context ** gammas[:, :, None, None, None] * 2 - 1)
+    assert logs["synthesis_l1"] == 0 and logs["reconstruction_l1"] == 0
+    # the powers are a function of the step: the same step draws the same ones, another step others
+    torch.testing.assert_close(draw_gammas((0.5, 2.0), (2, 6), 0, 3), gammas, rtol=0, atol=0)
+    assert not torch.allclose(draw_gammas((0.5, 2.0), (2, 6), 0, 4), gammas)
+    # off by default: the sources as stored
+    plain = stages.GANStage(load_config("gan-tiny"), ["brats", "ms"], modalities, "cpu")
+    monkeypatch.setattr(plain.models["generator"], "forward", generator)
+    plain.training_step(batch, StepAccelerator(), 3)
+    inputs, sources, _ = seen[-1]
+    torch.testing.assert_close(inputs, (images * 2 - 1) * sources[:, :, None, None])

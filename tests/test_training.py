@@ -87,17 +87,18 @@ def test_init_from_fine_tunes_matching_weights_and_starts_new_layers_fresh(tiny_
 
 
 def test_resume_equals_an_uninterrupted_run(tiny_cache, tmp_path):
-    """Bit-exact, with the left-right flips too (they are a function of seed, epoch and index)."""
+    """Bit-exact, with the left-right flips and the sources' contrast changes too (functions of seed,
+    epoch and index, and of seed and step)."""
     full = tmp_path / "full"
     assert _train("gan-tiny", full, tiny_cache, "--max-steps", "8", "checkpoint.every=4", "checkpoint.keep=null",
-                  "validation.every=4", "data.flip=true") == 0
+                  "validation.every=4", "data.flip=true", "train.source_gamma=[0.7,1.4]") == 0
     # a run that died after its checkpoint at step 4
     cut = tmp_path / "cut"
     shutil.copytree(full, cut)
     shutil.rmtree(cut / "checkpoint-8")
     shutil.rmtree(cut / "final")
     assert _train("gan-tiny", cut, tiny_cache, "--max-steps", "8", "checkpoint.every=4", "checkpoint.keep=null",
-                  "validation.every=4", "data.flip=true", "--resume", "latest") == 0
+                  "validation.every=4", "data.flip=true", "train.source_gamma=[0.7,1.4]", "--resume", "latest") == 0
     assert yaml.safe_load((full / "config.yaml").read_text())["data"]["flip"] is True
     for name in ("generator", "discriminators"):
         a = load_file(full / "checkpoint-8" / f"{name}.safetensors")
@@ -318,6 +319,10 @@ def test_config_errors_before_training(tiny_cache, tmp_path, capsys):
     assert train_main(["--config", "no-such-config"]) == 2
     assert "no config 'no-such-config'" in capsys.readouterr().err
     assert not (tmp_path / "a" / "checkpoint-10").exists()
+    assert _train("gan-tiny", tmp_path / "d", tiny_cache, "train.source_gamma=[1.4,0.7]") == 2
+    assert "needs 0 < low <= high" in capsys.readouterr().err
+    assert _train("ldm-tiny", tmp_path / "e", tiny_cache, "train.source_gamma=[0.7,1.4]") == 2
+    assert "train.source_gamma is for the gan stage" in capsys.readouterr().err
 
 
 def test_gradient_accumulation_and_bf16_autocast(tiny_cache, tmp_path):

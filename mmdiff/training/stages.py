@@ -14,6 +14,7 @@ from diffusers import DDPMScheduler
 from monai.networks.nets import PatchDiscriminator
 
 from ..data.conditions import SynthesisConditionSampler, loss_weights
+from ..data.contrast import check_source_gamma, draw_gammas, raise_to
 from ..modalities import UnknownModalityError, canonical
 from ..losses import discriminator_loss, generator_loss, lesion_pixel_weight, lsgan_loss, vae_adversarial_loss, vae_loss
 from ..models import (ErrorScaleNet, HaarWavelet, ModalityDiscriminators, MultiModalGenerator, ResidualUNet,
@@ -39,6 +40,9 @@ class Stage:
     #: the cache's intensity rule (:class:`~mmdiff.data.preprocessing.MRIPreprocessor`), set by the
     #: trainer and exported with the pipeline
     preprocessor = None
+    #: whether the stage changes its sources' contrast in training (``train.source_gamma``,
+    #: :mod:`mmdiff.data.contrast`); another stage refuses the setting rather than ignore it
+    takes_source_gamma = False
     models: dict[str, torch.nn.Module]
     optimizers: dict[str, torch.optim.Optimizer]
 
@@ -50,6 +54,13 @@ class Stage:
         self.device = device
         self.conditions = SynthesisConditionSampler(self.train_cfg.get("condition_mode", "random"),
                                                     modalities=modalities, seed=int(self.train_cfg.get("seed", 0)))
+        try:
+            self.source_gamma = check_source_gamma(self.train_cfg.get("source_gamma"))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.source_gamma is not None and not self.takes_source_gamma:
+            raise ConfigError(f"train.source_gamma is for the gan stage; the {config.get('stage')} stage does not "
+                              "change its sources (set it to null)")
 
     def state_dict(self) -> dict:
         """Random state of the stage itself (the synthesis-condition draws), saved with checkpoints."""
@@ -380,6 +391,7 @@ class GANStage(Stage):
     """The one-step fast path: multi-stream generator, one PatchGAN per modality, PMM-Synth's losses."""
 
     main = "generator"
+    takes_source_gamma = True
 
     def __init__(self, config, dataset_names, modalities, device):
         super().__init__(config, dataset_names, modalities, device)
@@ -404,8 +416,14 @@ class GANStage(Stage):
         synthesis_w, reconstruction_w = loss_weights(available, sources)
         if self.target_weight is not None:
             synthesis_w = synthesis_w * self.target_weight.to(synthesis_w.device)
-        inputs = x * sources[:, :, None, None]
-        context = to_network(batch["context"]) if "context" in batch else None
+        given, context = batch["images"], batch.get("context")
+        if self.source_gamma is not None:  # the sources' contrast changed; targets and references as stored
+            gammas = draw_gammas(self.source_gamma, tuple(given.shape[:2]), int(self.train_cfg.get("seed", 0)), step,
+                                 accelerator.process_index)
+            given = raise_to(given, gammas)
+            context = None if context is None else raise_to(context, gammas)
+        inputs = to_network(given) * sources[:, :, None, None]
+        context = None if context is None else to_network(context)
         pixel_weight = lesion_pixel_weight(batch["seg"], self.lesion_weight) if self.lesion_weight else None
         with accelerator.accumulate(generator, discriminators):
             fake = generator(inputs, sources, self._dataset_ids(batch), context=context)
