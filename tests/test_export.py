@@ -59,8 +59,14 @@ def test_card_facts_come_from_the_run(tmp_path):
                  "Trained for 10 steps (3.5 minutes) on 1 cpu process(es)", "8 training cases from 2 dataset(s)",
                  "ixi: t1, t2", "--dataset brats", "import mmdiff  #", "Menze et al."):
         assert fact in text, fact
-    for claim in ("12 real BraTS", "two CPU cores", "99.5th", "phantom cohort", "--engine"):
+    for claim in ("12 real BraTS", "two CPU cores", "99.5th", "phantom cohort", "--engine", "random powers"):
         assert claim not in text, claim
+    # a training setting the run used is stated; one it did not use is not (above)
+    config = {"stage": "gan", "train": {"batch_size": 4, "learning_rate": 2e-4, "ema_decay": 0.99,
+                                        "dataset_dropout": 0.3, "source_gamma": [0.7, 1.4]}}
+    assert main(["export", str(fake_run(tmp_path / "run3", tiny_gan(), config=config)), str(tmp_path / "g")]) == 0
+    text = ModelCard.load(tmp_path / "g" / "README.md").text
+    assert "dataset dropout 0.3, sources raised to random powers in [0.7, 1.4]" in text
     # none of our claims for a run on other data: no BraTS citation, no dataset option invented
     other = tmp_path / "other"
     data = {**DATA, "datasets": {"site-a": described("site-a", 4, {"t1": 4})}}
