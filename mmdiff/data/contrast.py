@@ -14,6 +14,10 @@ law is the usual stand-in for such differences (nnU-Net's gamma augmentation);
 ``mmdiff evaluate --source-gamma`` makes the same change at test time
 (:func:`mmdiff.evaluation.protocol.with_source_gamma`).
 
+Measured (BENCHMARKS.md, session 19): 1500 steps with ``[0.7, 1.4]`` from the published GAN cost
+0.2 dB on the held-out cases and bought no robustness (sources at gamma 0.8 cost it what they cost the
+same run without it); the GAN already reads anatomy more than exact intensities. Hence off.
+
 The powers are a function of ``(seed, step, process)``, so a resumed run draws the same ones.
 """
 
