@@ -491,3 +491,18 @@ def test_source_gamma_changes_the_sources_the_generator_reads_and_not_what_it_is
     plain.training_step(batch, StepAccelerator(), 3)
     inputs, sources, _ = seen[-1]
     torch.testing.assert_close(inputs, (images * 2 - 1) * sources[:, :, None, None])
+
+
+def test_dataset_dropout_from_drops_only_the_named_datasets_ids(monkeypatch):
+    """``train.dataset_dropout_from``: the null embedding is trained on the named datasets' slices only."""
+    import mmdiff.training.stages as stages
+    from mmdiff.models import NULL_DATASET_ID
+    from mmdiff.training import load_config
+
+    names, modalities = ["glioma", "brats", "ms"], ["t1", "t2", "t1c", "flair", "dwi", "adc"]
+    ids = torch.tensor([0, 1, 2, 0, 1, 2])
+    config = load_config("gan-tiny", ["train.dataset_dropout=1.0", "train.dataset_dropout_from=[brats,ms]"])
+    stage = stages.GANStage(config, names, modalities, "cpu")
+    assert stage._dataset_ids({"dataset_id": ids}).tolist() == [0, NULL_DATASET_ID, NULL_DATASET_ID] * 2
+    every = stages.GANStage(load_config("gan-tiny", ["train.dataset_dropout=1.0"]), names, modalities, "cpu")
+    assert (every._dataset_ids({"dataset_id": ids}) == NULL_DATASET_ID).all()

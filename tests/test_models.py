@@ -97,6 +97,11 @@ def test_drop_dataset_id():
     assert 0.25 < (dropped == NULL_DATASET_ID).float().mean() < 0.35
     kept = dropped != NULL_DATASET_ID
     assert torch.equal(dropped[kept], ids[kept])
+    # only some datasets' ids dropped (the null embedding learns what they share): the same draw, others kept
+    some = drop_dataset_id(ids, 0.3, torch.Generator().manual_seed(0), only=[0, 2])
+    assert (some[ids == 1] == 1).all()
+    eligible = ids != 1
+    assert torch.equal(some[eligible], dropped[eligible])
 
 
 # --- VAE -------------------------------------------------------------------------------------------

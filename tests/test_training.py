@@ -323,6 +323,8 @@ def test_config_errors_before_training(tiny_cache, tmp_path, capsys):
     assert "needs 0 < low <= high" in capsys.readouterr().err
     assert _train("ldm-tiny", tmp_path / "e", tiny_cache, "train.source_gamma=[0.7,1.4]") == 2
     assert "train.source_gamma is for the gan stage" in capsys.readouterr().err
+    assert _train("gan-tiny", tmp_path / "f", tiny_cache, "train.dataset_dropout_from=[glioma,isles]") == 2
+    assert "train.dataset_dropout_from names ['isles'], not datasets of this run" in capsys.readouterr().err
 
 
 def test_gradient_accumulation_and_bf16_autocast(tiny_cache, tmp_path):

@@ -67,14 +67,20 @@ class FeatureModulation(nn.Module):
 
 
 def drop_dataset_id(
-    dataset_id: torch.Tensor, p: float, generator: torch.Generator | None = None
+    dataset_id: torch.Tensor, p: float, generator: torch.Generator | None = None, only=None
 ) -> torch.Tensor:
-    """Replace each id by the null id (``-1``) with probability ``p`` (for training the null embedding)."""
+    """Replace each id by the null id (``-1``) with probability ``p`` (for training the null embedding).
+
+    ``only``: the ids that may be dropped (the others are kept), so the null embedding learns what those
+    datasets share (e.g. the real cohorts, not simulated ones); ``None``: every id. The random draw is
+    the same either way."""
     dataset_id = torch.as_tensor(dataset_id)
     if p <= 0:
         return dataset_id
     device = generator.device if generator is not None else dataset_id.device
     drop = torch.rand(dataset_id.shape, generator=generator, device=device).to(dataset_id.device) < p
+    if only is not None:
+        drop &= torch.isin(dataset_id, torch.as_tensor(list(only), dtype=dataset_id.dtype, device=dataset_id.device))
     return torch.where(drop, torch.full_like(dataset_id, NULL_DATASET_ID), dataset_id)
 
 

@@ -58,6 +58,12 @@ class Stage:
             self.source_gamma = check_source_gamma(self.train_cfg.get("source_gamma"))
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        dropped_from = self.train_cfg.get("dataset_dropout_from")  # None: every dataset's id may be dropped
+        unknown = sorted(set(dropped_from or ()) - set(dataset_names))
+        if unknown:
+            raise ConfigError(f"train.dataset_dropout_from names {unknown}, not datasets of this run "
+                              f"(it has {dataset_names})")
+        self._droppable = None if dropped_from is None else [dataset_names.index(n) for n in dropped_from]
         if self.source_gamma is not None and not self.takes_source_gamma:
             raise ConfigError(f"train.source_gamma is for the gan stage; the {config.get('stage')} stage does not "
                               "change its sources (set it to null)")
@@ -90,7 +96,7 @@ class Stage:
 
     def _dataset_ids(self, batch) -> torch.Tensor:
         ids = torch.as_tensor(batch["dataset_id"], device=self.device)
-        return drop_dataset_id(ids, float(self.train_cfg.get("dataset_dropout", 0.1)))
+        return drop_dataset_id(ids, float(self.train_cfg.get("dataset_dropout", 0.1)), only=self._droppable)
 
 
 class AutoencoderForward(torch.nn.Module):
