@@ -304,7 +304,9 @@ def render_card(pipe, info: dict, rows: list[dict], method: str, evaluation: Pat
         training=(f"{steps} steps, batch {train_cfg['batch_size']} (modality-consistent batches), "
                   f"AdamW lr {train_cfg['learning_rate']}, EMA {train_cfg.get('ema_decay')}, "
                   f"{train_cfg.get('condition_mode', 'random')} synthesis conditions, "
-                  f"dataset dropout {train_cfg.get('dataset_dropout')}, "
+                  f"dataset dropout {train_cfg.get('dataset_dropout')}"
+                  + (f" (of {', '.join(train_cfg['dataset_dropout_from'])} only)" if train_cfg.get("dataset_dropout_from")
+                     else "") + ", "
                   + (f"sources raised to random powers in {list(train_cfg['source_gamma'])} (another site's "
                      "tissue contrasts), " if train_cfg.get("source_gamma") else "") +
                   f"{info.get('processes', 1)} process(es); the full config is in `training_info.json`"

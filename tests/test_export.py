@@ -63,10 +63,11 @@ def test_card_facts_come_from_the_run(tmp_path):
         assert claim not in text, claim
     # a training setting the run used is stated; one it did not use is not (above)
     config = {"stage": "gan", "train": {"batch_size": 4, "learning_rate": 2e-4, "ema_decay": 0.99,
-                                        "dataset_dropout": 0.3, "source_gamma": [0.7, 1.4]}}
+                                        "dataset_dropout": 0.3, "source_gamma": [0.7, 1.4],
+                                        "dataset_dropout_from": ["brats"]}}
     assert main(["export", str(fake_run(tmp_path / "run3", tiny_gan(), config=config)), str(tmp_path / "g")]) == 0
     text = ModelCard.load(tmp_path / "g" / "README.md").text
-    assert "dataset dropout 0.3, sources raised to random powers in [0.7, 1.4]" in text
+    assert "dataset dropout 0.3 (of brats only), sources raised to random powers in [0.7, 1.4]" in text
     # none of our claims for a run on other data: no BraTS citation, no dataset option invented
     other = tmp_path / "other"
     data = {**DATA, "datasets": {"site-a": described("site-a", 4, {"t1": 4})}}
