@@ -161,9 +161,10 @@ def _named_pipeline(source: str):
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluation.protocol import BASELINES, PipelineMethod, Task
+    from .evaluation.protocol import BASELINES, PipelineMethod, Task, check_gamma
     from .evaluation.report import evaluate
 
+    check_gamma(args.source_gamma)  # before any pipeline loads
     cache = _evaluation_data(args.data)
     methods = []
     for source in args.pipeline or []:

@@ -325,6 +325,8 @@ def test_config_errors_before_training(tiny_cache, tmp_path, capsys):
     assert "train.source_gamma is for the gan stage" in capsys.readouterr().err
     assert _train("gan-tiny", tmp_path / "f", tiny_cache, "train.dataset_dropout_from=[glioma,isles]") == 2
     assert "train.dataset_dropout_from names ['isles'], not datasets of this run" in capsys.readouterr().err
+    assert _train("gan-tiny", tmp_path / "g", tiny_cache, "train.dataset_dropout_from=glioma") == 2
+    assert "must be null or a list of dataset names" in capsys.readouterr().err
 
 
 def test_gradient_accumulation_and_bf16_autocast(tiny_cache, tmp_path):

@@ -124,6 +124,13 @@ def load_cases(cache: str | Path, split: str | Sequence[str] = "test", datasets:
         )
 
 
+def check_gamma(gamma: float) -> float:
+    """``gamma`` if it can be a source gamma (a positive number), else a ValueError saying so."""
+    if not gamma > 0:
+        raise ValueError(f"source gamma must be positive, got {gamma!r}")
+    return gamma
+
+
 def with_source_gamma(case: EvalCase, sources: Sequence[str], gamma: float) -> EvalCase:
     """``case`` as another protocol might give it: each of ``sources`` raised to the power ``gamma`` on the
     cache's [0, 1] scale; the other sequences and the masks unchanged (so the reference is the real one).
@@ -132,9 +139,7 @@ def with_source_gamma(case: EvalCase, sources: Sequence[str], gamma: float) -> E
     a model of any scanner: a power law changes the tissues' relative contrast, which no per-volume
     rescaling (the pipelines' normalisation, the evaluation's) undoes; nnU-Net's gamma augmentation
     stands in for protocol differences the same way. ``gamma = 1``: the case itself."""
-    if not gamma > 0:
-        raise ValueError(f"source gamma must be positive, got {gamma!r}")
-    if gamma == 1:
+    if check_gamma(gamma) == 1:
         return case
     images = {m: np.power(v, gamma, dtype=np.float32) if m in sources else v for m, v in case.images.items()}
     return replace(case, images=images)

@@ -59,6 +59,9 @@ class Stage:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         dropped_from = self.train_cfg.get("dataset_dropout_from")  # None: every dataset's id may be dropped
+        if dropped_from is not None and not isinstance(dropped_from, (list, tuple)):
+            raise ConfigError(f"train.dataset_dropout_from must be null or a list of dataset names, e.g. "
+                              f"[brats, ms], got {dropped_from!r}")
         unknown = sorted(set(dropped_from or ()) - set(dataset_names))
         if unknown:
             raise ConfigError(f"train.dataset_dropout_from names {unknown}, not datasets of this run "
@@ -422,13 +425,13 @@ class GANStage(Stage):
         synthesis_w, reconstruction_w = loss_weights(available, sources)
         if self.target_weight is not None:
             synthesis_w = synthesis_w * self.target_weight.to(synthesis_w.device)
-        given, context = batch["images"], batch.get("context")
+        inputs, context = x, batch.get("context")
         if self.source_gamma is not None:  # the sources' contrast changed; targets and references as stored
-            gammas = draw_gammas(self.source_gamma, tuple(given.shape[:2]), int(self.train_cfg.get("seed", 0)), step,
+            gammas = draw_gammas(self.source_gamma, tuple(x.shape[:2]), int(self.train_cfg.get("seed", 0)), step,
                                  accelerator.process_index)
-            given = raise_to(given, gammas)
+            inputs = to_network(raise_to(batch["images"], gammas))
             context = None if context is None else raise_to(context, gammas)
-        inputs = to_network(given) * sources[:, :, None, None]
+        inputs = inputs * sources[:, :, None, None]
         context = None if context is None else to_network(context)
         pixel_weight = lesion_pixel_weight(batch["seg"], self.lesion_weight) if self.lesion_weight else None
         with accelerator.accumulate(generator, discriminators):
