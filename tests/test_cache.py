@@ -70,3 +70,27 @@ def test_fingerprint_identifies_the_data_not_the_folder(odd_names, tmp_path):
 def test_a_folder_that_is_not_a_cache_says_what_to_do(tmp_path):
     with pytest.raises(CacheError, match="is not a prepared cache \\(no index.json\\): run `mmdiff prepare` first"):
         read_index(tmp_path)
+
+
+def test_a_cache_of_an_older_format_is_refused_with_what_changed(odd_names, tmp_path):
+    """A format-1 cache (its WML lesions stored as 255) is never read as if current: every reader and
+    prepare say what changed and what to do, and the old cache is left as it was."""
+    import json
+
+    from mmdiff.data.cache import CACHE_JSON, CACHE_FORMAT, read_info
+
+    old = tmp_path / "old"
+    shutil.copytree(odd_names, old)
+    info = json.loads((old / CACHE_JSON).read_text())
+    assert info["format"] == CACHE_FORMAT == 2
+    (old / CACHE_JSON).write_text(json.dumps({**info, "format": 1}))
+    before = sorted(p.relative_to(old) for p in old.rglob("*"))
+    for read in (read_info, read_index, lambda c: SliceDataset(c, split=SPLITS), lambda c: list(load_cases(c, SPLITS))):
+        with pytest.raises(CacheError, match="format 1.*255.*prepare the sources again"):
+            read(old)
+    with pytest.raises(CacheError, match="format 1"):
+        prepare([], old, PrepareConfig(size=32, spacing=2.0), progress=False)
+    assert sorted(p.relative_to(old) for p in old.rglob("*")) == before
+    (old / CACHE_JSON).write_text(json.dumps({**info, "format": CACHE_FORMAT + 1}))
+    with pytest.raises(CacheError, match="newer mmdiff"):
+        read_index(old)

@@ -166,3 +166,14 @@ def test_brats_2018_label_4_is_stored_as_3_on_the_phantom_cache(tiny_cache):
         assert labels <= {0, 1, 2, 3} and 3 in labels and 4 not in labels
         # every raw label survives (cropping and resampling aside): 1 and 2 stay, 4 becomes 3
         assert {1, 2} & set(np.unique(raw).tolist()) <= labels
+
+
+def test_lesion_labels_map_every_cohorts_masks_to_the_caches_labels():
+    """BraTS 2018's enhancing 4 is 3; a binary mask stored at full scale (WML: 255, one subject 254) is
+    lesion 1; 1 and 2 stay; an interpolated mask rounds first; nothing outside 0-3 is stored."""
+    from mmdiff.data.prepare import lesion_labels
+
+    raw = np.array([0, 1, 2, 4, 255, 254, 0.4, 0.6, 3.6, -0.3])
+    assert lesion_labels(raw).tolist() == [0, 1, 2, 3, 1, 1, 0, 1, 3, 0]
+    assert lesion_labels(raw).dtype == np.uint8
+    assert lesion_labels(np.array([0, 255], dtype=np.uint8)).tolist() == [0, 1]  # no uint8 wrap-around

@@ -21,7 +21,8 @@ SEVEN = ["t1", "t2", "t1c", "flair", "dwi", "adc", "pd"]
 
 
 def write_wml_like(root, cases=3, shape=(40, 44, 10)):
-    """uint8 volumes [X, Y, Z, 1] at 1 x 1 x 3 mm with T1, T2, FLAIR, PD, a lesion mask and a brain mask."""
+    """uint8 volumes [X, Y, Z, 1] at 1 x 1 x 3 mm with T1, T2, FLAIR, PD, a lesion mask and a brain mask;
+    the lesion mask stores its lesion as 255, as the real WML cohort's 8-bit masks do."""
     affine = centred_affine(shape, spacing=(1.0, 1.0, 3.0))
     rows = []
     for i in range(cases):
@@ -30,7 +31,7 @@ def write_wml_like(root, cases=3, shape=(40, 44, 10)):
         folder.mkdir(parents=True)
         for j, kind in enumerate(("t1", "t2", "flair", "pd", "seg", "brainmask")):
             img, brain, lesion = blob_volume(shape, seed=10 * i + j, scale=120.0 + 30 * j, affine=affine)
-            data = {"seg": lesion, "brainmask": brain}.get(kind, np.asarray(img.dataobj))
+            data = {"seg": lesion * 255, "brainmask": brain}.get(kind, np.asarray(img.dataobj))
             volume = nib.Nifti1Image(np.clip(data, 0, 255).astype(np.uint8)[..., None], affine)
             path = folder / f"{case}.{kind}.nii.gz"
             nib.save(volume, path)
@@ -75,6 +76,11 @@ def test_prepare_keeps_pd_and_the_cohorts_own_masks(pd_run):
     assert item["available"].tolist() == [True, True, False, True, False, False, True]
     pd = item["images"][SEVEN.index("pd")]
     assert pd[item["brain_mask"]].mean() > 0.1 and pd[~item["brain_mask"]].abs().max() == 0
+    # the masks' 255 is the lesion label 1, which model.lesion_weight={1: ...} and the lesion tables key on
+    labels = set()
+    for i in range(len(data)):
+        labels |= set(data[i]["seg"].unique().tolist())
+    assert labels == {0, 1}
 
 
 def test_a_model_with_pd_synthesizes_from_uint8_4d_files_and_a_model_without_says_so(pd_run, tmp_path, capsys):

@@ -12,6 +12,11 @@ Layout::
                                       brain_mask.npy uint8 [S, H, W], seg.npy uint8 [S, H, W],
                                       meta.json (written last: a case without it is unfinished)
 
+``seg.npy`` labels: 0 background, 1 lesion (BraTS: necrotic / non-enhancing core; MS, WML and stroke
+masks: the lesion), 2 oedema, 3 enhancing tumour (how a source's mask becomes these:
+:func:`mmdiff.data.prepare.lesion_labels`). ``cache.json`` records the ``format`` (``CACHE_FORMAT``);
+a cache of an older format is refused with what changed, never read as if it were current.
+
 ``<dataset>`` and ``<case_id>`` are :func:`safe_name` versions of the names; ``index.json`` keeps
 the real names and each case's folder relative to the cache.
 """
@@ -27,6 +32,10 @@ from pathlib import Path
 
 CACHE_JSON, SPLITS_JSON, INDEX_JSON, SUMMARY_JSON = "cache.json", "splits.json", "index.json", "summary.json"
 CASES = "cases"
+# 2: binary lesion masks stored at an image's full scale (255) are label 1 (format 1 kept them as 255)
+CACHE_FORMAT = 2
+FORMAT_CHANGES = {2: "binary lesion masks stored as 255 (the WML cohort's) are now label 1, as every other "
+                     "cohort's lesions are; format-1 caches kept 255, which label-keyed lesion weights never matched"}
 IMAGES, BRAIN_MASK, SEG, META = "images.npy", "brain_mask.npy", "seg.npy", "meta.json"
 
 
@@ -50,8 +59,26 @@ def finished_cases(cache: str | os.PathLike) -> list[dict]:
 
 
 def read_info(cache: str | os.PathLike) -> dict:
-    """``cache.json``: the preparation config and the dataset names."""
-    return json.loads((Path(cache) / CACHE_JSON).read_text())
+    """``cache.json``: the preparation config and the dataset names (a cache of an older format:
+    :class:`CacheError`, see :func:`check_format`)."""
+    info = json.loads((Path(cache) / CACHE_JSON).read_text())
+    check_format(cache, info)
+    return info
+
+
+def check_format(cache: str | os.PathLike, info: dict) -> None:
+    """Refuse a cache written in another format than this mmdiff's, saying what changed and how to
+    make a current one (prepare the sources again into a new folder; the old one is left as it is)."""
+    found = int(info.get("format", 1))
+    if found == CACHE_FORMAT:
+        return
+    if found > CACHE_FORMAT:
+        raise CacheError(f"{cache} was prepared by a newer mmdiff (cache format {found}; this one reads "
+                         f"{CACHE_FORMAT}): upgrade mmdiff")
+    changes = "; ".join(FORMAT_CHANGES[f] for f in range(found + 1, CACHE_FORMAT + 1))
+    raise CacheError(f"{cache} is a cache of format {found}, this mmdiff's is {CACHE_FORMAT} ({changes}): "
+                     f"prepare the sources again into a new folder (or remove this one; a training "
+                     f"config's data.build then remakes it)")
 
 
 def cache_preprocessor(cache: str | os.PathLike):
@@ -66,10 +93,13 @@ def cache_preprocessor(cache: str | os.PathLike):
 
 
 def read_index(cache: str | os.PathLike) -> dict:
-    """``index.json``: ``datasets``, ``modalities``, ``size`` and the ``cases``."""
+    """``index.json``: ``datasets``, ``modalities``, ``size`` and the ``cases`` (of a cache of this
+    mmdiff's format only)."""
     path = Path(cache) / INDEX_JSON
     if not path.is_file():
         raise CacheError(f"{cache} is not a prepared cache (no {INDEX_JSON}): run `mmdiff prepare` first")
+    if (Path(cache) / CACHE_JSON).is_file():
+        read_info(cache)  # checks the format
     return json.loads(path.read_text())
 
 

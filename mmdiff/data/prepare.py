@@ -33,13 +33,28 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..io import VolumeError, atomic_dir, load_volume, write_json
 from ..modalities import MODALITIES
-from .cache import (BRAIN_MASK, CACHE_JSON, IMAGES, INDEX_JSON, META, SEG, SPLITS_JSON, SUMMARY_JSON, dataset_id,
-                    finished_cases, read_info)
+from .cache import (BRAIN_MASK, CACHE_FORMAT, CACHE_JSON, IMAGES, INDEX_JSON, META, SEG, SPLITS_JSON, SUMMARY_JSON,
+                    dataset_id, finished_cases, read_info)
 from .cache import case_dir as case_dir_for
 from .manifest import MASK_KINDS, Case
 from .preprocessing import MRIPreprocessor
 
-CACHE_FORMAT = 1
+
+
+def lesion_labels(seg: np.ndarray) -> np.ndarray:
+    """The cache's labels (uint8: 0 background, 1 lesion or necrotic core, 2 oedema, 3 enhancing
+    tumour) from a source's mask as stored.
+
+    BraTS 2018-2021 mark enhancing tumour 4: it becomes 3, the BraTS 2023 convention. A value above 4
+    is no BraTS label: it is a binary mask stored at an image's full scale, as the WML cohort's 8-bit
+    masks are (255; 254 in one subject), and it becomes 1, the label every other cohort gives its
+    lesions, so that what is keyed on labels (``model.lesion_weight={1: ...}``, the lesion-contrast
+    table) treats those lesions as lesions. Fractional values (an interpolated mask) round first.
+    """
+    labels = np.rint(np.asarray(seg, dtype=np.float32)).astype(np.int16)
+    labels[labels == 4] = 3
+    labels[labels > 4] = 1
+    return np.clip(labels, 0, 3).astype(np.uint8)
 
 
 @dataclass
@@ -239,9 +254,7 @@ def prepare_case(case: Case, config: PrepareConfig, case_dir: Path) -> CaseResul
     images = np.stack(stack, axis=0).transpose(3, 0, 1, 2)  # [S, A, H, W]
     brain_c = crop_or_pad(brain[..., keep], centre, config.size).transpose(2, 0, 1)
     if "seg" in arrays:
-        seg = np.rint(arrays["seg"]).astype(np.int16)
-        seg[seg == 4] = 3  # BraTS 2018-2021 "enhancing" (4) -> BraTS 2023 convention (3)
-        seg = crop_or_pad(np.clip(seg, 0, 255).astype(np.uint8)[..., keep], centre, config.size).transpose(2, 0, 1)
+        seg = crop_or_pad(lesion_labels(arrays["seg"])[..., keep], centre, config.size).transpose(2, 0, 1)
     else:
         seg = np.zeros_like(brain_c, dtype=np.uint8)
     meta = {
@@ -277,10 +290,11 @@ def _prepare_worker(case: Case, config: PrepareConfig, case_dir: Path) -> CaseRe
 
 
 def _open_cache(cache: Path, config: PrepareConfig, datasets: list[str]) -> dict:
-    """Create ``cache.json`` or check that an existing cache was made with the same geometry."""
+    """Create ``cache.json`` or check that an existing cache is of this format and was made with the
+    same geometry."""
     path = cache / CACHE_JSON
     if path.exists():
-        info = json.loads(path.read_text())
+        info = read_info(cache)
         if info["config"]["geometry"] != config.geometry():
             raise ValueError(
                 f"{cache} was prepared with {info['config']['geometry']}; this run asks for "
@@ -340,6 +354,8 @@ def prepare(
         if key in seen:
             raise ValueError(f"case {case.case_id!r} appears twice in dataset {case.dataset!r}")
         seen.add(key)
+    if (cache / CACHE_JSON).is_file():
+        read_info(cache)  # a cache of another format: refused before anything in it changes
     _check_case_folders(cases, cache)
     cache.mkdir(parents=True, exist_ok=True)
     for stale in cache.glob("cases/*/.*"):  # case folders a killed run left half-written (atomic_dir's names)
