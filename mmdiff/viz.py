@@ -111,6 +111,21 @@ def grey_png(image: Image.Image) -> Image.Image:
     return image
 
 
+def outlined(rgb: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int] = (255, 48, 48)) -> np.ndarray:
+    """``rgb`` (``(H, W, 3)`` uint8) with the outer edge of ``mask`` drawn in ``colour``: the pixels
+    just outside it (4-neighbours), so the marked region's own pixels keep their intensity and a lesion
+    of a few voxels stays visible under its outline."""
+    mask = np.asarray(mask, dtype=bool)
+    grown = mask.copy()
+    grown[1:] |= mask[:-1]
+    grown[:-1] |= mask[1:]
+    grown[:, 1:] |= mask[:, :-1]
+    grown[:, :-1] |= mask[:, 1:]
+    out = np.array(rgb, dtype=np.uint8, copy=True)
+    out[grown & ~mask] = colour
+    return out
+
+
 def lesion_centre(seg: np.ndarray) -> tuple[int, int, int]:
     """Voxel index of the lesion's centre of mass (the volume centre when there is no lesion)."""
     idx = np.argwhere(seg > 0)

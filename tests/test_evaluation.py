@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from mmdiff.cli import main
 from mmdiff.evaluation.protocol import (PAPER_TASKS, CopyNearest, EvalCase, PipelineMethod, Task, VoxelwiseRegression,
@@ -145,8 +146,24 @@ def test_evaluate_writes_scores_summary_and_figures(tiny_cache, tmp_path):
                     f"{np.mean([float(r['ssim_brain']) for r in glioma]):.3f} ({len(glioma)})")
     assert overview[-1].rstrip(" |").endswith(f"({len(copy_rows)})")
     assert sorted(p.name for p in (tmp_path / "eval" / "figures").iterdir()) == ["flair_to_adc.png", "t1_to_t1c.png"]
+    # the lesion is outlined in red on the real image (the phantom cases have lesions), nowhere else grey breaks
+    figure = np.asarray(Image.open(tmp_path / "eval" / "figures" / "t1_to_t1c.png").convert("RGB")).astype(int)
+    assert ((figure[..., 0] > 200) & (figure[..., 1] < 120)).sum() > 10
     with pytest.raises(FileExistsError):
         evaluate(tiny_cache, methods, tmp_path / "eval", tasks=tasks, progress=False)
+
+
+def test_outlined_marks_the_pixels_just_outside_the_mask_and_leaves_the_mask_as_it_was():
+    from mmdiff.viz import outlined
+
+    rgb = np.full((7, 7, 3), 90, dtype=np.uint8)
+    rgb[3, 3] = 200
+    mask = np.zeros((7, 7), bool)
+    mask[3, 3] = True  # a one-voxel lesion
+    out = outlined(rgb, mask)
+    red = (out == (255, 48, 48)).all(-1)
+    assert red.sum() == 4 and red[2, 3] and red[4, 3] and red[3, 2] and red[3, 4]
+    assert (out[3, 3] == 200).all() and (out[~red & ~mask] == 90).all() and (rgb == 90).sum() == 48 * 3
 
 
 def test_evaluate_command_with_baselines(tiny_cache, tmp_path, capsys):

@@ -14,7 +14,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..io import atomic_path, write_text
-from ..viz import display, montage
+from ..viz import display, montage, outlined
 from .protocol import (NORMALISATION, EvalCase, Task, load_cases, robust_normalise, score, tasks_for,
                        uncertainty_scores, with_source_gamma)
 
@@ -85,7 +85,9 @@ def _fixed(image: np.ndarray, top: float) -> np.ndarray:
 
 def _figure_row(case: EvalCase, task: Task, results: dict) -> tuple:
     """Inputs, real, each method's synthetic and |error|, and uncertainty, on the slice with most lesion
-    (most brain without one). Images share the [0, 1] scale, errors [0, 0.5]; std maps are windowed."""
+    (most brain without one). Images share the [0, 1] scale, errors [0, 0.5]; std maps are windowed.
+    The real image carries the lesion's outline (drawn just outside it), so a reader finds on every
+    synthetic where the lesion should be."""
     # only the scored slices (a method may leave the others empty), normalised as they are scored
     s = case.scored
     brain, lesion = case.brain[..., s], None if case.lesion is None else case.lesion[..., s]
@@ -94,7 +96,10 @@ def _figure_row(case: EvalCase, task: Task, results: dict) -> tuple:
     norm = lambda v: robust_normalise(v[..., s], brain, lesion)  # noqa: E731
     panels = [(m, _fixed(display(norm(case.images[m]), 2, k), 1.0)) for m in task.sources]
     real = norm(case.images[task.target])
-    panels.append((f"real {task.target}", _fixed(display(real, 2, k), 1.0)))
+    real_panel = _fixed(display(real, 2, k), 1.0)
+    if lesion is not None and lesion[..., k].any():
+        real_panel = outlined(real_panel, display(lesion, 2, k))
+    panels.append((f"real {task.target}", real_panel))
     for name, (prediction, uncertainty) in results.items():
         synthetic = norm(prediction)
         panels.append((name, _fixed(display(synthetic, 2, k), 1.0)))
