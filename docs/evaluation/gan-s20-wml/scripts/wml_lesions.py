@@ -1,3 +1,9 @@
+"""The held-out WML subject's four largest lesions, zoomed: T1, T2, the real FLAIR and each synthetic FLAIR
+(volumes written by `mmdiff synthesize --t1 ... --t2 ... --targets flair --dataset wml`), and the lesion
+mask; prints each lesion's mean over the slice's normal brain (each volume over 3 x its healthy median).
+
+    python wml_lesions.py 301D00262-20040114 A/flair_synthetic.nii.gz,B/flair_synthetic.nii.gz out.png
+"""
 import sys, nibabel as nib, numpy as np, matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
 C = sys.argv[1]; outs = sys.argv[2].split(","); png = sys.argv[3]
 D = f"/work/shared/data/wml-cbica/{C}/{C}"
