@@ -146,7 +146,7 @@ def test_evaluate_writes_scores_summary_and_figures(tiny_cache, tmp_path):
                     f"{np.mean([float(r['ssim_brain']) for r in glioma]):.3f} ({len(glioma)})")
     assert overview[-1].rstrip(" |").endswith(f"({len(copy_rows)})")
     assert sorted(p.name for p in (tmp_path / "eval" / "figures").iterdir()) == ["flair_to_adc.png", "t1_to_t1c.png"]
-    # the lesion is outlined in red on the real image (the phantom cases have lesions), nowhere else grey breaks
+    # the lesion is outlined in red on the real image (the phantom cases have lesions); without it the figure is grey
     figure = np.asarray(Image.open(tmp_path / "eval" / "figures" / "t1_to_t1c.png").convert("RGB")).astype(int)
     assert ((figure[..., 0] > 200) & (figure[..., 1] < 120)).sum() > 10
     with pytest.raises(FileExistsError):

@@ -40,7 +40,6 @@ from .manifest import MASK_KINDS, Case
 from .preprocessing import MRIPreprocessor
 
 
-
 def lesion_labels(seg: np.ndarray) -> np.ndarray:
     """The cache's labels (uint8: 0 background, 1 lesion or necrotic core, 2 oedema, 3 enhancing
     tumour) from a source's mask as stored.
