@@ -160,22 +160,38 @@ def _named_pipeline(source: str):
     return Path(str(source)), pipe
 
 
+def method_names(sources: list[str]) -> list[str]:
+    """The name each pipeline's rows get in an evaluation: its folder's name, or, where folders share
+    one (``pipelines/mmdiff-gan`` beside ``runs/new/mmdiff-gan``), the last two parts of each of those
+    paths; the same pipeline given twice is an error. Rows of two pipelines never share a name."""
+    from .pipelines import resolve_source
+
+    paths = [Path(str(resolve_source(source))) for source in sources]
+    names = [path.name for path in paths]
+    names = [name if names.count(name) == 1 else "/".join(path.parts[-2:]) for name, path in zip(names, paths)]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"--pipeline names the same pipeline more than once ({', '.join(repeated)}): give each once")
+    return names
+
+
 def cmd_evaluate(args) -> int:
     from .evaluation.protocol import BASELINES, PipelineMethod, Task, check_gamma
     from .evaluation.report import evaluate
 
     check_gamma(args.source_gamma)  # before any pipeline loads
+    names = method_names(args.pipeline or [])  # likewise
     cache = _evaluation_data(args.data)
     methods = []
-    for source in args.pipeline or []:
-        path, pipe = _named_pipeline(source)
+    for source, label in zip(args.pipeline or [], names):
+        _, pipe = _named_pipeline(source)
         if pipe.engine == "ldm":  # diffusion: one method per scheduler and step count
             settings = [(scheduler, steps) for scheduler in args.scheduler or [None] for steps in args.steps or [None]]
-            variants = [(path.name if len(settings) == 1 else f"{path.name} ({scheduler or 'default'}, "
+            variants = [(label if len(settings) == 1 else f"{label} ({scheduler or 'default'}, "
                          f"{steps or 'default'} steps)", {"scheduler": scheduler, "steps": steps})
                         for scheduler, steps in settings]
         else:  # the GAN as is, and with --flip-average looking twice too
-            variants = [(path.name, {})] + ([(f"{path.name} (flip-averaged)", {"flip_average": True})]
+            variants = [(label, {})] + ([(f"{label} (flip-averaged)", {"flip_average": True})]
                                             if args.flip_average else [])
         if args.unseen_site:  # each also as a scan from a site the model does not know gets it
             variants += [(f"{name} (unseen site)", setting | {"unseen_site": True}) for name, setting in variants]

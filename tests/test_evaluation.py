@@ -166,6 +166,29 @@ def test_outlined_marks_the_pixels_just_outside_the_mask_and_leaves_the_mask_as_
     assert (out[3, 3] == 200).all() and (out[~red & ~mask] == 90).all() and (rgb == 90).sum() == 48 * 3
 
 
+def test_pipelines_whose_folders_share_a_name_are_told_apart_and_one_given_twice_is_refused(tiny_cache, tmp_path,
+                                                                                           capsys):
+    """`pipelines/mmdiff-gan` beside `runs/new/mmdiff-gan`: each keeps its own rows (named by the last two
+    parts of its path), never one merged method; the same folder twice, or two methods of one name
+    through the API, is an error before anything is scored."""
+    gan = tiny_gan()
+    for parent in ("old", "new"):
+        gan.save_pretrained(tmp_path / parent / "mmdiff-gan")
+    common = ["--data", str(tiny_cache), "--datasets", "glioma", "--tasks", "t1->t1c", "--baselines", "--quiet"]
+    assert main(["evaluate", "--pipeline", str(tmp_path / "old" / "mmdiff-gan"), str(tmp_path / "new" / "mmdiff-gan"),
+                 "--out", str(tmp_path / "e"), *common]) == 0
+    with open(tmp_path / "e" / "scores.csv") as f:
+        written = list(csv.DictReader(f))
+    assert {r["method"] for r in written} == {"old/mmdiff-gan", "new/mmdiff-gan"}
+    assert sum(r["method"] == "old/mmdiff-gan" for r in written) == sum(r["method"] == "new/mmdiff-gan" for r in written)
+    capsys.readouterr()
+    assert main(["evaluate", "--pipeline", str(tmp_path / "old" / "mmdiff-gan"), str(tmp_path / "old" / "mmdiff-gan"),
+                 "--out", str(tmp_path / "twice"), *common]) == 2
+    assert "more than once (old/mmdiff-gan)" in capsys.readouterr().err and not (tmp_path / "twice").exists()
+    with pytest.raises(ValueError, match="two methods are named"):
+        evaluate(tiny_cache, [CopyNearest(), CopyNearest()], tmp_path / "api", progress=False)
+
+
 def test_evaluate_command_with_baselines(tiny_cache, tmp_path, capsys):
     code = main(["evaluate", "--data", str(tiny_cache), "--datasets", "glioma", "--tasks", "t1+t2+flair->t1c",
                  "--out", str(tmp_path / "e"), "--quiet"])

@@ -33,7 +33,11 @@ def evaluate(cache: str | Path, methods: Sequence[Method], out: str | Path, prot
     """Score every method on every task of every held-out case; write ``scores.csv``, ``summary.md``
     and ``figures/<task>.png`` under ``out``; return the score rows. ``source_gamma``: every method gets
     the sources with their contrast changed (:func:`~mmdiff.evaluation.protocol.with_source_gamma`) and
-    is scored against the real target."""
+    is scored against the real target. Two methods of one name are refused: their rows would merge."""
+    names = [method.name for method in methods]
+    if len(set(names)) < len(names):
+        raise ValueError(f"two methods are named {sorted({n for n in names if names.count(n) > 1})}: each "
+                         "method's rows are told apart by its name, so give each its own")
     out = Path(out)
     cases = list(load_cases(cache, split, datasets, slice_stride))
     if not cases:
