@@ -10,5 +10,8 @@ OMP_NUM_THREADS=2 mmdiff train --config ldm-cpu --output-dir /work/runs/ldm-s20 
     model.predictor.path=$PRED > /work/runs/s20/train-ldm.log 2>&1
 mmdiff calibrate /work/runs/ldm-s20/final --data ~/.cache/mmdiff/cpu-v2 --out /work/eval/s20/mmdiff-ldm \
     --slices-per-case 12 --samples 1 > /work/runs/s20/calibrate.log 2>&1
-mmdiff evaluate --pipeline /work/eval/s20/mmdiff-ldm pipelines/mmdiff-ldm --data ~/.cache/mmdiff/cpu-v2 --slice-stride 4 \
-    --out /work/eval/s20/ldm --overwrite --quiet > /work/runs/s20/ldm-eval.log 2>&1
+# scored under the names the card uses (the published engine's folder copied as mmdiff-ldm-s18)
+mkdir -p /work/eval/s20/ldmnames && cp -r /work/eval/s20/mmdiff-ldm /work/eval/s20/ldmnames/mmdiff-ldm \
+    && cp -r pipelines/mmdiff-ldm /work/eval/s20/ldmnames/mmdiff-ldm-s18
+mmdiff evaluate --pipeline /work/eval/s20/ldmnames/mmdiff-ldm /work/eval/s20/ldmnames/mmdiff-ldm-s18 \
+    --data ~/.cache/mmdiff/cpu-v2 --slice-stride 4 --out /work/eval/s20/ldm-named --overwrite --quiet > /work/runs/s20/ldm-named.log 2>&1
