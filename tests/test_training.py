@@ -310,23 +310,22 @@ def test_calibration_conditions_all_but_one_or_random_subsets():
 
 
 def test_config_errors_before_training(tiny_cache, tmp_path, capsys):
-    assert _train("gan-tiny", tmp_path / "a", tiny_cache, "data.modalities=[t1,pd]") == 2
-    assert "modalities ['pd'] are not in this cache" in capsys.readouterr().err
-    assert _train("gan-tiny", tmp_path / "b", tiny_cache, "data.datasets=[isles]") == 2
-    assert "datasets ['isles'] are not in this cache" in capsys.readouterr().err
-    assert _train("gan-tiny", tmp_path / "c", tiny_cache, "train.lr=1") == 2
-    assert "unknown config key 'train.lr'" in capsys.readouterr().err
+    refused = [  # (config, override, what the one-line error says)
+        ("gan-tiny", "data.modalities=[t1,pd]", "modalities ['pd'] are not in this cache"),
+        ("gan-tiny", "data.datasets=[isles]", "datasets ['isles'] are not in this cache"),
+        ("gan-tiny", "train.lr=1", "unknown config key 'train.lr'"),
+        ("gan-tiny", "train.source_gamma=[1.4,0.7]", "needs 0 < low <= high"),
+        ("ldm-tiny", "train.source_gamma=[0.7,1.4]", "train.source_gamma is for the gan stage"),
+        ("gan-tiny", "train.dataset_dropout_from=[glioma,isles]",
+         "train.dataset_dropout_from names ['isles'], not datasets of this run"),
+        ("gan-tiny", "train.dataset_dropout_from=glioma", "must be null or a list of dataset names"),
+    ]
+    for i, (config, override, message) in enumerate(refused):
+        assert _train(config, tmp_path / str(i), tiny_cache, override) == 2, override
+        assert message in capsys.readouterr().err
     assert train_main(["--config", "no-such-config"]) == 2
     assert "no config 'no-such-config'" in capsys.readouterr().err
-    assert not (tmp_path / "a" / "checkpoint-10").exists()
-    assert _train("gan-tiny", tmp_path / "d", tiny_cache, "train.source_gamma=[1.4,0.7]") == 2
-    assert "needs 0 < low <= high" in capsys.readouterr().err
-    assert _train("ldm-tiny", tmp_path / "e", tiny_cache, "train.source_gamma=[0.7,1.4]") == 2
-    assert "train.source_gamma is for the gan stage" in capsys.readouterr().err
-    assert _train("gan-tiny", tmp_path / "f", tiny_cache, "train.dataset_dropout_from=[glioma,isles]") == 2
-    assert "train.dataset_dropout_from names ['isles'], not datasets of this run" in capsys.readouterr().err
-    assert _train("gan-tiny", tmp_path / "g", tiny_cache, "train.dataset_dropout_from=glioma") == 2
-    assert "must be null or a list of dataset names" in capsys.readouterr().err
+    assert not any(tmp_path.glob("*/checkpoint-*"))
 
 
 def test_gradient_accumulation_and_bf16_autocast(tiny_cache, tmp_path):

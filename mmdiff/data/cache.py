@@ -75,7 +75,7 @@ def check_format(cache: str | os.PathLike, info: dict) -> None:
     if found > CACHE_FORMAT:
         raise CacheError(f"{cache} was prepared by a newer mmdiff (cache format {found}; this one reads "
                          f"{CACHE_FORMAT}): upgrade mmdiff")
-    changes = "; ".join(FORMAT_CHANGES[f] for f in range(found + 1, CACHE_FORMAT + 1))
+    changes = "; ".join(FORMAT_CHANGES.get(f, f"format {f}") for f in range(found + 1, CACHE_FORMAT + 1))
     raise CacheError(f"{cache} is a cache of format {found}, this mmdiff's is {CACHE_FORMAT} ({changes}): "
                      f"prepare the sources again into a new folder (or remove this one; a training "
                      f"config's data.build then remakes it)")
