@@ -81,8 +81,15 @@ def cmd_prepare(args) -> int:
     for text in args.sources:
         name, path = _source(text)
         cases += scan(path, dataset=name)
+    mask_labels = dict(text.partition("=")[::2] for text in args.mask_labels)
+    datasets = list(dict.fromkeys(case.dataset for case in cases))
+    unknown = sorted(name for name in mask_labels if name not in datasets)
+    if unknown:
+        raise ValueError(f"--mask-labels takes NAME=CONVENTION for a dataset being prepared: no dataset named "
+                         f"{', '.join(repr(n) for n in unknown)} (datasets: {', '.join(datasets)})")
     print(describe(cases))
-    summary = prepare(cases, args.out, config, num_workers=args.workers, progress=not args.quiet)
+    summary = prepare(cases, args.out, config, num_workers=args.workers, progress=not args.quiet,
+                      mask_labels=mask_labels)
     print(format_summary(summary))
     print(f"cache: {args.out}")
     return 0
@@ -342,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--test-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0, help="split seed")
+    p.add_argument("--mask-labels", action="append", default=[], metavar="NAME=CONVENTION",
+                   help="how a dataset's lesion masks are numbered: brats (default: 1 core or lesion, 2 oedema, "
+                        "3 or 4 enhancing; a mask stored as 255 is binary) or binary (every non-zero voxel is "
+                        "lesion: masks that number each lesion 1, 2, 3...); repeatable")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="worker processes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)

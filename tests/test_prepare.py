@@ -9,6 +9,7 @@ from mmdiff.cli import main
 from mmdiff.data.dataset import CacheError, SliceDataset
 from mmdiff.data.layouts import scan
 from mmdiff.data.prepare import PrepareConfig, assign_splits, crop_or_pad, prepare
+from mmdiff.io import VolumeError
 
 TINY = PrepareConfig(size=32, spacing=2.0)
 
@@ -173,7 +174,83 @@ def test_lesion_labels_map_every_cohorts_masks_to_the_caches_labels():
     lesion 1; 1 and 2 stay; an interpolated mask rounds first; nothing outside 0-3 is stored."""
     from mmdiff.data.prepare import lesion_labels
 
-    raw = np.array([0, 1, 2, 4, 255, 254, 0.4, 0.6, 3.6, -0.3])
-    assert lesion_labels(raw).tolist() == [0, 1, 2, 3, 1, 1, 0, 1, 3, 0]
+    raw = np.array([0, 1, 2, 4, 0.4, 0.6, 3.6, -0.3])
+    assert lesion_labels(raw).tolist() == [0, 1, 2, 3, 0, 1, 3, 0]
     assert lesion_labels(raw).dtype == np.uint8
+    assert lesion_labels(np.array([0, 255, 254.4])).tolist() == [0, 1, 1]
     assert lesion_labels(np.array([0, 255], dtype=np.uint8)).tolist() == [0, 1]  # no uint8 wrap-around
+    # a mask that numbers its lesions: refused as BraTS (lesions 2-4 would be oedema / enhancing), read as binary
+    numbered = np.arange(7.0)
+    with pytest.raises(VolumeError, match="6 labels .*numbers its lesions.*--mask-labels NAME=binary"):
+        lesion_labels(numbered)
+    assert lesion_labels(numbered, "binary").tolist() == [0, 1, 1, 1, 1, 1, 1]
+    assert lesion_labels(np.array([0, 2, 4, 255.0]), "binary").tolist() == [0, 1, 1, 1]
+    with pytest.raises(ValueError, match="choose one of brats, binary"):
+        lesion_labels(raw, "instance")
+
+
+def _numbered_lesions(root, lesions: int):
+    """A BraTS-layout case whose mask numbers ``lesions`` separate cubes 1, 2, ... inside the brain."""
+    import nibabel as nib
+
+    write_layout(root, "brats2018", n_cases=1)
+    (seg_path,) = root.glob("*/*_seg.nii.gz")
+    img = nib.load(seg_path)
+    seg = np.zeros(img.shape, dtype=np.uint8)
+    for k in range(lesions):
+        x = 8 + 4 * k
+        seg[x:x + 3, 20:23, 13:16] = k + 1
+    nib.save(nib.Nifti1Image(seg, img.affine), seg_path)
+    return scan(root, dataset="numbered")
+
+
+def test_a_cohort_whose_masks_number_their_lesions_is_refused_as_brats_and_read_as_binary(tmp_path):
+    """Six numbered lesions: skipped under the default (with the fix named), prepared as lesion 1 with
+    ``mask_labels={dataset: "binary"}``, which the cache records: extending it under the other
+    convention is refused; the same three-lesion mask read both ways gives two fingerprints."""
+    from mmdiff.data.cache import fingerprint, read_info
+
+    cases = _numbered_lesions(tmp_path / "six", lesions=6)
+    summary = prepare(cases, tmp_path / "as-brats", TINY, progress=False)
+    assert summary["prepared"] == 0 and "numbers its lesions" in summary["skipped"][0]["reason"]
+    summary = prepare(cases, tmp_path / "as-binary", TINY, progress=False, mask_labels={"numbered": "binary"})
+    assert summary["prepared"] == 1
+    (case_dir,) = (tmp_path / "as-binary" / "cases" / "numbered").iterdir()
+    assert set(np.unique(np.load(case_dir / "seg.npy")).tolist()) == {0, 1}
+    assert read_info(tmp_path / "as-binary")["mask_labels"] == {"numbered": "binary"}
+    with pytest.raises(ValueError, match="'numbered' was prepared with mask labels 'binary'.*reads its masks as 'brats'"):
+        prepare(cases, tmp_path / "as-binary", TINY, progress=False)
+    with pytest.raises(ValueError, match="mask labels 'numbers'.*choose one of brats, binary"):
+        prepare(cases, tmp_path / "typo", TINY, progress=False, mask_labels={"numbered": "numbers"})
+
+    three = _numbered_lesions(tmp_path / "three", lesions=3)
+    prepare(three, tmp_path / "three-brats", TINY, progress=False)
+    prepare(three, tmp_path / "three-binary", TINY, progress=False, mask_labels={"numbered": "binary"})
+    assert "mask_labels" not in read_info(tmp_path / "three-brats")  # the default is not recorded
+    assert fingerprint(tmp_path / "three-brats") != fingerprint(tmp_path / "three-binary")
+
+
+def test_prepare_command_takes_mask_labels_per_dataset(tmp_path, capsys):
+    _numbered_lesions(tmp_path / "six", lesions=6)
+    out = tmp_path / "cache"
+    assert main(["prepare", f"numbered={tmp_path / 'six'}", "--out", str(out), "--size", "32", "--spacing", "2",
+                 "--mask-labels", "other=binary", "--quiet"]) == 2
+    assert "no dataset named 'other' (datasets: numbered)" in capsys.readouterr().err
+    assert not out.exists()  # refused before anything was written
+    assert main(["prepare", f"numbered={tmp_path / 'six'}", "--out", str(out), "--size", "32", "--spacing", "2",
+                 "--mask-labels", "numbered=binary", "--quiet", "--workers", "1"]) == 0
+    assert json.loads((out / "cache.json").read_text())["mask_labels"] == {"numbered": "binary"}
+    assert json.loads((out / "summary.json").read_text())["prepared"] == 1
+
+
+def test_a_data_config_source_says_how_its_masks_are_numbered(tmp_path):
+    """``data.build.sources[i].mask_labels`` reaches prepare: the numbered cohort is prepared as binary."""
+    from mmdiff.data.cache import read_info
+    from mmdiff.training.data import build_cache
+
+    _numbered_lesions(tmp_path / "six", lesions=6)
+    source = {"name": "numbered", "path": str(tmp_path / "six"), "mask_labels": "binary"}
+    build_cache(tmp_path / "cache", {"sources": [source], "size": 32, "spacing": 2.0, "workers": 1})
+    assert read_info(tmp_path / "cache")["mask_labels"] == {"numbered": "binary"}
+    (case_dir,) = (tmp_path / "cache" / "cases" / "numbered").iterdir()
+    assert set(np.unique(np.load(case_dir / "seg.npy")).tolist()) == {0, 1}

@@ -117,14 +117,16 @@ def dataset_id(dataset_names: Sequence[str], dataset: str) -> int:
 
 
 def fingerprint(cache: str | os.PathLike) -> str:
-    """A short hash of what the cache holds: its format, preparation config and every case (dataset,
-    name, modalities, slices, split). The same data prepared the same way gives the same fingerprint,
+    """A short hash of what the cache holds: its format, preparation config, how its masks were read
+    (datasets not read as "brats") and every case (dataset, name, modalities, slices, split). The same data prepared the same way gives the same fingerprint,
     wherever the cache lies; it does not read the arrays."""
     info, index = read_info(cache), read_index(cache)
     cases = sorted((c["dataset"], c["case_id"], list(c["modalities"]), int(c["slices"]), c["split"])
                    for c in index["cases"])
     record = {"format": int(info.get("format", 1)), "config": info["config"], "datasets": index["datasets"],
               "cases": cases}  # the format: the same sources prepared by another format are other data
+    if info.get("mask_labels"):  # masks read as other labels are other data (absent: every dataset "brats")
+        record["mask_labels"] = info["mask_labels"]
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 

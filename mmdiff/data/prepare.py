@@ -40,17 +40,48 @@ from .manifest import MASK_KINDS, Case
 from .preprocessing import MRIPreprocessor
 
 
-def lesion_labels(seg: np.ndarray) -> np.ndarray:
+#: how a source's lesion masks are numbered (``mmdiff prepare --mask-labels NAME=CONVENTION``, a data
+#: config source's ``mask_labels``): "brats" (the default) reads BraTS tumour sub-regions and binary
+#: masks; "binary" reads every non-zero voxel as lesion, for masks that number each lesion (1, 2, 3...),
+#: whose lesions 2, 3 and 4 "brats" would read as oedema and enhancing tumour
+MASK_LABELS = ("brats", "binary")
+
+
+def check_mask_labels(conventions: dict[str, str] | None) -> dict[str, str]:
+    """``{dataset: convention}`` checked against :data:`MASK_LABELS`; a dataset not named is "brats"."""
+    conventions = dict(conventions or {})
+    for name, convention in conventions.items():
+        if convention not in MASK_LABELS:
+            raise ValueError(f"mask labels {convention!r} for dataset {name!r}: choose one of {', '.join(MASK_LABELS)}")
+    return conventions
+
+
+def lesion_labels(seg: np.ndarray, convention: str = "brats") -> np.ndarray:
     """The cache's labels (uint8: 0 background, 1 lesion or necrotic core, 2 oedema, 3 enhancing
     tumour) from a source's mask as stored.
 
-    BraTS 2018-2021 mark enhancing tumour 4: it becomes 3, the BraTS 2023 convention. A value above 4
-    is no BraTS label: it is a binary mask stored at an image's full scale, as the WML cohort's 8-bit
-    masks are (255; 254 in one subject), and it becomes 1, the label every other cohort gives its
-    lesions, so that what is keyed on labels (``model.lesion_weight={1: ...}``, the lesion-contrast
-    table) treats those lesions as lesions. Fractional values (an interpolated mask) round first.
+    ``convention="brats"``: BraTS 2018-2021 mark enhancing tumour 4: it becomes 3, the BraTS 2023
+    convention. A value above 4 is no BraTS label: it is a binary mask stored at an image's full scale,
+    as the WML cohort's 8-bit masks are (255; 254 in one subject), and it becomes 1, the label every
+    other cohort gives its lesions, so that what is keyed on labels (``model.lesion_weight={1: ...}``,
+    the lesion-contrast table) treats those lesions as lesions. A mask with more than four distinct
+    labels is refused (a :class:`~mmdiff.io.VolumeError` naming the fix): it numbers its lesions, and
+    read as BraTS its lesions 2, 3 and 4 would become oedema and enhancing tumour.
+    ``convention="binary"``: every non-zero voxel is lesion (1).
+    Fractional values (an interpolated mask) round first.
     """
-    labels = np.rint(np.asarray(seg, dtype=np.float32)).astype(np.int16)
+    if convention not in MASK_LABELS:
+        raise ValueError(f"mask labels {convention!r}: choose one of {', '.join(MASK_LABELS)}")
+    labels = np.rint(np.asarray(seg, dtype=np.float32)).astype(np.int32)
+    if convention == "binary":
+        return (labels > 0).astype(np.uint8)
+    values = np.unique(labels[labels > 0])
+    if len(values) > 4:
+        shown = ", ".join(str(v) for v in values[:6]) + (", ..." if len(values) > 6 else "")
+        raise VolumeError(f"its lesion mask holds {len(values)} labels ({shown}): a mask that numbers its lesions? "
+                          "BraTS-style masks hold 1, 2 and 3 or 4; prepare this dataset with mask labels "
+                          "'binary' (mmdiff prepare --mask-labels NAME=binary, or mask_labels: binary in the "
+                          "data config's source)")
     labels[labels == 4] = 3
     labels[labels > 4] = 1
     return np.clip(labels, 0, 3).astype(np.uint8)
@@ -226,8 +257,9 @@ def crop_or_pad(volume: np.ndarray, centre: Sequence[int], size: int) -> np.ndar
     return out
 
 
-def prepare_case(case: Case, config: PrepareConfig, case_dir: Path) -> CaseResult:
-    """Prepare one case into ``case_dir`` (written to a temporary folder, then renamed)."""
+def prepare_case(case: Case, config: PrepareConfig, case_dir: Path, mask_labels: str = "brats") -> CaseResult:
+    """Prepare one case into ``case_dir`` (written to a temporary folder, then renamed); ``mask_labels``:
+    how its lesion mask is numbered (:data:`MASK_LABELS`)."""
     arrays, affine, notes = load_case_on_grid(case, config)
     present = [m for m in config.modalities if m in arrays]
     if "brainmask" in arrays:
@@ -253,7 +285,7 @@ def prepare_case(case: Case, config: PrepareConfig, case_dir: Path) -> CaseResul
     images = np.stack(stack, axis=0).transpose(3, 0, 1, 2)  # [S, A, H, W]
     brain_c = crop_or_pad(brain[..., keep], centre, config.size).transpose(2, 0, 1)
     if "seg" in arrays:
-        seg = crop_or_pad(lesion_labels(arrays["seg"])[..., keep], centre, config.size).transpose(2, 0, 1)
+        seg = crop_or_pad(lesion_labels(arrays["seg"], mask_labels)[..., keep], centre, config.size).transpose(2, 0, 1)
     else:
         seg = np.zeros_like(brain_c, dtype=np.uint8)
     meta = {
@@ -277,9 +309,9 @@ def prepare_case(case: Case, config: PrepareConfig, case_dir: Path) -> CaseResul
     return CaseResult(case.dataset, case.case_id, "prepared", slices=int(keep.size), warnings=notes)
 
 
-def _prepare_worker(case: Case, config: PrepareConfig, case_dir: Path) -> CaseResult:
+def _prepare_worker(case: Case, config: PrepareConfig, case_dir: Path, mask_labels: str = "brats") -> CaseResult:
     try:
-        return prepare_case(case, config, case_dir)
+        return prepare_case(case, config, case_dir, mask_labels)
     except (VolumeError, OSError, ValueError, MemoryError) as exc:
         return CaseResult(case.dataset, case.case_id, "skipped", reason=f"{type(exc).__name__}: {exc}")
     except Exception as exc:  # an unexpected failure is reported with its origin, never fatal for the rest
@@ -288,9 +320,10 @@ def _prepare_worker(case: Case, config: PrepareConfig, case_dir: Path) -> CaseRe
                           reason=f"{type(exc).__name__}: {exc} ({Path(where.filename).name}:{where.lineno})")
 
 
-def _open_cache(cache: Path, config: PrepareConfig, datasets: list[str]) -> dict:
+def _open_cache(cache: Path, config: PrepareConfig, datasets: list[str], mask_labels: dict[str, str]) -> dict:
     """Create ``cache.json`` or check that an existing cache is of this format and was made with the
-    same geometry."""
+    same geometry, and that no dataset in it had its masks read under another convention. Only
+    conventions other than "brats" are recorded (``"mask_labels": {dataset: convention}``)."""
     path = cache / CACHE_JSON
     if path.exists():
         info = read_info(cache)
@@ -302,9 +335,17 @@ def _open_cache(cache: Path, config: PrepareConfig, datasets: list[str]) -> dict
     else:
         info = {"format": CACHE_FORMAT, "mmdiff_version": __version__,
                 "config": {**config.to_dict(), "geometry": config.geometry()}, "datasets": []}
+    recorded = info.get("mask_labels", {})
+    for name in datasets:
+        if name in info["datasets"] and recorded.get(name, "brats") != mask_labels.get(name, "brats"):
+            raise ValueError(f"{cache}: dataset {name!r} was prepared with mask labels {recorded.get(name, 'brats')!r}; "
+                             f"this run reads its masks as {mask_labels.get(name, 'brats')!r}. Prepare it with the "
+                             "same mask labels, or use another --out folder")
     for name in datasets:
         if name not in info["datasets"]:
             info["datasets"].append(name)  # append only: dataset ids never change
+            if mask_labels.get(name, "brats") != "brats":
+                info.setdefault("mask_labels", {})[name] = mask_labels[name]
     write_json(path, info)
     return info
 
@@ -340,12 +381,16 @@ def prepare(
     config: PrepareConfig | None = None,
     num_workers: int = 1,
     progress: bool = True,
+    mask_labels: dict[str, str] | None = None,
 ) -> dict:
     """Prepare ``cases`` into the slice cache at ``cache``; finished cases are skipped on a re-run.
 
+    ``mask_labels``: ``{dataset: convention}`` for datasets whose lesion masks are not BraTS-style
+    (:data:`MASK_LABELS`); recorded in ``cache.json``, so a dataset is never extended under another.
     Returns the run summary (also written to ``summary.json``).
     """
     config = config or PrepareConfig()
+    mask_labels = check_mask_labels(mask_labels)
     cache = Path(cache)
     seen = set()
     for case in cases:
@@ -360,7 +405,7 @@ def prepare(
     for stale in cache.glob("cases/*/.*"):  # case folders a killed run left half-written (atomic_dir's names)
         if stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
-    _open_cache(cache, config, list(dict.fromkeys(c.dataset for c in cases)))
+    _open_cache(cache, config, list(dict.fromkeys(c.dataset for c in cases)), mask_labels)
     results: list[CaseResult] = []
     todo = []
     for case in cases:
@@ -373,14 +418,15 @@ def prepare(
     bar = tqdm(total=len(todo), desc="prepare", unit="case", disable=not progress)
     if num_workers > 1 and len(todo) > 1:
         with ProcessPoolExecutor(max_workers=num_workers) as pool:
-            futures = [pool.submit(_prepare_worker, c, config, case_dir_for(cache, c.dataset, c.case_id))
-                       for c in todo]
+            futures = [pool.submit(_prepare_worker, c, config, case_dir_for(cache, c.dataset, c.case_id),
+                                   mask_labels.get(c.dataset, "brats")) for c in todo]
             for fut in as_completed(futures):
                 results.append(fut.result())
                 bar.update()
     else:
         for case in todo:
-            results.append(_prepare_worker(case, config, case_dir_for(cache, case.dataset, case.case_id)))
+            results.append(_prepare_worker(case, config, case_dir_for(cache, case.dataset, case.case_id),
+                                           mask_labels.get(case.dataset, "brats")))
             bar.update()
     bar.close()
     return _finish(cache, config, results)

@@ -51,11 +51,13 @@ def build_cache(cache: Path, build: dict) -> None:
     """Phantom cohorts (inside ``cache/sources``) plus any listed sources, prepared into ``cache``.
 
     ``build`` may name the cache's ``modalities`` (default: the data config's) and its intensity rule
-    (``normalisation``, ``median_scale``, ``clip_percentile``; default: :class:`PrepareConfig`'s).
+    (``normalisation``, ``median_scale``, ``clip_percentile``; default: :class:`PrepareConfig`'s). A
+    source may say how its lesion masks are numbered (``mask_labels: binary``; default "brats",
+    :data:`mmdiff.data.prepare.MASK_LABELS`).
     """
     from ..data.phantom import write_cohorts
 
-    cases = []
+    cases, mask_labels = [], {}
     phantom = build.get("phantom")
     if phantom:
         root = cache / "sources" / "phantoms"
@@ -71,13 +73,16 @@ def build_cache(cache: Path, build: dict) -> None:
                 logger.warning("optional source %s not found at %s: left out", source.get("name"), path)
                 continue
             raise ConfigError(f"data source {source.get('name')!r} not found at {path}")
-        cases += scan(path, dataset=source.get("name"))
+        found = scan(path, dataset=source.get("name"))
+        if source.get("mask_labels"):  # how its lesion masks are numbered (mmdiff.data.prepare.MASK_LABELS)
+            mask_labels |= {case.dataset: str(source["mask_labels"]) for case in found}
+        cases += found
     if not cases:
         raise ConfigError("data.build names no phantom cohorts and no sources")
     intensity = {k: build[k] for k in ("normalisation", "median_scale", "clip_percentile") if k in build}
     config = PrepareConfig(size=int(build.get("size", 192)), spacing=build.get("spacing", 1.0), **intensity,
                            **({"modalities": tuple(build["modalities"])} if build.get("modalities") else {}))
-    prepare(cases, cache, config, num_workers=int(build.get("workers", 2)))
+    prepare(cases, cache, config, num_workers=int(build.get("workers", 2)), mask_labels=mask_labels)
 
 
 def training_dataset(data_cfg: dict, cache: Path, seed: int, context_slices: int = 0) -> SliceDataset:
