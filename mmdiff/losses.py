@@ -90,6 +90,30 @@ def lesion_pixel_weight(seg: torch.Tensor, lesion_weight: float | Mapping[int, f
     return weight
 
 
+def dataset_lesion_pixel_weight(seg: torch.Tensor, dataset_ids: torch.Tensor,
+                                lesion_weight: float | Mapping[int, float],
+                                by_dataset: Mapping[int, float | Mapping[int, float]]) -> torch.Tensor | None:
+    """:func:`lesion_pixel_weight` with each image's own dataset's weights: ``by_dataset[id]`` where the
+    image's dataset (``dataset_ids`` ``[B]``) is named there, ``lesion_weight`` otherwise; None where
+    no image gets any extra weight.
+
+    Why per dataset: a label means what its cohort's masks mean. Label 1 is the necrotic core of a
+    glioma in BraTS and the whole lesion in the MS and white-matter-lesion cohorts, so one weight for
+    label 1 cannot darken a glioma's core in T1C without over-drawing the white-matter lesions in
+    FLAIR (BENCHMARKS.md, sessions 20-21).
+    """
+    weight, dataset_ids = None, dataset_ids.to(seg.device)
+    for dataset in dataset_ids.unique().tolist():
+        extra = by_dataset.get(int(dataset), lesion_weight)
+        if not extra:
+            continue
+        rows = dataset_ids == dataset
+        if weight is None:
+            weight = torch.ones(seg.shape, dtype=torch.float32, device=seg.device)
+        weight[rows] = lesion_pixel_weight(seg[rows], extra)
+    return weight
+
+
 def latent_diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Selective MSE for latents ``[B, M, C, h, w]`` (target: noise, ``v`` or ``x0``, as the scheduler says)."""
     return _selective_mean(lambda p, t: (p - t).square(), pred, target, weight)

@@ -327,6 +327,45 @@ def test_target_weight_scales_one_sequence_share_of_the_synthesis_loss(tiny_cach
     assert ((weights[:, 2] == 3) | (weights[:, 2] == 0)).all() and (weights[:, [0, 1, 3, 4, 5]] <= 1).all()
 
 
+def test_dataset_lesion_weight_weights_each_image_by_its_own_datasets_labels(monkeypatch):
+    """``model.dataset_lesion_weight: {brats: {1: 24, 3: 32}}``: a BraTS image's label 1 (a glioma's core)
+    counts 25x while an MS image's label 1 (its lesion) keeps ``model.lesion_weight``'s 9x, whatever id
+    the dataset dropout gives the generator; unknown datasets are refused."""
+    import mmdiff.training.stages as stages
+    from mmdiff.losses import dataset_lesion_pixel_weight
+    from mmdiff.training import load_config
+    from mmdiff.training.stages import dataset_lesion_weight_config
+
+    names = ["brats", "ms"]
+    by_dataset = dataset_lesion_weight_config({"brats": {1: 24, 3: 32}}, names)
+    assert by_dataset == {0: {1: 24.0, 3: 32.0}}
+    with pytest.raises(ConfigError, match="names wml, not among the datasets trained on .brats, ms."):
+        dataset_lesion_weight_config({"wml": 8}, names)
+    with pytest.raises(ConfigError, match="maps datasets to lesion weights"):
+        dataset_lesion_weight_config(8, names)
+    seg = torch.tensor([[[0, 1, 3]], [[0, 1, 3]], [[0, 1, 3]]], dtype=torch.uint8)  # [B=3, 1, 3]
+    ids = torch.tensor([0, 1, 0])
+    weight = dataset_lesion_pixel_weight(seg, ids, {1: 8, 3: 32}, by_dataset)
+    assert weight[:, 0].tolist() == [[1, 25, 33], [1, 9, 33], [1, 25, 33]]
+    assert dataset_lesion_pixel_weight(seg, ids, 0.0, {}) is None  # no extra weight anywhere: plain L1
+    only_brats = dataset_lesion_pixel_weight(seg, ids, 0.0, by_dataset)
+    assert only_brats[:, 0].tolist() == [[1, 25, 33], [1, 1, 1], [1, 25, 33]]
+
+    config = load_config("gan-tiny", ["model.lesion_weight={1: 8, 3: 32}", "model.dataset_lesion_weight={brats: {1: 24, 3: 32}}",
+                                      "train.dataset_dropout=1.0"])
+    seen = []
+    original = stages.generator_loss
+    monkeypatch.setattr(stages, "generator_loss",
+                        lambda *a, pixel_weight=None, **k: seen.append(pixel_weight.clone()) or original(*a, pixel_weight=pixel_weight, **k))
+    stage = stages.GANStage(config, names, ["t1", "t2", "t1c", "flair", "dwi", "adc"], "cpu")
+    seg = torch.zeros(2, 16, 16, dtype=torch.uint8)
+    seg[:, 4:8, 4:8] = 1
+    batch = {"images": torch.rand(2, 6, 16, 16), "available": torch.ones(2, 6, dtype=torch.bool),
+             "dataset_id": torch.tensor([0, 1]), "seg": seg, "brain_mask": torch.ones(2, 16, 16, dtype=torch.bool)}
+    stage.training_step(batch, StepAccelerator(), 0)
+    assert seen[0][:, 5, 5].tolist() == [25, 9] and seen[0][:, 0, 0].tolist() == [1, 1]
+
+
 def test_slice_dataset_context_holds_the_neighbouring_slices(tiny_cache):
     flat = SliceDataset(tiny_cache, split="train")
     deep = SliceDataset(tiny_cache, split="train", context_slices=1)

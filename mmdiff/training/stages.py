@@ -16,7 +16,8 @@ from monai.networks.nets import PatchDiscriminator
 from ..data.conditions import SynthesisConditionSampler, loss_weights
 from ..data.contrast import check_source_gamma, draw_gammas, raise_to
 from ..modalities import UnknownModalityError, canonical
-from ..losses import discriminator_loss, generator_loss, lesion_pixel_weight, lsgan_loss, vae_adversarial_loss, vae_loss
+from ..losses import (dataset_lesion_pixel_weight, discriminator_loss, generator_loss, lesion_pixel_weight, lsgan_loss,
+                      vae_adversarial_loss, vae_loss)
 from ..models import (ErrorScaleNet, HaarWavelet, ModalityDiscriminators, MultiModalGenerator, ResidualUNet,
                       build_vae, diffusion_loss, drop_dataset_id, encode_modalities, laplace_nll, latent_channels,
                       measure_scaling_factor)
@@ -365,6 +366,21 @@ def lesion_weight_config(value) -> float | dict[int, float]:
     return float(value or 0.0)
 
 
+def dataset_lesion_weight_config(value, dataset_names: Sequence[str]) -> dict[int, float | dict[int, float]]:
+    """``model.dataset_lesion_weight``: ``{dataset: lesion weight}`` (each as ``model.lesion_weight``)
+    for the named datasets' images, in place of ``model.lesion_weight``; as ``{dataset id: weight}``."""
+    if not value:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"model.dataset_lesion_weight maps datasets to lesion weights, e.g. "
+                          f"{{brats: {{1: 24, 3: 32}}}}; got {value!r}")
+    unknown = sorted(str(name) for name in value if name not in dataset_names)
+    if unknown:
+        raise ConfigError(f"model.dataset_lesion_weight names {', '.join(unknown)}, not among the datasets trained on "
+                          f"({', '.join(dataset_names)})")
+    return {list(dataset_names).index(name): lesion_weight_config(weight) for name, weight in value.items()}
+
+
 def target_weight_config(value, modalities: Sequence[str]) -> torch.Tensor | None:
     """``model.target_weight``: ``{sequence: weight}`` of a target's synthesis loss (others 1), as a
     ``[M]`` tensor; None (or empty) for equal weights.
@@ -408,6 +424,8 @@ class GANStage(Stage):
         disc_cfg = model_cfg.pop("discriminator", {})
         self.lambdas = model_cfg.pop("lambdas", {"lambda_syn": 100.0, "lambda_rec": 30.0, "lambda_adv": 1.0})
         self.lesion_weight = lesion_weight_config(model_cfg.pop("lesion_weight", 0.0))
+        self.dataset_lesion_weight = dataset_lesion_weight_config(model_cfg.pop("dataset_lesion_weight", None),
+                                                                  dataset_names)
         self.target_weight = target_weight_config(model_cfg.pop("target_weight", None), modalities)
         self.models = {
             "generator": MultiModalGenerator(modalities=modalities, num_datasets=len(dataset_names),
@@ -433,7 +451,8 @@ class GANStage(Stage):
             context = None if context is None else raise_to(context, gammas)
         inputs = inputs * sources[:, :, None, None]
         context = None if context is None else to_network(context)
-        pixel_weight = lesion_pixel_weight(batch["seg"], self.lesion_weight) if self.lesion_weight else None
+        pixel_weight = dataset_lesion_pixel_weight(batch["seg"], torch.as_tensor(batch["dataset_id"]), self.lesion_weight,
+                                                   self.dataset_lesion_weight)  # by each image's own dataset, not dropped
         with accelerator.accumulate(generator, discriminators):
             fake = generator(inputs, sources, self._dataset_ids(batch), context=context)
             if accelerator_free(generator).config.inside_brain:
