@@ -45,6 +45,7 @@ from .preprocessing import MRIPreprocessor
 #: masks; "binary" reads every non-zero voxel as lesion, for masks that number each lesion (1, 2, 3...),
 #: whose lesions 2, 3 and 4 "brats" would read as oedema and enhancing tumour
 MASK_LABELS = ("brats", "binary")
+DEFAULT_MASK_LABELS = MASK_LABELS[0]
 
 
 def check_mask_labels(conventions: dict[str, str] | None) -> dict[str, str]:
@@ -56,7 +57,7 @@ def check_mask_labels(conventions: dict[str, str] | None) -> dict[str, str]:
     return conventions
 
 
-def lesion_labels(seg: np.ndarray, convention: str = "brats") -> np.ndarray:
+def lesion_labels(seg: np.ndarray, convention: str = DEFAULT_MASK_LABELS) -> np.ndarray:
     """The cache's labels (uint8: 0 background, 1 lesion or necrotic core, 2 oedema, 3 enhancing
     tumour) from a source's mask as stored.
 
@@ -257,7 +258,7 @@ def crop_or_pad(volume: np.ndarray, centre: Sequence[int], size: int) -> np.ndar
     return out
 
 
-def prepare_case(case: Case, config: PrepareConfig, case_dir: Path, mask_labels: str = "brats") -> CaseResult:
+def prepare_case(case: Case, config: PrepareConfig, case_dir: Path, mask_labels: str = DEFAULT_MASK_LABELS) -> CaseResult:
     """Prepare one case into ``case_dir`` (written to a temporary folder, then renamed); ``mask_labels``:
     how its lesion mask is numbered (:data:`MASK_LABELS`)."""
     arrays, affine, notes = load_case_on_grid(case, config)
@@ -309,7 +310,7 @@ def prepare_case(case: Case, config: PrepareConfig, case_dir: Path, mask_labels:
     return CaseResult(case.dataset, case.case_id, "prepared", slices=int(keep.size), warnings=notes)
 
 
-def _prepare_worker(case: Case, config: PrepareConfig, case_dir: Path, mask_labels: str = "brats") -> CaseResult:
+def _prepare_worker(case: Case, config: PrepareConfig, case_dir: Path, mask_labels: str = DEFAULT_MASK_LABELS) -> CaseResult:
     try:
         return prepare_case(case, config, case_dir, mask_labels)
     except (VolumeError, OSError, ValueError, MemoryError) as exc:
@@ -337,14 +338,14 @@ def _open_cache(cache: Path, config: PrepareConfig, datasets: list[str], mask_la
                 "config": {**config.to_dict(), "geometry": config.geometry()}, "datasets": []}
     recorded = info.get("mask_labels", {})
     for name in datasets:
-        if name in info["datasets"] and recorded.get(name, "brats") != mask_labels.get(name, "brats"):
-            raise ValueError(f"{cache}: dataset {name!r} was prepared with mask labels {recorded.get(name, 'brats')!r}; "
-                             f"this run reads its masks as {mask_labels.get(name, 'brats')!r}. Prepare it with the "
-                             "same mask labels, or use another --out folder")
+        before, now = recorded.get(name, DEFAULT_MASK_LABELS), mask_labels.get(name, DEFAULT_MASK_LABELS)
+        if name in info["datasets"] and before != now:
+            raise ValueError(f"{cache}: dataset {name!r} was prepared with mask labels {before!r}; this run reads "
+                             f"its masks as {now!r}. Prepare it with the same mask labels, or use another --out folder")
     for name in datasets:
         if name not in info["datasets"]:
             info["datasets"].append(name)  # append only: dataset ids never change
-            if mask_labels.get(name, "brats") != "brats":
+            if mask_labels.get(name, DEFAULT_MASK_LABELS) != DEFAULT_MASK_LABELS:
                 info.setdefault("mask_labels", {})[name] = mask_labels[name]
     write_json(path, info)
     return info
@@ -419,14 +420,14 @@ def prepare(
     if num_workers > 1 and len(todo) > 1:
         with ProcessPoolExecutor(max_workers=num_workers) as pool:
             futures = [pool.submit(_prepare_worker, c, config, case_dir_for(cache, c.dataset, c.case_id),
-                                   mask_labels.get(c.dataset, "brats")) for c in todo]
+                                   mask_labels.get(c.dataset, DEFAULT_MASK_LABELS)) for c in todo]
             for fut in as_completed(futures):
                 results.append(fut.result())
                 bar.update()
     else:
         for case in todo:
             results.append(_prepare_worker(case, config, case_dir_for(cache, case.dataset, case.case_id),
-                                           mask_labels.get(case.dataset, "brats")))
+                                           mask_labels.get(case.dataset, DEFAULT_MASK_LABELS)))
             bar.update()
     bar.close()
     return _finish(cache, config, results)
