@@ -118,8 +118,9 @@ def dataset_id(dataset_names: Sequence[str], dataset: str) -> int:
 
 def fingerprint(cache: str | os.PathLike) -> str:
     """A short hash of what the cache holds: its format, preparation config, how its masks were read
-    (datasets not read as "brats") and every case (dataset, name, modalities, slices, split). The same data prepared the same way gives the same fingerprint,
-    wherever the cache lies; it does not read the arrays."""
+    (datasets not read as "brats") and every case (dataset, name, modalities, slices, split). The same
+    data prepared the same way gives the same fingerprint, wherever the cache lies; it does not read the
+    arrays."""
     info, index = read_info(cache), read_index(cache)
     cases = sorted((c["dataset"], c["case_id"], list(c["modalities"]), int(c["slices"]), c["split"])
                    for c in index["cases"])
