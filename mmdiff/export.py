@@ -225,6 +225,7 @@ def generator_layout(config) -> str:
         bands = int(config.get("detail_bands", 1))
         parts.append("each source's own fine detail (the image minus its [1 2 1] blur"
                      + (f", and {bands - 1} coarser à trous band{'s' if bands > 2 else ''}" if bands > 1 else "")
+                     + (", and its low-pass below them: the whole source" if config.get("detail_base") else "")
                      + ") added back to each output, weighted per voxel by coefficients the decoder draws")
     if config.get("fine_channels"):
         parts.append(f"a {config['fine_channels']}-channel full-resolution head over the features and the sources "

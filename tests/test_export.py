@@ -226,6 +226,8 @@ def test_the_card_describes_the_generator_layout_from_its_config():
     assert "fine detail" in text
     assert "fine detail" not in generator_layout({**lean, "detail_transfer": False})
     assert "coarser" not in text and "1 coarser à trous band)" in generator_layout({**lean, "detail_bands": 2})
+    assert "whole source" not in text and "low-pass below them: the whole source)" in generator_layout(
+        {**lean, "detail_base": True})
     assert "full-resolution head" not in text
     assert "16-channel full-resolution head" in generator_layout({**lean, "fine_channels": 16})
     assert generator_layout({"modality_streams": True, "patch_size": 1, "context_slices": 0}) == ""

@@ -168,6 +168,35 @@ def test_detail_bands_add_the_a_trous_bands_which_sum_back_to_the_image_and_a_on
         lean_generator(**settings, detail_bands=0)
 
 
+def test_detail_base_completes_the_transfer_to_the_whole_source_and_an_older_model_loads():
+    """With the base, the bands and the base sum back to the source: a model without it loads (only the
+    zero base layer is new) and gives its exact output; with every coefficient of one (target, source)
+    pair at 1 the transfer adds that source itself, a per-voxel linear map as a regression's; it learns;
+    an absent source adds nothing; and the base without the transfer is refused."""
+    settings = dict(refine_channels=4, refine_blur=True, detail_transfer=True, detail_bands=2)
+    old, new = lean_generator(**settings), lean_generator(**settings, detail_base=True)
+    report = new.load_state_dict(old.state_dict(), strict=False)
+    assert sorted(report.missing_keys) == ["decoder.detail_base.bias", "decoder.detail_base.weight"]
+    x, present = images(size=16), mask(T1, T2)
+    with torch.no_grad():
+        before = new(x, present, 0)
+        torch.testing.assert_close(before, old(x, present, 0), rtol=0, atol=0)
+        new.decoder.detail.bias.view(M, M)[FLAIR, T1] = 1.0
+        new.decoder.detail_coarser[0].bias.view(M, M)[FLAIR, T1] = 1.0
+        bands_only = new(x, present, 0)
+        new.decoder.detail_base.bias.view(M, M)[FLAIR, T1] = 1.0  # FLAIR takes all of T1
+        whole = new(x, present, 0)
+        new.decoder.detail_base.bias.view(M, M)[FLAIR, T1C] = 5.0  # T1C is not a source here
+        torch.testing.assert_close(new(x, present, 0), whole, rtol=0, atol=0)
+    added = torch.atanh(whole[:, FLAIR]) - torch.atanh(before[:, FLAIR])
+    torch.testing.assert_close(added, x[:, T1], rtol=1e-3, atol=1e-3)
+    assert (torch.atanh(whole[:, FLAIR]) - torch.atanh(bands_only[:, FLAIR])).abs().mean() > 0.05
+    new(x, present, 0)[:, FLAIR].square().mean().backward()
+    assert new.decoder.detail_base.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="detail_base needs detail transfer"):
+        lean_generator(refine_channels=4, refine_blur=True, detail_base=True)
+
+
 def test_fine_head_starts_as_the_old_model_draws_at_pixel_scale_and_ignores_absent_sources():
     """A model without the full-resolution head loads into one with it and gives its exact output
     (the head's last conv starts at zero); trained, the head changes the asked targets only, draws
@@ -449,6 +478,28 @@ def test_training_validation_reports_the_lesion_contrast_error(tiny_cache, tmp_p
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in records if "val/psnr" in r][-1]
     assert final["val/contrast_error"] >= 0 and any(k.startswith("val/contrast_error_") for k in final)
+
+
+def test_lambda_ssim_scores_the_synthesized_images_inside_the_brain_in_a_training_step(monkeypatch):
+    """``model.lambdas.lambda_ssim``: the GAN stage adds 1 - SSIM inside the brain mask; a generator exact
+    inside the brain (whatever it draws outside) costs nothing, one off inside it does."""
+    import mmdiff.training.stages as stages
+    from mmdiff.training import load_config
+
+    lambdas = "model.lambdas={lambda_syn: 100.0, lambda_rec: 30.0, lambda_adv: 1.0, lambda_ssim: 5.0}"
+    stage = stages.GANStage(load_config("gan-tiny", [lambdas]), ["brats", "ms"],
+                            ["t1", "t2", "t1c", "flair", "dwi", "adc"], "cpu")
+    brain = torch.zeros(2, 24, 24, dtype=torch.bool)
+    brain[:, 4:20, 5:19] = True
+    images = torch.rand(2, 6, 24, 24, generator=torch.Generator().manual_seed(0)) * brain[:, None]
+    batch = {"images": images, "available": torch.ones(2, 6, dtype=torch.bool), "dataset_id": torch.zeros(2, dtype=torch.long),
+             "seg": torch.zeros(2, 24, 24, dtype=torch.uint8), "brain_mask": brain}
+    logs = []
+    for inside in (images * 2 - 1, images * 2 - 1 + 0.3 * torch.randn(2, 6, 24, 24)):
+        drawn = torch.where(brain[:, None], inside, torch.full_like(images, 0.5)).requires_grad_()
+        monkeypatch.setattr(stage.models["generator"], "forward", lambda *args, drawn=drawn, **kwargs: drawn * 1)
+        logs.append(stage.training_step(batch, StepAccelerator(), 0))
+    assert abs(logs[0]["synthesis_ssim"]) < 1e-6 and logs[1]["synthesis_ssim"] > 0.1
 
 
 @pytest.mark.parametrize("inside_brain", [True, False])

@@ -12,6 +12,7 @@ from mmdiff.losses import (
     latent_diffusion_loss,
     lsgan_loss,
     selective_l1,
+    selective_ssim_loss,
     vae_adversarial_loss,
     vae_loss,
 )
@@ -82,6 +83,37 @@ def test_generator_loss_weights_and_terms():
     with_missing = {**fake_logits, FLAIR: torch.full((2, 1, 3, 3), -9.0)}
     assert generator_loss(pred, target, synthesis, reconstruction, with_missing)["adversarial"] == terms["adversarial"]
     assert generator_loss(pred, target, synthesis, reconstruction)["adversarial"] == 0
+
+
+def test_ssim_term_is_one_minus_the_evaluations_brain_ssim_of_the_supervised_pairs():
+    """``lambda_ssim``: the term is 1 - the evaluation's own SSIM (inside the brain, data range 2 for
+    [-1, 1] images) over the supervised pairs only; exact images cost nothing, a blurred one does though
+    its L1 is small; a pair without ground truth gets no gradient; pixels more than half a window
+    outside the brain change nothing; left at 0 the generator loss is as it was."""
+    from mmdiff.evaluation.metrics import ssim
+
+    target = randn(2, M, 32, 32, seed=2).clamp(-1, 1)
+    pred = torch.nn.functional.avg_pool2d(target, 3, stride=1, padding=1, count_include_pad=False).requires_grad_()
+    weight = torch.zeros(2, M)
+    weight[0, T2] = 1.0
+    brain = torch.zeros(2, 32, 32)
+    brain[:, 8:24, 6:26] = 1
+    term = selective_ssim_loss(pred, target, weight, brain)
+    expected = 1 - ssim(pred[0, T2][None], target[0, T2][None], brain[:1], data_range=2.0)[0]
+    torch.testing.assert_close(term, expected)
+    assert term > 0.2 and (pred - target)[0, T2].abs().mean() < 0.6
+    assert selective_ssim_loss(target, target, weight, brain) == 0
+    term.backward()
+    assert (pred.grad[0, T2] != 0).any() and (pred.grad[1] == 0).all() and (pred.grad[0, T1] == 0).all()
+    far = pred.detach().clone()
+    far[0, T2, :2] = 5.0  # rows 0-1: over five pixels from the brain's first row (8)
+    torch.testing.assert_close(selective_ssim_loss(far, target, weight, brain), term.detach())
+
+    plain = generator_loss(pred, target, weight, torch.zeros(2, M))
+    assert "synthesis_ssim" not in plain
+    both = generator_loss(pred, target, weight, torch.zeros(2, M), lambda_ssim=20.0, brain=brain)
+    torch.testing.assert_close(both["synthesis_ssim"], term)
+    torch.testing.assert_close(both["loss"], plain["loss"] + 20 * term)
 
 
 def test_discriminator_loss_lsgan():

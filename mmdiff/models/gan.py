@@ -145,6 +145,16 @@ class Decoder(nn.Module):
     loads and gives its old output. A per-voxel regression keeps the sources' texture at every scale;
     the one-band network was still smoother than it at 2-5 pixels (BENCHMARKS.md, session 12).
 
+    ``detail_base = True`` transfers what the bands leave, too: the base ``c_n``, the source's low-pass
+    below the coarsest band, with its own zero-initialised coefficient maps. The bands and the base sum
+    back to the source (``x = w_1 + .. + w_n + c_n``), so the transfer then spans the whole image: a
+    per-voxel linear map of the sources, ``sum_i b_ij * x_i``, which is the voxelwise regression's own
+    form, with coefficients that vary smoothly in space and are drawn per slice. Shading that the
+    target shares with its sources (a coil's bias field, a subject's own grey-white contrast) passes
+    through that map instead of being drawn from what the training subjects had: the network's errors
+    on the held-out cases it trailed the regression on were largest at scales over 6 pixels
+    (BENCHMARKS.md, session 22). A model without it loads and gives its old output.
+
     Detail transfer only moves detail the sources have. What a target has and no source has at the
     1-3 pixel scale, the thin enhancing rim of a glioblastoma on T1C or an enhancing vessel, the
     low-passed features cannot draw at that scale. ``fine_channels = F > 0`` adds a small head at full
@@ -159,8 +169,8 @@ class Decoder(nn.Module):
 
     def __init__(self, block_out_channels: Sequence[int], layers_per_block: int, embedding_dim: int,
                  norm_num_groups: int, out_channels: int = 1, patch_size: int = 1, refine_channels: int = 0,
-                 refine_blur: bool = False, detail_sources: int = 0, detail_bands: int = 1, fine_channels: int = 0,
-                 fine_sources: int = 0):
+                 refine_blur: bool = False, detail_sources: int = 0, detail_bands: int = 1, detail_base: bool = False,
+                 fine_channels: int = 0, fine_sources: int = 0):
         super().__init__()
         self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
         self.levels = nn.ModuleList()
@@ -194,9 +204,13 @@ class Decoder(nn.Module):
             self.detail = nn.Conv2d(refine_channels, out_channels * detail_sources, 1)
             self.detail_coarser = nn.ModuleList(nn.Conv2d(refine_channels, out_channels * detail_sources, 1)
                                                 for _ in range(detail_bands - 1))
-            for conv in [self.detail, *self.detail_coarser]:
+            if detail_base:
+                self.detail_base = nn.Conv2d(refine_channels, out_channels * detail_sources, 1)
+            for conv in [self.detail, *self.detail_coarser, *([self.detail_base] if detail_base else [])]:
                 nn.init.zeros_(conv.weight)
                 nn.init.zeros_(conv.bias)
+        elif detail_base:
+            raise ValueError("detail_base needs detail transfer (it is the transfer's coarsest part)")
         if fine_channels:
             if not (refine_channels and refine_blur and fine_sources):
                 raise ValueError("the full-resolution head needs refine_channels > 0, refine_blur and the sources")
@@ -251,8 +265,11 @@ class Decoder(nn.Module):
         if hasattr(self, "detail"):
             if sources is None or sources.shape[1] != self.detail_sources:
                 raise ValueError(f"detail transfer needs the {self.detail_sources} source planes")
-            detail = 0
-            for conv, band in zip([self.detail, *self.detail_coarser], self.detail_bands(sources[:, ins])):
+            detail, convs, bands = 0, [self.detail, *self.detail_coarser], self.detail_bands(sources[:, ins])
+            if hasattr(self, "detail_base"):  # the base: what the bands leave of each source
+                convs.append(self.detail_base)
+                bands.append(sources[:, ins] - sum(bands))
+            for conv, band in zip(convs, bands):
                 weight = conv.weight.view(self.out_channels, self.detail_sources, -1)[outs][:, ins]
                 bias = conv.bias.view(self.out_channels, self.detail_sources)[outs][:, ins]
                 coefficients = F.conv2d(x, weight.flatten(0, 1)[:, :, None, None], bias.flatten())
@@ -290,6 +307,8 @@ class MultiModalGenerator(ModelMixin, ConfigMixin):
             decoder draws (see :class:`Decoder`); needs ``refine_channels`` and ``refine_blur``.
         detail_bands: how many à trous bands of the sources' detail it transfers (1: the 1-2 pixel
             scale only; 2 adds the 2-4 pixel scale; see :class:`Decoder`).
+        detail_base: transfer the sources' low-pass below the bands too, so the transfer is a per-voxel
+            linear map of the whole sources (the voxelwise regression's form; see :class:`Decoder`).
         fine_channels: width of a small full-resolution head over the low-passed features and the
             sources, which draws what no source has at the pixel scale (a thin enhancing rim; 0: none;
             see :class:`Decoder`); needs ``refine_channels`` and ``refine_blur``.
@@ -319,6 +338,7 @@ class MultiModalGenerator(ModelMixin, ConfigMixin):
         refine_blur: bool = False,
         detail_transfer: bool = False,
         detail_bands: int = 1,
+        detail_base: bool = False,
         fine_channels: int = 0,
         inside_brain: bool = False,
     ):
@@ -341,7 +361,7 @@ class MultiModalGenerator(ModelMixin, ConfigMixin):
             raise ValueError(f"refine_channels must be >= 0, got {refine_channels}")
         output = dict(patch_size=patch_size, refine_channels=refine_channels, refine_blur=refine_blur,
                       detail_sources=num_modalities if detail_transfer else 0, detail_bands=detail_bands,
-                      fine_channels=fine_channels, fine_sources=num_modalities if fine_channels else 0)
+                      detail_base=detail_base, fine_channels=fine_channels, fine_sources=num_modalities if fine_channels else 0)
         if shared_decoder:
             self.decoder = Decoder(**levels, **output, out_channels=num_modalities)
         else:

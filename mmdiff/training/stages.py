@@ -476,7 +476,8 @@ class GANStage(Stage):
             self.optimizers["discriminators"].zero_grad(set_to_none=True)
             fake_logits = discriminators(inputs, fake[:, targets], targets) if targets else {}
             g_terms = generator_loss(fake, x, synthesis_w, reconstruction_w, fake_logits or None,
-                                     **{k: float(v) for k, v in self.lambdas.items()}, pixel_weight=pixel_weight)
+                                     **{k: float(v) for k, v in self.lambdas.items()}, pixel_weight=pixel_weight,
+                                     brain=batch["brain_mask"].to(fake.device))
             accelerator.backward(g_terms["loss"])
             self._clip(accelerator, generator)
             self.optimizers["generator"].step()
