@@ -150,10 +150,12 @@ class Decoder(nn.Module):
     back to the source (``x = w_1 + .. + w_n + c_n``), so the transfer then spans the whole image: a
     per-voxel linear map of the sources, ``sum_i b_ij * x_i``, which is the voxelwise regression's own
     form, with coefficients that vary smoothly in space and are drawn per slice. Shading that the
-    target shares with its sources (a coil's bias field, a subject's own grey-white contrast) passes
-    through that map instead of being drawn from what the training subjects had: the network's errors
-    on the held-out cases it trailed the regression on were largest at scales over 6 pixels
-    (BENCHMARKS.md, session 22). A model without it loads and gives its old output.
+    target shares with its sources (a coil's bias field, a subject's own grey-white contrast) could
+    pass through that map instead of being drawn from what the training subjects had: the network's
+    errors on the held-out cases it trailed the regression on were largest at scales over 6 pixels.
+    Added to a trained model and fine-tuned 1500 steps, its coefficients stayed near zero and nothing
+    changed (BENCHMARKS.md, session 22): the path is there for a model trained with it from the start.
+    A model without it loads and gives its old output.
 
     Detail transfer only moves detail the sources have. What a target has and no source has at the
     1-3 pixel scale, the thin enhancing rim of a glioblastoma on T1C or an enhancing vessel, the
@@ -361,7 +363,8 @@ class MultiModalGenerator(ModelMixin, ConfigMixin):
             raise ValueError(f"refine_channels must be >= 0, got {refine_channels}")
         output = dict(patch_size=patch_size, refine_channels=refine_channels, refine_blur=refine_blur,
                       detail_sources=num_modalities if detail_transfer else 0, detail_bands=detail_bands,
-                      detail_base=detail_base, fine_channels=fine_channels, fine_sources=num_modalities if fine_channels else 0)
+                      detail_base=detail_base, fine_channels=fine_channels,
+                      fine_sources=num_modalities if fine_channels else 0)
         if shared_decoder:
             self.decoder = Decoder(**levels, **output, out_channels=num_modalities)
         else:
