@@ -319,6 +319,8 @@ def test_config_errors_before_training(tiny_cache, tmp_path, capsys):
         ("gan-tiny", "train.dataset_dropout_from=[glioma,isles]",
          "train.dataset_dropout_from names ['isles'], not datasets of this run"),
         ("gan-tiny", "train.dataset_dropout_from=glioma", "must be null or a list of dataset names"),
+        ("gan-tiny", "model.lambdas={lambda_syn: 100, lambda_ssm: 20}",
+         "model.lambdas has lambda_ssm: the GAN's loss weights are lambda_syn, lambda_rec, lambda_adv, lambda_ssim"),
     ]
     for i, (config, override, message) in enumerate(refused):
         assert _train(config, tmp_path / str(i), tiny_cache, override) == 2, override

@@ -366,6 +366,26 @@ def lesion_weight_config(value) -> float | dict[int, float]:
     return float(value or 0.0)
 
 
+def lambdas_config(value) -> dict[str, float]:
+    """``model.lambdas``: the loss weights :func:`~mmdiff.losses.generator_loss` takes (its ``lambda_*``
+    arguments, asked of the function itself), as floats; a name it does not take is refused before
+    training, not at the first step."""
+    import inspect
+
+    from .. import losses  # the loss's own signature (not this module's name for it, which tests may wrap)
+
+    known = [name for name in inspect.signature(losses.generator_loss).parameters if name.startswith("lambda_")]
+    if not isinstance(value, dict):
+        raise ConfigError(f"model.lambdas maps loss terms to weights ({', '.join(known)}); got {value!r}")
+    unknown = sorted(str(name) for name in value if name not in known)
+    if unknown:
+        raise ConfigError(f"model.lambdas has {', '.join(unknown)}: the GAN's loss weights are {', '.join(known)}")
+    try:
+        return {name: float(weight) for name, weight in value.items()}
+    except (TypeError, ValueError):
+        raise ConfigError(f"model.lambdas must map each term to a number; got {value!r}") from None
+
+
 def dataset_lesion_weight_config(value, dataset_names: Sequence[str]) -> dict[int, float | dict[int, float]]:
     """``model.dataset_lesion_weight``: ``{dataset: lesion weight}`` (each as ``model.lesion_weight``)
     for the named datasets' images, in place of ``model.lesion_weight``; as ``{dataset id: weight}``."""
@@ -422,7 +442,8 @@ class GANStage(Stage):
         super().__init__(config, dataset_names, modalities, device)
         model_cfg = dict(config["model"])
         disc_cfg = model_cfg.pop("discriminator", {})
-        self.lambdas = model_cfg.pop("lambdas", {"lambda_syn": 100.0, "lambda_rec": 30.0, "lambda_adv": 1.0})
+        self.lambdas = lambdas_config(model_cfg.pop("lambdas", {"lambda_syn": 100.0, "lambda_rec": 30.0,
+                                                                 "lambda_adv": 1.0}))
         self.lesion_weight = lesion_weight_config(model_cfg.pop("lesion_weight", 0.0))
         self.dataset_lesion_weight = dataset_lesion_weight_config(model_cfg.pop("dataset_lesion_weight", None),
                                                                   dataset_names)
@@ -451,6 +472,7 @@ class GANStage(Stage):
             context = None if context is None else raise_to(context, gammas)
         inputs = inputs * sources[:, :, None, None]
         context = None if context is None else to_network(context)
+        brain = batch["brain_mask"].to(x.device)  # the losses and the output's background take it
         pixel_weight = dataset_lesion_pixel_weight(batch["seg"], torch.as_tensor(batch["dataset_id"]), self.lesion_weight,
                                                    self.dataset_lesion_weight)  # by each image's own dataset, not dropped
         with accelerator.accumulate(generator, discriminators):
@@ -461,7 +483,7 @@ class GANStage(Stage):
                 # on the whole slice, the generator learns to draw the brain's outline from the
                 # sources, and where they show the outermost CSF as dark as the background (FLAIR,
                 # T1) it draws that rim dark in every target, ADC and T2 included, where it is bright.
-                fake = inside_brain(fake, batch["brain_mask"].to(fake.device))
+                fake = inside_brain(fake, brain)
             targets = (synthesis_w[0] > 0).nonzero().flatten().tolist()  # one condition per batch
             logs = {}
             if targets:  # real and fake in one discriminator call (one forward per backward, for DDP)
@@ -476,8 +498,7 @@ class GANStage(Stage):
             self.optimizers["discriminators"].zero_grad(set_to_none=True)
             fake_logits = discriminators(inputs, fake[:, targets], targets) if targets else {}
             g_terms = generator_loss(fake, x, synthesis_w, reconstruction_w, fake_logits or None,
-                                     **{k: float(v) for k, v in self.lambdas.items()}, pixel_weight=pixel_weight,
-                                     brain=batch["brain_mask"].to(fake.device))
+                                     **self.lambdas, pixel_weight=pixel_weight, brain=brain)
             accelerator.backward(g_terms["loss"])
             self._clip(accelerator, generator)
             self.optimizers["generator"].step()
