@@ -1,0 +1,13 @@
+#!/bin/bash
+# after train_fine.sh: held-out scores beside the published, WML validation, per-case FLAIR lesion contrast
+cd /work/main
+while [ ! -f /work/runs/s23/fine2.done ]; do sleep 20; done  # (train_fine2.sh first exported the wrong run; this export is the right one)
+mmdiff export /work/runs/gan-s23-fine2 /work/eval/s23/gan-fine2 --overwrite > /dev/null
+mkdir -p /work/eval/s23/names && rm -rf /work/eval/s23/names/mmdiff-gan-fine2 && cp -r /work/eval/s23/gan-fine2 /work/eval/s23/names/mmdiff-gan-fine2
+OMP_NUM_THREADS=2 mmdiff evaluate --pipeline /work/eval/s23/names/mmdiff-gan-fine2 --data ~/.cache/mmdiff/cpu-v2 --slice-stride 4 \
+  --out /work/eval/s23/fine2-eval --overwrite --quiet > /work/runs/s23/fine2-eval.log 2>&1
+python docs/evaluation/gan-s22/scripts/compare.py /work/eval/s23/fine2-eval/scores.csv docs/evaluation/mmdiff-gan-s22/scores.csv /work/eval/s23/fine-eval/scores.csv > /work/eval/s23/fine2-compare.txt 2>&1
+OMP_NUM_THREADS=2 python /work/eval/s23/percase.py /work/eval/s23/gan-fine2 wml "t1+t2->flair" 2>/dev/null | grep -v Loading > /work/eval/s23/percase-wml-flair-fine2.txt
+OMP_NUM_THREADS=2 mmdiff evaluate --pipeline /work/eval/s23/names/mmdiff-gan-fine2 --data ~/.cache/mmdiff/cpu-v2 --slice-stride 4 \
+  --datasets wml --split val --out /work/eval/s23/fine2-wml-val --overwrite --quiet > /work/runs/s23/fine2-wmlval.log 2>&1
+echo done > /work/runs/s23/fine2-eval.done
