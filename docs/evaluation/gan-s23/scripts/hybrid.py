@@ -1,4 +1,5 @@
-"""Upper bound of shading transfer: the GAN's image with its low-pass (gaussian sigma) swapped for the regression's."""
+"""Upper bound of shading transfer: the GAN's image with its low-pass (gaussian sigma) swapped for the regression's.
+python hybrid.py [SPLIT [DATASET ...]]  (default: the test split, every pair below; `train ms`: the MS training patient)"""
 import numpy as np, sys, scipy.ndimage as nd, torch
 from mmdiff.evaluation.protocol import load_cases, Task, PipelineMethod, VoxelwiseRegression, robust_normalise
 from mmdiff.evaluation import metrics
@@ -13,9 +14,12 @@ def lp(x, m, s):
 def score(p, r, m):
     P = torch.from_numpy(p).permute(2, 0, 1); R = torch.from_numpy(r).permute(2, 0, 1); M = torch.from_numpy(m).permute(2, 0, 1)
     return float(metrics.psnr(P, R, M, pooled=True)), float(metrics.ssim(P, R, M, pooled=True))
+split = sys.argv[1] if len(sys.argv) > 1 else "test"
+if len(sys.argv) > 2:
+    pairs = [p for p in pairs if p[0] in sys.argv[2:]]
 for ds, t in pairs:
     task = Task.parse(t); acc = {}
-    for case in load_cases(cache, "test", [ds], slice_stride=4):
+    for case in load_cases(cache, split, [ds], slice_stride=4):
         sl = np.s_[..., ::4]; m = case.brain[sl]; les = None if case.lesion is None else case.lesion[sl]
         R, G, RG = (robust_normalise(v[sl], m, les) for v in (case.images[task.target], gan(case, task)[0], reg(case, task)[0]))
         outs = {"gan": G, "reg": RG}
