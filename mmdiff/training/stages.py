@@ -442,8 +442,7 @@ class GANStage(Stage):
         super().__init__(config, dataset_names, modalities, device)
         model_cfg = dict(config["model"])
         disc_cfg = model_cfg.pop("discriminator", {})
-        self.lambdas = lambdas_config(model_cfg.pop("lambdas", {"lambda_syn": 100.0, "lambda_rec": 30.0,
-                                                                 "lambda_adv": 1.0}))
+        self.lambdas = lambdas_config(model_cfg.pop("lambdas", {}))  # a term not named: generator_loss's default
         self.lesion_weight = lesion_weight_config(model_cfg.pop("lesion_weight", 0.0))
         self.dataset_lesion_weight = dataset_lesion_weight_config(model_cfg.pop("dataset_lesion_weight", None),
                                                                   dataset_names)
