@@ -229,7 +229,8 @@ def generator_layout(config) -> str:
                      + ") added back to each output, weighted per voxel by coefficients the decoder draws")
     if config.get("fine_channels"):
         parts.append(f"a {config['fine_channels']}-channel full-resolution head over the features and the sources "
-                     "that draws pixel-scale structure no source has (a thin enhancing rim)")
+                     "that can draw pixel-scale structure no source has (such as a thin lesion edge), "
+                     "which the 2 x 2 patches blur")
     return (" Layout: " + "; ".join(parts) + ".") if parts else ""
 
 
